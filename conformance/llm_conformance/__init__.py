@@ -1,0 +1,1 @@
+"""llm_conformance: the certification suite (see issue: conformance)."""

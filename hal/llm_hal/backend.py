@@ -1,0 +1,419 @@
+"""The contract every backend implements: device and memory, then the unified operators.
+
+Notation: ``T`` tokens in a step, ``B`` sequences, ``H`` hidden size, ``Hq``/``Hkv`` query and
+key-value heads, ``D`` head size, ``V`` vocabulary, ``N``/``K`` a linear layer's output and
+input features, ``I`` an MLP's intermediate size. "Float" means one of fp32, fp16 or bf16
+(fp64 for the reference); outputs have the dtype of the activation input unless stated.
+
+Tensors are backend-native handles (a torch tensor, a pyopencl array, ...). Core reads only
+their ``shape`` and passes them back; it never computes on them. Every operator accepts
+inputs whose last dimension is contiguous; ``split`` may return such strided views.
+
+Every operator has a default here that raises :class:`UnsupportedOpError`; ``supports`` is
+False for those. ``llm_hal.reference.TorchBackend`` implements all of them in plain PyTorch,
+so a torch-device backend subclasses it and accelerates op by op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from llm_hal.dtypes import DType
+from llm_hal.errors import UnsupportedOpError
+from llm_hal.metadata import AttentionMetadata, PenaltyMetadata, SamplingMetadata
+from llm_hal.spec import DeviceInfo
+from llm_hal.weights import LinearWeight, QuantScheme
+
+Tensor = Any  # a backend-native tensor handle
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryInfo:
+    total: int  # bytes
+    free: int  # bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LogprobsResult:
+    """What ``compute_logprobs`` returns; every tensor has ``B`` rows."""
+
+    token_logprobs: Tensor  # (B,) fp32
+    token_ranks: Tensor  # (B,) int64, 1 = the most likely token
+    top_logprobs: Tensor  # (B, k) fp32, descending
+    top_ids: Tensor  # (B, k) int64
+
+
+#: Every operator of the HAL, in the order of the spec below. ``supports``, the conformance
+#: suite and ``llm-core plugins`` iterate over this.
+OPS: tuple[str, ...] = (
+    "embedding",
+    "linear",
+    "rms_norm",
+    "layer_norm",
+    "rotary_embedding",
+    "reshape_and_cache",
+    "paged_attention_prefill",
+    "paged_attention_decode",
+    "silu_and_mul",
+    "gelu_and_mul",
+    "gelu",
+    "add",
+    "gather_rows",
+    "apply_penalties",
+    "apply_token_bans",
+    "sample",
+    "compute_logprobs",
+    "moe_route",
+    "moe_experts",
+    "all_reduce",
+    "all_gather",
+)
+
+
+class Backend:
+    """A device plus the unified operators on it. One instance drives one device."""
+
+    #: Short name of the backend, as in its ``BackendSpec``.
+    name: ClassVar[str] = "abstract"
+    #: Floating dtypes the backend computes in (activations, weights, KV cache).
+    float_dtypes: ClassVar[frozenset[DType]] = frozenset()
+
+    # ------------------------------------------------------------------------------------------
+    # device and memory
+    # ------------------------------------------------------------------------------------------
+
+    def device_info(self) -> DeviceInfo:
+        """The device this instance runs on."""
+        raise NotImplementedError
+
+    def memory_info(self) -> MemoryInfo:
+        """Total and free memory of the device, in bytes."""
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Block until all queued work on the device has finished."""
+        raise NotImplementedError
+
+    def empty(self, shape: Sequence[int], dtype: DType) -> Tensor:
+        """Allocate an uninitialized tensor on the device. Freed when the handle is dropped."""
+        raise NotImplementedError
+
+    def from_host(self, data: Any, dtype: DType | None = None) -> Tensor:
+        """Copy host data (a CPU torch tensor or a numpy array) to a new device tensor,
+        converting to ``dtype`` when given."""
+        raise NotImplementedError
+
+    def to_host(self, tensor: Tensor) -> Any:
+        """Copy a device tensor to a new contiguous CPU torch tensor of the same dtype.
+        Synchronizes as needed."""
+        raise NotImplementedError
+
+    def copy_(self, dst: Tensor, src: Tensor) -> Tensor:
+        """Copy ``src`` into ``dst`` (same shape, dtype converted if they differ); returns dst."""
+        raise NotImplementedError
+
+    def dtype_of(self, tensor: Tensor) -> DType:
+        """The HAL dtype of a device tensor."""
+        raise NotImplementedError
+
+    def reshape(self, tensor: Tensor, shape: Sequence[int]) -> Tensor:
+        """A view (or, if the backend cannot view, a copy) with a new shape; ``-1`` infers one
+        dimension. The element count is unchanged."""
+        raise NotImplementedError
+
+    def split(self, tensor: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+        """Split the last dimension into consecutive parts of the given sizes (summing to the
+        dimension). Parts may be strided views of ``tensor``."""
+        raise NotImplementedError
+
+    def allocate_kv_cache(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, dtype: DType
+    ) -> tuple[Tensor, Tensor]:
+        """One layer's paged cache: a key and a value tensor, each logically
+        ``(num_blocks, block_size, num_kv_heads, head_size)``, zero-filled.
+
+        The logical layout is what ``reshape_and_cache`` and the attention ops index; a backend
+        may store it differently as long as its own ops agree and ``to_host`` returns the
+        logical layout.
+        """
+        raise NotImplementedError
+
+    def prepare_linear(
+        self,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        scheme: QuantScheme = QuantScheme.NONE,
+        scales: Tensor | None = None,
+        zeros: Tensor | None = None,
+        group_size: int = 0,
+    ) -> LinearWeight:
+        """Turn a weight in the documented layout of ``scheme`` (see :class:`QuantScheme`) into a
+        :class:`LinearWeight`, done once at load time. ``weight`` is ``(N, K)`` (``(N, K/2)``
+        for W4A16), ``bias`` ``(N,)``. A backend may repack into a private layout."""
+        if scheme is not QuantScheme.NONE:
+            raise UnsupportedOpError(self.name, "linear", f"quantization {scheme.value}")
+        n, k = self.shape(weight)
+        return LinearWeight(weight=weight, bias=bias, scheme=scheme, out_features=n, in_features=k)
+
+    @staticmethod
+    def shape(tensor: Tensor) -> tuple[int, ...]:
+        return tuple(int(s) for s in tensor.shape)
+
+    # ------------------------------------------------------------------------------------------
+    # capability
+    # ------------------------------------------------------------------------------------------
+
+    def supports(self, op: str, dtype: DType | None = None, **shape: int) -> bool:
+        """Can this backend run ``op`` for activations of ``dtype`` and the given shape
+        parameters (``head_size=``, ``block_size=``, ``scheme=`` ...)? The default: the op is
+        implemented and the dtype is one of ``float_dtypes``. Override to refine by shape."""
+        if op not in OPS:
+            raise ValueError(f"unknown operator {op!r}; the HAL operators are: {', '.join(OPS)}")
+        implemented = getattr(type(self), op) is not getattr(Backend, op)
+        return implemented and (dtype is None or dtype in self.float_dtypes)
+
+    def native_ops(self) -> frozenset[str]:
+        """Operators this backend implements itself rather than inheriting from the reference."""
+        from llm_hal.reference import TorchBackend
+
+        own = set()
+        for op in OPS:
+            impl = getattr(type(self), op)
+            if impl is not getattr(Backend, op) and impl is not getattr(TorchBackend, op):
+                own.add(op)
+        return frozenset(own)
+
+    def _unsupported(self, op: str) -> UnsupportedOpError:
+        return UnsupportedOpError(self.name, op)
+
+    # ------------------------------------------------------------------------------------------
+    # embedding and linear layers
+    # ------------------------------------------------------------------------------------------
+
+    def embedding(self, ids: Tensor, table: Tensor, out: Tensor | None = None) -> Tensor:
+        """Gather rows of an embedding table.
+
+        ids: (T,) int32 or int64, each in ``[0, V)``. table: (V, H) float.
+        Returns (T, H) with the table's dtype: ``out[t] = table[ids[t]]`` exactly.
+        """
+        raise self._unsupported("embedding")
+
+    def linear(self, x: Tensor, weight: LinearWeight, out: Tensor | None = None) -> Tensor:
+        """``y = x @ W.T + bias`` for a weight prepared by :meth:`prepare_linear`.
+
+        x: (T, K) float. Returns (T, N) in x's dtype. Accumulation is at least fp32. For
+        quantized schemes ``W`` is the dequantized weight defined in :class:`QuantScheme`
+        (W8A8 quantizes ``x`` as defined there).
+        """
+        raise self._unsupported("linear")
+
+    # ------------------------------------------------------------------------------------------
+    # normalization
+    # ------------------------------------------------------------------------------------------
+
+    def rms_norm(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        eps: float,
+        residual: Tensor | None = None,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Root-mean-square norm over the last dimension, optionally fused with a residual add.
+
+        x: (T, H) float; weight: (H,). Without ``residual``: returns ``(y, None)`` with
+        ``y = x / sqrt(mean(x**2) + eps) * weight``. With ``residual`` (T, H): ``s = x +
+        residual`` is formed in x's dtype (rounded) and returned as the new residual, and
+        ``y = rms_norm(s)``: returns ``(y, s)``. The norm is computed in at least fp32 and
+        rounded to x's dtype before multiplying by ``weight`` (the Llama convention). A backend
+        may write ``s`` into ``residual``'s storage. Also used for per-head q/k norms with
+        x reshaped to (T * heads, D).
+        """
+        raise self._unsupported("rms_norm")
+
+    def layer_norm(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, out: Tensor | None = None
+    ) -> Tensor:
+        """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dimension, biased
+        variance, computed in at least fp32. x: (T, H) float; weight, bias: (H,)."""
+        raise self._unsupported("layer_norm")
+
+    # ------------------------------------------------------------------------------------------
+    # attention
+    # ------------------------------------------------------------------------------------------
+
+    def rotary_embedding(
+        self,
+        positions: Tensor,
+        q: Tensor,
+        k: Tensor,
+        cos_sin_cache: Tensor,
+        head_size: int,
+        is_neox_style: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """Rotate q and k in place by their positions; returns ``(q, k)``.
+
+        positions: (T,) int64. q: (T, Hq * D); k: (T, Hkv * D), float, may be strided views.
+        cos_sin_cache: (max_position, R) fp32 with ``R = rotary_dim``, ``cos`` in the first
+        ``R/2`` columns and ``sin`` in the last ``R/2`` (rope scaling is baked into it). Only the
+        first ``R`` of each head's ``D`` features rotate; the rest pass through.
+        Neox style pairs feature ``i`` with ``i + R/2``; GPT-J style pairs ``2i`` with ``2i+1``.
+        For a pair ``(a, b)`` and angle index ``i``: ``a' = a*cos_i - b*sin_i``,
+        ``b' = b*cos_i + a*sin_i``. Computed in fp32, rounded once to q's dtype.
+        """
+        raise self._unsupported("rotary_embedding")
+
+    def reshape_and_cache(
+        self,
+        key: Tensor,
+        value: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        """Write the step's new keys and values into the paged cache.
+
+        key, value: (T, Hkv * D), may be strided views. Caches as from
+        :meth:`allocate_kv_cache`. Token ``t`` goes to slot ``meta.slot_mapping[t]`` (skipped
+        when -1), converted to the cache's dtype. Nothing else in the cache changes.
+        """
+        raise self._unsupported("reshape_and_cache")
+
+    def paged_attention_prefill(
+        self,
+        query: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """Causal attention of the step's new tokens over their sequences' cached context.
+
+        query: (T, Hq * D) float, may be a strided view; ``Hq`` is a multiple of ``Hkv`` (GQA:
+        query head ``h`` reads KV head ``h // (Hq / Hkv)``). Keys and values, the new ones
+        included, are read from the caches (call :meth:`reshape_and_cache` first). Any mix of
+        query lengths per sequence, a prefix already cached or not (chunked prefill, prefix
+        caching). Scores ``= scale * q.k``; with ``logits_soft_cap`` c, ``c * tanh(score / c)``;
+        with ``sliding_window`` w, query position p sees keys at positions ``> p - w``.
+        Softmax in fp32. Returns (T, Hq * D) in query's dtype.
+        """
+        raise self._unsupported("paged_attention_prefill")
+
+    def paged_attention_decode(
+        self,
+        query: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """:meth:`paged_attention_prefill` for the case ``meta.is_decode`` (one new token per
+        sequence, ``T == B``): the path for long-context, memory-bound decoding."""
+        raise self._unsupported("paged_attention_decode")
+
+    # ------------------------------------------------------------------------------------------
+    # activations and elementwise
+    # ------------------------------------------------------------------------------------------
+
+    def silu_and_mul(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """x: (T, 2I) = [gate | up]. Returns ``silu(gate) * up``: (T, I), computed in fp32."""
+        raise self._unsupported("silu_and_mul")
+
+    def gelu_and_mul(self, x: Tensor, approximate: str = "none", out: Tensor | None = None) -> Tensor:
+        """x: (T, 2I) = [gate | up]. Returns ``gelu(gate) * up``: (T, I). ``approximate`` is
+        ``"none"`` (erf) or ``"tanh"``."""
+        raise self._unsupported("gelu_and_mul")
+
+    def gelu(self, x: Tensor, approximate: str = "none", out: Tensor | None = None) -> Tensor:
+        """Elementwise gelu, ``approximate`` ``"none"`` (erf) or ``"tanh"``."""
+        raise self._unsupported("gelu")
+
+    def add(self, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+        """Elementwise ``a + b``, same shapes and dtypes."""
+        raise self._unsupported("add")
+
+    def gather_rows(self, x: Tensor, indices: Tensor, out: Tensor | None = None) -> Tensor:
+        """x: (T, H); indices: (B,) int64 in ``[0, T)``. Returns (B, H), ``out[b] = x[indices[b]]``
+        exactly: picks the rows whose logits are needed."""
+        raise self._unsupported("gather_rows")
+
+    # ------------------------------------------------------------------------------------------
+    # logits processing and sampling
+    # ------------------------------------------------------------------------------------------
+
+    def apply_penalties(self, logits: Tensor, meta: PenaltyMetadata) -> Tensor:
+        """Apply repetition, frequency and presence penalties (see :class:`PenaltyMetadata`) to
+        fp32 logits (B, V) in place; returns logits."""
+        raise self._unsupported("apply_penalties")
+
+    def apply_token_bans(self, logits: Tensor, banned: Tensor) -> Tensor:
+        """Set ``logits[b, banned[b, j]] = -inf`` for every ``banned[b, j] >= 0``, in place.
+        banned: (B, L) int64 padded with -1 (e.g. EOS before ``min_tokens``)."""
+        raise self._unsupported("apply_token_bans")
+
+    def sample(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
+        """Draw one token id per row of fp32 logits (B, V); returns (B,) int64.
+
+        Greedy rows (temperature 0) take the argmax. Other rows: divide by temperature, keep the
+        ``top_k`` largest, then the smallest set of most likely tokens whose probability sums to
+        at least ``top_p``, then drop tokens with probability below ``min_p`` times the largest;
+        renormalize and draw from what remains, using only ``meta.seeds[b]`` as randomness.
+        The same seed and logits give the same token on the same backend. Does not modify
+        logits.
+        """
+        raise self._unsupported("sample")
+
+    def compute_logprobs(self, logits: Tensor, token_ids: Tensor, num_top: int) -> LogprobsResult:
+        """Log-softmax of fp32 logits (B, V) in fp32: the log-probability and rank of
+        ``token_ids`` (B,) int64, and the ``num_top`` (>= 0) most likely tokens per row
+        (ties: lower id first)."""
+        raise self._unsupported("compute_logprobs")
+
+    # ------------------------------------------------------------------------------------------
+    # mixture of experts
+    # ------------------------------------------------------------------------------------------
+
+    def moe_route(
+        self, router_logits: Tensor, top_k: int, renormalize: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Softmax over experts in fp32 (router_logits: (T, E)), then the ``top_k`` experts per
+        token. Returns ``(weights (T, top_k) fp32, ids (T, top_k) int64)``, weights descending;
+        with ``renormalize`` the weights of each token sum to 1."""
+        raise self._unsupported("moe_route")
+
+    def moe_experts(
+        self,
+        x: Tensor,
+        w13: Tensor,
+        w2: Tensor,
+        topk_weights: Tensor,
+        topk_ids: Tensor,
+        activation: str = "silu",
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """Gated-MLP experts. x: (T, H); w13: (E, 2I, H) = [gate; up] per expert; w2: (E, H, I).
+        ``out[t] = sum_j topk_weights[t, j] * w2[e] @ act_and_mul(w13[e] @ x[t])`` with
+        ``e = topk_ids[t, j]``; ``activation`` is ``"silu"`` or ``"gelu"``. Returns (T, H)."""
+        raise self._unsupported("moe_experts")
+
+    # ------------------------------------------------------------------------------------------
+    # collectives (tensor parallelism)
+    # ------------------------------------------------------------------------------------------
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        """Sum ``x`` over the ranks of the tensor-parallel group, in place; returns x. With no
+        process group (a single process) this is the identity."""
+        raise self._unsupported("all_reduce")
+
+    def all_gather(self, x: Tensor) -> Tensor:
+        """Concatenate ``x`` (T, n) from every rank along the last dimension in rank order:
+        returns (T, n * world_size). Identity for a single process."""
+        raise self._unsupported("all_gather")

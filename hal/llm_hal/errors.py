@@ -1,0 +1,45 @@
+"""The exceptions that cross the HAL boundary. Each message says what was wrong and what to do."""
+
+
+class HALError(RuntimeError):
+    """Base class of every error raised by the HAL or a backend."""
+
+
+class BackendUnavailableError(HALError):
+    """A backend was asked for but cannot run here (missing SDK, no device, ...)."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"backend {name} unavailable: {reason}")
+        self.backend = name
+        self.reason = reason
+
+
+class BackendLoadError(HALError):
+    """A plugin's entry point failed to import or returned an unusable spec."""
+
+
+class APIVersionMismatchError(BackendLoadError):
+    """A plugin was built against another HAL API version."""
+
+    def __init__(self, name: str, plugin_version: str, host_version: str):
+        super().__init__(
+            f"backend {name} was built for HAL API {plugin_version}, but this llm-core provides "
+            f"HAL API {host_version}; install a release of the plugin built for HAL API "
+            f"{host_version.split('.')[0]}.x"
+        )
+        self.backend = name
+        self.plugin_version = plugin_version
+        self.host_version = host_version
+
+
+class UnsupportedOpError(HALError):
+    """The backend does not implement an operator (or not for these dtypes and shapes)."""
+
+    def __init__(self, backend: str, op: str, detail: str = ""):
+        msg = f"backend {backend} does not support operator {op}"
+        if detail:
+            msg += f" ({detail})"
+        msg += "; choose another backend, or enable per-op fallback (LLM_CORE_FALLBACK=cpu)"
+        super().__init__(msg)
+        self.backend = backend
+        self.op = op

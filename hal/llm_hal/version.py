@@ -1,0 +1,12 @@
+"""The version of the HAL contract that backends are built against."""
+
+# Bump the major number for any change a backend must react to (a new required argument, a
+# changed layout); the minor number for additions a backend may ignore (a new optional op).
+HAL_API_VERSION = "1.0"
+
+
+def api_compatible(plugin_version: str, host_version: str = HAL_API_VERSION) -> bool:
+    """A plugin is compatible when its major version equals the host's and its minor is not newer."""
+    p_major, p_minor = (int(x) for x in plugin_version.split(".")[:2])
+    h_major, h_minor = (int(x) for x in host_version.split(".")[:2])
+    return p_major == h_major and p_minor <= h_minor

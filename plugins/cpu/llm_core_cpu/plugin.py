@@ -1,0 +1,54 @@
+"""Entry-point module of the CPU backend: the spec pluggy discovers."""
+
+from __future__ import annotations
+
+import os
+
+from llm_hal import HAL_API_VERSION, Availability, BackendConfig, BackendSpec, DeviceInfo, hookimpl
+from llm_hal.backend import Backend
+
+from llm_core_cpu.version import __version__
+
+
+def _probe() -> Availability:
+    from llm_hal.reference import host_memory_info
+
+    name = _cpu_name()
+    return Availability.yes([DeviceInfo(0, name, host_memory_info().total,
+                                        {"threads": str(_threads())})])  # fmt: skip
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _factory(config: BackendConfig) -> Backend:
+    from llm_core_cpu.backend import CpuBackend
+
+    return CpuBackend()
+
+
+@hookimpl
+def llm_core_backends() -> BackendSpec:
+    return BackendSpec(
+        name="cpu",
+        version=__version__,
+        api_version=HAL_API_VERSION,
+        priority=0,  # the last resort: any accelerator that is available wins
+        probe=_probe,
+        factory=_factory,
+        description="PyTorch CPU kernels (fp32, bf16); the default backend",
+    )
