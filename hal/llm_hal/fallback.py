@@ -11,19 +11,24 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from llm_hal.backend import OPS, Backend
+from llm_hal.backend import OPS, Backend, LogprobsResult
 from llm_hal.dtypes import DType
+from llm_hal.weights import LinearWeight, QuantScheme
 
 log = logging.getLogger("llm_hal.fallback")
 
 #: Operators that write into their tensor arguments; those are copied back afterwards.
 _IN_PLACE = {"rotary_embedding", "reshape_and_cache", "apply_penalties", "apply_token_bans",
              "all_reduce"}  # fmt: skip
+
+#: Device, memory and layout methods of the contract: always the primary's, whose tensors
+#: the caller holds.
+_OWN = {"supports", "native_ops", "prepare_linear"}
+_DELEGATED = frozenset(n for n in vars(Backend) if not n.startswith("_") and n not in {*OPS, *_OWN})
 
 
 class FallbackBackend(Backend):
@@ -33,19 +38,21 @@ class FallbackBackend(Backend):
         self.primary = primary
         self.fallback = fallback
         self.counts: Counter[str] = Counter()
-        self.name = primary.name  # type: ignore[misc]
-        self.float_dtypes = primary.float_dtypes  # type: ignore[misc]
-        self.routed = {op for op in OPS if not primary.supports(op) and fallback.supports(op)}
+        self.routed = frozenset(
+            op for op in OPS if not primary.supports(op) and fallback.supports(op)
+        )
 
     def __getattribute__(self, attr: str) -> Any:
         if attr in OPS:
             if attr in object.__getattribute__(self, "routed"):
                 return object.__getattribute__(self, "_make_fallen_back")(attr)
             return getattr(object.__getattribute__(self, "primary"), attr)
+        if attr in _DELEGATED:
+            return getattr(object.__getattribute__(self, "primary"), attr)
         return object.__getattribute__(self, attr)
 
     def __getattr__(self, attr: str) -> Any:
-        # Device, memory and every other non-operator attribute belong to the primary.
+        # Anything else the primary offers beyond the contract (a torch device, a TP group).
         return getattr(self.primary, attr)
 
     def supports(self, op: str, dtype: DType | None = None, **shape: int) -> bool:
@@ -56,6 +63,22 @@ class FallbackBackend(Backend):
     def native_ops(self) -> frozenset[str]:
         return self.primary.native_ops()
 
+    def prepare_linear(
+        self,
+        weight: Any,
+        bias: Any | None = None,
+        scheme: QuantScheme = QuantScheme.NONE,
+        scales: Any | None = None,
+        zeros: Any | None = None,
+        group_size: int = 0,
+    ) -> LinearWeight:
+        if "linear" not in self.routed:
+            return self.primary.prepare_linear(weight, bias, scheme, scales, zeros, group_size)
+        # Keep the documented form on the primary; each call prepares it on the fallback.
+        n, k = self.primary.shape(weight)
+        k *= 2 if scheme is QuantScheme.W4A16 else 1
+        return LinearWeight(weight, bias, scheme, n, k, scales, zeros, group_size)
+
     def _make_fallen_back(self, op: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             if not self.counts[op]:
@@ -64,30 +87,49 @@ class FallbackBackend(Backend):
                     op, self.primary.name, self.fallback.name,
                 )  # fmt: skip
             self.counts[op] += 1
-            moved_args = [self._move(a, self.primary, self.fallback) for a in args]
-            moved_kwargs = {k: self._move(v, self.primary, self.fallback) for k, v in kwargs.items()}
+            there, back = (self.primary, self.fallback), (self.fallback, self.primary)
+            moved_args = [self._move(a, *there) for a in args]
+            moved_kwargs = {k: self._move(v, *there) for k, v in kwargs.items()}
             result = getattr(self.fallback, op)(*moved_args, **moved_kwargs)
-            if op in _IN_PLACE:
-                pairs = [*zip(args, moved_args), *((kwargs[k], moved_kwargs[k]) for k in kwargs)]
-                for original, moved in pairs:
-                    if _is_tensor(original):
-                        self.primary.copy_(original, self._move(moved, self.fallback, self.primary))
-                if op != "reshape_and_cache":
-                    return args[1:3] if op == "rotary_embedding" else args[0]
-            return self._move(result, self.fallback, self.primary)
+            if op not in _IN_PLACE:
+                return self._move(result, *back)
+            pairs = [
+                *zip(args, moved_args, strict=True),
+                *((kwargs[k], moved_kwargs[k]) for k in kwargs),
+            ]
+            originals = {id(m): o for o, m in pairs if _is_tensor(o)}
+            for original, moved in pairs:
+                if _is_tensor(original):
+                    self.primary.copy_(original, self._move(moved, *back))
+            return self._originals(result, originals)
 
         return call
+
+    def _originals(self, result: Any, originals: dict[int, Any]) -> Any:
+        """Map an in-place op's result (its moved arguments) back to the caller's tensors."""
+        if isinstance(result, tuple | list):
+            return type(result)(self._originals(r, originals) for r in result)
+        if id(result) in originals:
+            return originals[id(result)]
+        return self._move(result, self.fallback, self.primary)
 
     def _move(self, value: Any, src: Backend, dst: Backend) -> Any:
         if _is_tensor(value):
             return dst.from_host(src.to_host(value))
-        if isinstance(value, list | tuple):
+        if isinstance(value, LinearWeight):
+            # The documented fields, prepared afresh: ``packed`` is private to ``src``.
+            w = value
+            weight, bias, scales, zeros = self._move(
+                (w.weight, w.bias, w.scales, w.zeros), src, dst
+            )
+            return dst.prepare_linear(weight, bias, w.scheme, scales, zeros, w.group_size)
+        if isinstance(value, LogprobsResult):
+            r = value
+            return LogprobsResult(
+                *self._move((r.token_logprobs, r.token_ranks, r.top_logprobs, r.top_ids), src, dst)
+            )
+        if isinstance(value, tuple | list):
             return type(value)(self._move(v, src, dst) for v in value)
-        if is_dataclass(value) and not isinstance(value, type) and hasattr(value, "weight"):
-            updates = {f.name: self._move(getattr(value, f.name), src, dst) for f in fields(value)}
-            return replace(value, **updates)
-        if is_dataclass(value) and not isinstance(value, type) and hasattr(value, "top_ids"):
-            return type(value)(*(self._move(getattr(value, f.name), src, dst) for f in fields(value)))
         return value
 
 

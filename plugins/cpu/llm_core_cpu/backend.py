@@ -135,17 +135,22 @@ class CpuBackend(TorchBackend):
             )
         b, d = meta.num_seqs, key_cache.shape[3]
         block_size = key_cache.shape[1]
-        idx, mask = meta.device_cache.get("cpu.decode", (None, None))
+        # Sliding-window and global layers share one step's metadata: one entry per window.
+        key = f"cpu.decode.{block_size}.{sliding_window or 0}"
+        idx, mask = meta.device_cache.get(key, (None, None))
         if idx is None:
             n_blocks = -(-meta.max_seq_len // block_size)
             idx = torch.from_numpy(meta.block_tables[:, :n_blocks].astype("int64"))  # (B, nb)
-            pos = torch.arange(n_blocks * block_size)
             lens = torch.from_numpy(meta.seq_lens.astype("int64")).unsqueeze(1)
+            # Table entries past a sequence's own blocks may hold anything: read block 0 there
+            # (masked out below) rather than index with them.
+            idx = idx.masked_fill(torch.arange(n_blocks) * block_size >= lens, 0)
+            pos = torch.arange(n_blocks * block_size)
             allowed = pos.unsqueeze(0) < lens  # (B, L)
             if sliding_window:
                 allowed &= pos.unsqueeze(0) > lens - 1 - sliding_window
             mask = allowed[:, None, None, :]  # (B, 1, 1, L)
-            meta.device_cache["cpu.decode"] = (idx, mask)
+            meta.device_cache[key] = (idx, mask)
         hkv = key_cache.shape[2]
         k = key_cache[idx].reshape(b, -1, hkv, d).transpose(1, 2)  # (B, Hkv, L, D)
         v = value_cache[idx].reshape(b, -1, hkv, d).transpose(1, 2)

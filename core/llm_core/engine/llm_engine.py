@@ -1,0 +1,410 @@
+"""LLMEngine: requests in, tokens out, one scheduled step at a time.
+
+``step()`` reads as the protocol it is: schedule, run the model, update the sequences, turn the
+new tokens into outputs. Loading (checkpoint, backend, KV cache sizing) happens once in
+``__init__``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_hal import Backend, DType, FallbackBackend, get_registry
+from llm_hal.spec import BackendConfig
+from tqdm.auto import tqdm
+
+from llm_core.config import EngineArgs
+from llm_core.engine.block_manager import BlockManager
+from llm_core.engine.detokenizer import IncrementalDetokenizer
+from llm_core.engine.model_runner import ModelRunner, SampledToken, SeqSampling
+from llm_core.engine.scheduler import Scheduler, SchedulerConfig
+from llm_core.engine.sequence import Sequence
+from llm_core.loaders import open_checkpoint
+from llm_core.models.registry import model_class_for
+from llm_core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from llm_core.sampling_params import SamplingParams
+
+log = logging.getLogger("llm_core.engine")
+
+_DEFAULT_KV_CAP = 4 * 2**30
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as given; the message says what to change."""
+
+
+@dataclass(slots=True)
+class _Completion:
+    """The per-child state of a request: its sequence, text and stop bookkeeping."""
+
+    index: int
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    sampling: SeqSampling
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def output(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
+            text=self.text,
+            token_ids=list(self.seq.output_token_ids),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    completions: list[_Completion]
+    metrics: RequestMetrics
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            prompt_logprobs=None,
+            outputs=[c.output() for c in self.completions],
+            finished=self.finished,
+            metrics=self.metrics,
+            num_cached_tokens=self.completions[0].seq.num_cached_tokens,
+        )
+
+
+class LLMEngine:
+    """The synchronous engine. Not thread-safe: drive it from one thread (see AsyncLLM)."""
+
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        self.backend = _create_backend(args)
+        checkpoint = open_checkpoint(args.model)
+        self.checkpoint = checkpoint
+        self.model_config = checkpoint.config
+        self.tokenizer = checkpoint.load_tokenizer()
+        self.dtype = _resolve_dtype(args.dtype, checkpoint, self.backend)
+        model_cls = model_class_for(self.model_config)
+        self.model = model_cls(self.model_config, self.backend, self.dtype)
+        self.max_model_len = min(args.max_model_len or self.model.max_position, self.model.max_position)
+        if args.max_model_len and args.max_model_len > self.model.max_position:
+            raise ValueError(
+                f"max_model_len {args.max_model_len} is longer than the model's "
+                f"{self.model.max_position} positions; use at most {self.model.max_position}"
+            )
+        weights = tqdm(
+            checkpoint.tensors(), total=checkpoint.num_tensors(), desc="Loading weights",
+            unit="tensor", disable=not args.load_progress, leave=False,
+        )  # fmt: skip
+        start = time.perf_counter()
+        self.weight_bytes = self.model.load_weights(weights)
+        load_seconds = time.perf_counter() - start
+        num_blocks = self._num_kv_blocks()
+        kv_caches = [
+            self.backend.allocate_kv_cache(
+                num_blocks, args.block_size, self.model.num_kv_heads, self.model.head_size, self.dtype
+            )
+            for _ in range(self.model.num_layers)
+        ]
+        self.kv_cache_bytes = num_blocks * self._bytes_per_block()
+        self.memory_report = {
+            "weights_bytes": self.weight_bytes,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "kv_cache_blocks": num_blocks,
+            "kv_cache_tokens": num_blocks * args.block_size,
+            "load_seconds": round(load_seconds, 3),
+        }
+        log.info(
+            "loaded %s on %s in %s: weights %.1f MiB, KV cache %.1f MiB (%d tokens) in %.1fs",
+            checkpoint.path.name, self.backend.name, self.dtype.value, self.weight_bytes / 2**20,
+            self.kv_cache_bytes / 2**20, num_blocks * args.block_size, load_seconds,
+        )  # fmt: skip
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_chunked_prefill=args.enable_chunked_prefill,
+                max_model_len=self.max_model_len,
+            ),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(self.model, self.backend, kv_caches, args.block_size)
+        self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)
+        self._rng = random.Random(args.seed)
+        self._requests: dict[str, _Request] = {}
+        self._by_seq: dict[int, tuple[_Request, _Completion]] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    # ------------------------------------------------------------------------------------------
+    # sizing
+    # ------------------------------------------------------------------------------------------
+
+    def _bytes_per_block(self) -> int:
+        m = self.model
+        per_token = 2 * m.num_layers * m.num_kv_heads * m.head_size * self.dtype.itemsize
+        return int(per_token * self.args.block_size)
+
+    def _num_kv_blocks(self) -> int:
+        args = self.args
+        per_block = self._bytes_per_block()
+        if args.kv_cache_memory is not None:
+            budget = int(args.kv_cache_memory)
+        else:
+            free = self.backend.memory_info().free
+            blocks_needed = args.max_num_seqs * -(-self.max_model_len // args.block_size)
+            budget = min(free // 2, _DEFAULT_KV_CAP, blocks_needed * per_block)
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory of {budget} bytes holds no block ({per_block} bytes per block "
+                f"of {args.block_size} tokens); give the KV cache more memory"
+            )
+        return int(blocks)
+
+    # ------------------------------------------------------------------------------------------
+    # requests
+    # ------------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a request (a prompt string or token ids). Raises RequestError at once, and
+        queues nothing, if it cannot be served."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self._requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            token_ids = list(self.tokenizer.encode(prompt))
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        self._validate(token_ids, params)
+        if params.prompt_logprobs is not None:
+            raise RequestError("prompt_logprobs is not supported yet; leave it unset")
+        now = time.time() if arrival_time is None else arrival_time
+        room = self.max_model_len - len(token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        completions = []
+        for index in range(params.n):
+            seq = Sequence(request_id, token_ids, max_tokens, arrival_time=now)
+            seed = (params.seed + index) if params.seed is not None else self._rng.getrandbits(62)
+            detok = IncrementalDetokenizer(
+                self.tokenizer, token_ids, params.skip_special_tokens,
+                params.spaces_between_special_tokens,
+            )  # fmt: skip
+            sampling = SeqSampling(params, seed, self._banned(params, 0))
+            comp = _Completion(index, seq, detok, sampling)
+            if params.logprobs is not None:
+                comp.logprobs, comp.cumulative_logprob = [], 0.0
+            completions.append(comp)
+        request = _Request(request_id, text, token_ids, params, completions, RequestMetrics(now))
+        self._requests[request_id] = request
+        for comp in completions:
+            self._by_seq[comp.seq.seq_id] = (request, comp)
+            self.scheduler.add(comp.seq)
+        return request_id
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise RequestError("the prompt is empty; give at least one token")
+        vocab = self.model.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(token_ids)} tokens, but the model's context is "
+                f"{self.max_model_len} tokens (max_model_len) including at least one generated "
+                f"token; shorten the prompt or raise max_model_len"
+            )
+        problem = self.scheduler.check_prompt(len(token_ids) + 1)
+        if problem:
+            raise RequestError(problem)
+
+    def _banned(self, params: SamplingParams, num_output: int) -> list[int]:
+        if num_output >= params.min_tokens:
+            return []
+        banned = set(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            banned |= self.eos_token_ids
+        return sorted(banned)
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        """Stop requests now; their KV blocks are freed at once. Unknown ids are ignored."""
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        for rid in ids:
+            request = self._requests.pop(rid, None)
+            if request is None:
+                continue
+            self.scheduler.abort(rid)
+            for comp in request.completions:
+                self._by_seq.pop(comp.seq.seq_id, None)
+                comp.finish_reason = comp.finish_reason or "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # ------------------------------------------------------------------------------------------
+    # the step
+    # ------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns the outputs of requests that advanced."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return self._ignored(scheduled.ignored)
+        sampling = {s.seq.seq_id: self._by_seq[s.seq.seq_id][1].sampling for s in scheduled.scheduled}
+        sampled = self.runner.execute(scheduled, sampling)
+        self.scheduler.postprocess(scheduled, {sid: t.token_id for sid, t in sampled.items()})
+        return self._process(sampled) + self._ignored(scheduled.ignored)
+
+    def _ignored(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """Sequences the scheduler gave up on (they outgrew the model or the cache): they end
+        with finish reason "length"; the scheduler has already freed their blocks."""
+        outputs = []
+        for seq in seqs:
+            entry = self._by_seq.pop(seq.seq_id, None)
+            if entry is None:
+                continue
+            request, comp = entry
+            comp.finish_reason = "length"
+            if request.finished:
+                self._requests.pop(request.request_id, None)
+                outputs.append(request.output())
+        return outputs
+
+    def _process(self, sampled: dict[int, SampledToken]) -> list[RequestOutput]:
+        now = time.time()
+        touched: dict[str, _Request] = {}
+        for seq_id, token in sampled.items():
+            request, comp = self._by_seq[seq_id]
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            request.metrics.last_token_time = now
+            self._append(comp, token)
+            if comp.finish_reason is not None:
+                self.scheduler.finish(comp.seq)
+                del self._by_seq[seq_id]
+            touched[request.request_id] = request
+        outputs = []
+        for rid, request in touched.items():
+            if request.finished:
+                request.metrics.finished_time = now
+                del self._requests[rid]
+            outputs.append(request.output())
+        return outputs
+
+    def _append(self, comp: _Completion, token: SampledToken) -> None:
+        seq, params = comp.seq, comp.sampling.params
+        tid = token.token_id
+        if comp.logprobs is not None and token.logprob is not None:
+            entry = {i: Logprob(v, rank + 1) for rank, (i, v) in enumerate(token.top or [])}
+            entry[tid] = Logprob(token.logprob, token.rank)
+            for i, lp in entry.items():
+                lp.decoded_token = self.tokenizer.decode([i])
+            comp.logprobs.append(entry)
+            comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + token.logprob
+        num_out = seq.num_output_tokens
+        comp.sampling.banned = self._banned(params, num_out)
+        new_text = comp.detok.add([tid]) if params.detokenize else ""
+        # EOS and stop tokens are banned from sampling before min_tokens, so no count check.
+        if tid in self.eos_token_ids and not params.ignore_eos:
+            comp.finish_reason = "stop"
+        elif tid in (params.stop_token_ids or []):
+            comp.finish_reason, comp.stop_reason = "stop", tid
+        if comp.finish_reason is None and params.stop_strings and new_text:
+            if self._check_stop_strings(comp, new_text):
+                return
+        comp.text += new_text
+        if comp.finish_reason is None and (
+            num_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            comp.finish_reason = "length"
+        if comp.finish_reason is not None and params.detokenize and comp.finish_reason == "length":
+            comp.text += comp.detok.flush()
+
+    def _check_stop_strings(self, comp: _Completion, new_text: str) -> bool:
+        params = comp.sampling.params
+        if comp.seq.num_output_tokens < params.min_tokens:
+            return False
+        longest = max(len(s) for s in params.stop_strings)
+        start = max(0, len(comp.text) - longest + 1)
+        full = comp.text + new_text
+        best: tuple[int, str] | None = None
+        for stop in params.stop_strings:
+            at = full.find(stop, start)
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, stop)
+        if best is None:
+            return False
+        at, stop = best
+        comp.text = full[: at + len(stop)] if params.include_stop_str_in_output else full[:at]
+        comp.finish_reason, comp.stop_reason = "stop", stop
+        return True
+
+
+def _create_backend(args: EngineArgs) -> Backend:
+    registry = get_registry()
+    config = BackendConfig(device_index=args.device_index)
+    backend = registry.create(args.backend, config)
+    if args.fallback_backend:
+        return FallbackBackend(backend, registry.create(args.fallback_backend, config))
+    return backend
+
+
+def _resolve_dtype(requested: str, checkpoint: Any, backend: Backend) -> DType:
+    if requested != "auto":
+        dtype = DType.parse(requested)
+        if not backend.supports("linear", dtype):
+            supported = ", ".join(sorted(d.value for d in backend.float_dtypes))
+            raise ValueError(f"backend {backend.name} does not compute in {dtype.value}; use one of: {supported}")
+        return dtype
+    stored = getattr(checkpoint.config, "dtype", None) or getattr(checkpoint.config, "torch_dtype", None)
+    dtype = DType.BF16 if checkpoint.format == "gguf" or stored is None else DType.parse(str(stored))
+    if dtype is DType.FP16 and DType.BF16 in backend.float_dtypes and backend.name == "cpu":
+        dtype = DType.BF16  # CPUs have fast bf16 GEMMs but slow fp16 ones
+    if not backend.supports("linear", dtype):
+        log.info("backend %s does not compute in %s; using float32", backend.name, dtype.value)
+        dtype = DType.FP32
+    return dtype
+
+
+def _eos_ids(config: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list | tuple):
+            ids.update(int(x) for x in source)
+    return ids

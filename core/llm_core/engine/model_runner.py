@@ -1,0 +1,188 @@
+"""ModelRunner: turns a scheduled step into HAL inputs, runs the model and samples.
+
+Everything here is host bookkeeping (numpy) plus calls of HAL operators: the step's token ids,
+positions, slot mapping and block tables are built on the host once per step; the forward
+pass, logits processing, sampling and logprobs run on the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from llm_hal import AttentionMetadata, Backend, DType, PenaltyMetadata, SamplingMetadata, Tensor
+
+from llm_core.engine.scheduler import SchedulerOutput
+from llm_core.engine.sequence import Sequence
+from llm_core.models.base import CausalLM, ForwardBatch
+from llm_core.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A well-mixed 63-bit seed for draw number ``step`` of a request seeded with ``seed``
+    (splitmix64), so a seeded request draws the same numbers whatever batch it is in."""
+    z = (seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+@dataclass(slots=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None  # of the sampled token, from the raw logits
+    rank: int | None = None
+    top: list[tuple[int, float]] | None = None  # the top-k (id, logprob), descending
+
+
+@dataclass(slots=True)
+class SeqSampling:
+    """What sampling needs to know about one sequence besides its tokens."""
+
+    params: SamplingParams
+    seed: int  # base seed of the request (its own, or one drawn by the engine)
+    banned: list[int]  # token ids that may not be drawn yet (EOS before min_tokens)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        backend: Backend,
+        kv_caches: list[tuple[Tensor, Tensor]],
+        block_size: int,
+    ):
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+
+    def execute(
+        self, output: SchedulerOutput, sampling: dict[int, SeqSampling]
+    ) -> dict[int, SampledToken]:
+        """Run one step; returns the sampled token of every sequence whose chunk produced
+        logits (keyed by seq_id)."""
+        batch, sampled_seqs = self._prepare(output)
+        logits = self.model.forward(batch, self.kv_caches)  # (B', V) fp32
+        if not sampled_seqs:
+            return {}
+        return self._sample(logits, sampled_seqs, sampling)
+
+    def _prepare(self, output: SchedulerOutput) -> tuple[ForwardBatch, list[Sequence]]:
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        starts = [0]
+        seq_lens: list[int] = []
+        logits_rows: list[int] = []
+        sampled: list[Sequence] = []
+        max_blocks = max(len(s.seq.block_table) for s in output.scheduled)
+        tables = np.zeros((len(output.scheduled), max_blocks), dtype=np.int32)
+        for row, item in enumerate(output.scheduled):
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            ids.extend(seq.token_ids[start:end])
+            pos = np.arange(start, end, dtype=np.int64)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            positions.append(pos)
+            slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            tables[row, : len(table)] = table
+            starts.append(starts[-1] + item.num_new_tokens)
+            seq_lens.append(end)
+            if end == seq.num_tokens:  # the chunk reaches the last token: sample the next
+                logits_rows.append(starts[-1] - 1)
+                sampled.append(seq)
+        be = self.backend
+        attn = AttentionMetadata(
+            query_start_loc=np.asarray(starts),
+            seq_lens=np.asarray(seq_lens),
+            block_tables=tables,
+            slot_mapping=np.concatenate(slots),
+            block_size=self.block_size,
+        )
+        batch = ForwardBatch(
+            input_ids=be.from_host(np.asarray(ids, dtype=np.int64), DType.INT64),
+            positions=be.from_host(np.concatenate(positions), DType.INT64),
+            attn=attn,
+            logits_indices=be.from_host(np.asarray(logits_rows, dtype=np.int64), DType.INT64),
+        )
+        return batch, sampled
+
+    def _sample(
+        self, logits: Tensor, seqs: list[Sequence], sampling: dict[int, SeqSampling]
+    ) -> dict[int, SampledToken]:
+        be = self.backend
+        infos = [sampling[s.seq_id] for s in seqs]
+        params = [i.params for i in infos]
+        num_top = max((p.logprobs or 0) for p in params)
+        want_logprobs = any(p.logprobs is not None for p in params)
+        raw_logits = logits
+        penalize = any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
+                       for p in params)  # fmt: skip
+        if want_logprobs and (penalize or any(i.banned for i in infos)):
+            # vLLM reports log-probabilities of the raw model output: keep a copy.
+            raw_logits = be.copy_(be.empty(be.shape(logits), DType.FP32), logits)
+        if penalize:
+            be.apply_penalties(logits, _penalty_meta(seqs, params))
+        if any(i.banned for i in infos):
+            width = max(len(i.banned) for i in infos)
+            banned = np.full((len(seqs), width), -1, dtype=np.int64)
+            for row, info in enumerate(infos):
+                banned[row, : len(info.banned)] = info.banned
+            be.apply_token_bans(logits, be.from_host(banned, DType.INT64))
+        meta = SamplingMetadata(
+            temperature=np.array([p.temperature for p in params]),
+            top_k=np.array([p.top_k for p in params]),
+            top_p=np.array([p.top_p for p in params]),
+            min_p=np.array([p.min_p for p in params]),
+            seeds=np.array([step_seed(i.seed, s.num_output_tokens) for i, s in zip(infos, seqs)]),
+        )
+        tokens_dev = be.sample(logits, meta)
+        tokens = be.to_host(tokens_dev).tolist()
+        results = {s.seq_id: SampledToken(int(t)) for s, t in zip(seqs, tokens)}
+        if want_logprobs:
+            self._attach_logprobs(raw_logits, tokens_dev, num_top, seqs, params, results)
+        return results
+
+    def _attach_logprobs(
+        self,
+        logits: Tensor,
+        tokens: Tensor,
+        num_top: int,
+        seqs: list[Sequence],
+        params: list[SamplingParams],
+        results: dict[int, SampledToken],
+    ) -> None:
+        lp = self.backend.compute_logprobs(logits, tokens, num_top)
+        token_lp = self.backend.to_host(lp.token_logprobs).tolist()
+        ranks = self.backend.to_host(lp.token_ranks).tolist()
+        top_lp = self.backend.to_host(lp.top_logprobs).tolist()
+        top_ids = self.backend.to_host(lp.top_ids).tolist()
+        for row, (seq, p) in enumerate(zip(seqs, params)):
+            if p.logprobs is None:
+                continue
+            r = results[seq.seq_id]
+            r.logprob, r.rank = float(token_lp[row]), int(ranks[row])
+            k = p.logprobs
+            r.top = [(int(i), float(v)) for i, v in zip(top_ids[row][:k], top_lp[row][:k])]
+
+
+def _penalty_meta(seqs: list[Sequence], params: list[SamplingParams]) -> PenaltyMetadata:
+    def padded(lists: list[list[int]]) -> np.ndarray:
+        width = max(1, *(len(x) for x in lists))
+        out = np.full((len(lists), width), -1, dtype=np.int64)
+        for row, x in enumerate(lists):
+            out[row, : len(x)] = x
+        return out
+
+    return PenaltyMetadata(
+        prompt_ids=padded([s.prompt_token_ids for s in seqs]),
+        output_ids=padded([s.output_token_ids for s in seqs]),
+        presence=np.array([p.presence_penalty for p in params]),
+        frequency=np.array([p.frequency_penalty for p in params]),
+        repetition=np.array([p.repetition_penalty for p in params]),
+    )
+
+
