@@ -135,7 +135,7 @@ def test_device_and_memory_stay_with_the_primary(
     assert wrapped.memory_info() == MemoryInfo(total=1 << 30, free=1 << 29)
     wrapped.synchronize()
     assert primary.calls == ["synchronize"]
-    k, v = wrapped.allocate_kv_cache(2, 4, 1, 8, DType.FP32)
+    k, _ = wrapped.allocate_kv_cache(2, 4, 1, 8, DType.FP32)
     assert tuple(k.shape) == (2, 4, 1, 8) and not k.any()
     assert wrapped.dtype_of(wrapped.from_host(np.zeros(3, np.float32))) is DType.FP32
 
@@ -168,7 +168,7 @@ def test_in_place_rotary_writes_the_callers_views(
     wrapped: FallbackBackend, ref: TorchBackend
 ) -> None:
     qkv = torch.randn(4, 3 * 16)
-    q, k, v = torch.split(qkv, [16, 16, 16], dim=-1)  # strided views of one tensor
+    q, k, _ = torch.split(qkv, [16, 16, 16], dim=-1)  # strided views of one tensor
     want = qkv.clone()
     ref.rotary_embedding(torch.arange(4), *torch.split(want, [16, 16, 16], dim=-1)[:2],
                          _cache(), 8, True)  # fmt: skip

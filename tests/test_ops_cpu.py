@@ -343,10 +343,12 @@ class Attn:
         order = torch.randperm(num_blocks, generator=gen).tolist()
         tables = np.full((len(need), max(need)), self.pad, dtype=np.int32)
         slots = []
-        for b, ((cached, new), n_blocks) in enumerate(zip(self.contexts, need)):
+        for b, ((cached, new), n_blocks) in enumerate(zip(self.contexts, need, strict=True)):
             tables[b, :n_blocks] = [order.pop() for _ in range(n_blocks)]
             for p in range(cached, cached + new):
-                slots.append(int(tables[b, p // self.block_size]) * self.block_size + p % self.block_size)
+                slots.append(
+                    int(tables[b, p // self.block_size]) * self.block_size + p % self.block_size
+                )
         starts = np.concatenate([[0], np.cumsum([n for _, n in self.contexts])])
         lens = np.array([c + n for c, n in self.contexts])
         return AttentionMetadata(starts, lens, tables, np.array(slots), self.block_size), num_blocks
@@ -512,7 +514,9 @@ def test_activations(
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("tokens", "width"), ACT_SHAPES)
-def test_add(cpu: CpuBackend, ref: TorchBackend, dtype: torch.dtype, tokens: int, width: int) -> None:
+def test_add(
+    cpu: CpuBackend, ref: TorchBackend, dtype: torch.dtype, tokens: int, width: int
+) -> None:
     gen = _seeded("add", tokens, width)
     a, a64 = _strided(gen, tokens, width, dtype)
     b, b64 = _rand(gen, (tokens, width), dtype)
@@ -599,7 +603,10 @@ def test_compute_logprobs(
     gen = _seeded("logprobs", rows, vocab, num_top)
     logits, logits64 = _rand(gen, (rows, vocab), F32, 3.0)
     ids = torch.randint(0, vocab, (rows,), generator=gen)
-    got, want = cpu.compute_logprobs(logits, ids, num_top), ref.compute_logprobs(logits64, ids, num_top)
+    got, want = (
+        cpu.compute_logprobs(logits, ids, num_top),
+        ref.compute_logprobs(logits64, ids, num_top),
+    )
     assert_close(got.token_logprobs, want.token_logprobs, "softmax", F32)
     assert_close(got.token_ranks, want.token_ranks, "exact", F32)
     assert_close(got.top_ids, want.top_ids, "exact", F32)

@@ -87,7 +87,9 @@ def test_rotary_matches_complex_rotation(ref: TorchBackend, neox: bool, rot: int
     np.testing.assert_allclose(k.numpy(), want_k, rtol=0, atol=1e-12)
     assert torch.equal(qkv[:, (hq + hkv) * d :], untouched_v)
     if rot < d:  # features past rotary_dim pass through
-        assert np.array_equal(q.numpy().reshape(t, hq, d)[..., rot:], want_q.reshape(t, hq, d)[..., rot:])
+        assert np.array_equal(
+            q.numpy().reshape(t, hq, d)[..., rot:], want_q.reshape(t, hq, d)[..., rot:]
+        )
 
 
 def test_rotary_position_zero_is_identity(ref: TorchBackend) -> None:
@@ -116,7 +118,7 @@ def _layout(
     width = max(need)
     tables = np.full((len(contexts), width), num_blocks + 5, dtype=np.int32)
     slots: list[int] = []
-    for b, ((cached, new), n_blocks) in enumerate(zip(contexts, need)):
+    for b, ((cached, new), n_blocks) in enumerate(zip(contexts, need, strict=True)):
         tables[b, :n_blocks] = [free.pop() for _ in range(n_blocks)]
         for p in range(cached, cached + new):
             slots.append(int(tables[b, p // block_size]) * block_size + p % block_size)
@@ -146,7 +148,7 @@ def _dense_attention(
                 s = soft_cap * np.tanh(s / soft_cap)
             w = np.exp(s - s.max())
             w /= w.sum()
-            out[i, h] = sum(wj * v[j, g] for wj, j in zip(w, visible))
+            out[i, h] = sum(wj * v[j, g] for wj, j in zip(w, visible, strict=True))
     return out
 
 
@@ -261,7 +263,9 @@ def test_token_bans_ignore_padding(ref: TorchBackend) -> None:
     assert torch.equal(logits, want)
 
 
-def _filter_by_hand(row: np.ndarray, temp: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+def _filter_by_hand(
+    row: np.ndarray, temp: float, top_k: int, top_p: float, min_p: float
+) -> np.ndarray:
     if temp == 0:
         out = np.zeros_like(row)
         out[int(np.argmax(row))] = 1.0
@@ -295,7 +299,7 @@ def test_filtered_probs_match_hand_filters(ref: TorchBackend) -> None:
         (2.0, 100, 0.95, 0.0),  # top_k larger than the vocabulary
     ]
     logits = _t(rng.standard_normal((len(settings), 12)) * 2).float()
-    cols = list(zip(*settings))
+    cols = list(zip(*settings, strict=True))
     meta = SamplingMetadata(cols[0], cols[1], cols[2], cols[3], np.arange(len(settings)))
     got = ref.filtered_probs(logits, meta).double().numpy()
     for b, (temp, k, p, m) in enumerate(settings):
@@ -393,7 +397,10 @@ def test_w4a16_matches_hand_dequantization(ref: TorchBackend) -> None:
         for j in range(k // 2):  # element 2j in the low nibble, 2j + 1 in the high one
             packed[i, j] = q[i, 2 * j] | (q[i, 2 * j + 1] << 4)
     dense = np.array(
-        [[(q[i, j] - zeros[i, j // group]) * scales[i, j // group] for j in range(k)] for i in range(n)]
+        [
+            [(q[i, j] - zeros[i, j // group]) * scales[i, j // group] for j in range(k)]
+            for i in range(n)
+        ]
     )
     x = rng.standard_normal((4, k))
     w = ref.prepare_linear(_t(packed), None, QuantScheme.W4A16, _t(scales), _t(zeros), group)
@@ -425,7 +432,11 @@ def test_w8a8_matches_int32_accumulation(ref: TorchBackend) -> None:
 
 def test_rms_norm_with_residual(ref: TorchBackend) -> None:
     rng = _rng(11)
-    x, res, weight = rng.standard_normal((3, 16)), rng.standard_normal((3, 16)), rng.standard_normal(16)
+    x, res, weight = (
+        rng.standard_normal((3, 16)),
+        rng.standard_normal((3, 16)),
+        rng.standard_normal(16),
+    )
     y, s = ref.rms_norm(_t(x), _t(weight), 1e-6, residual=_t(res))
     summed = x + res
     want = summed / np.sqrt((summed**2).mean(axis=1, keepdims=True) + 1e-6) * weight

@@ -16,7 +16,12 @@ import pluggy
 
 from llm_hal import hookspecs
 from llm_hal.backend import Backend
-from llm_hal.errors import APIVersionMismatchError, BackendUnavailableError, HALError
+from llm_hal.errors import (
+    APIVersionMismatchError,
+    BackendLoadError,
+    BackendUnavailableError,
+    HALError,
+)
 from llm_hal.spec import Availability, BackendConfig, BackendSpec
 from llm_hal.version import HAL_API_VERSION, api_compatible
 
@@ -174,7 +179,12 @@ class Registry:
     def create(self, name: str | None = None, config: BackendConfig | None = None) -> Backend:
         """Choose a backend and build an instance of it."""
         spec = self.choose(name)
-        backend = spec.factory(config or BackendConfig())
+        try:
+            backend = spec.factory(config or BackendConfig())
+        except Exception as exc:  # e.g. the SDK the probe found fails to initialize
+            raise BackendLoadError(
+                f"backend {spec.name} failed to start: {type(exc).__name__}: {exc}"
+            ) from exc
         if not isinstance(backend, Backend):
             raise HALError(f"backend {spec.name}'s factory returned {type(backend).__name__}")
         return backend

@@ -1,1 +1,11 @@
-"""llm_core.loaders"""
+"""Model checkpoints on disk: Hugging Face safetensors directories and GGUF files.
+
+``open_checkpoint(path)`` returns a ``Checkpoint`` with the model's transformers config, its
+weights under Hugging Face names and its tokenizer; ``open_checkpoint(None)`` opens the
+built-in demo model (SmolLM2-135M-Instruct, see ``default_model_path``).
+"""
+
+from llm_core.loaders.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from llm_core.loaders.default_model import default_model_path
+
+__all__ = ["Checkpoint", "CheckpointError", "default_model_path", "open_checkpoint"]
