@@ -13,6 +13,7 @@ import json
 import pathlib
 import re
 from collections.abc import Callable
+from typing import Any
 
 import gguf
 import numpy as np
@@ -26,6 +27,7 @@ from transformers import (
     MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -47,7 +49,7 @@ TINY_VOCAB = 300  # 256 byte symbols, 3 special tokens, 41 merges
 
 # Hugging Face config class and extra fields per architecture, all with 64 hidden units and
 # 2 layers; head sizes differ so GQA and an explicit head_dim are covered.
-TINY_ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
+TINY_ARCHITECTURES: dict[str, tuple[Any, dict[str, Any]]] = {
     "llama": (LlamaConfig, {"num_attention_heads": 4, "num_key_value_heads": 2}),
     "mistral": (MistralConfig, {"num_attention_heads": 4, "num_key_value_heads": 1}),
     "qwen2": (Qwen2Config, {"num_attention_heads": 4, "num_key_value_heads": 2}),
@@ -94,11 +96,17 @@ def tiny_config(arch: str, *, tie_word_embeddings: bool = False) -> PretrainedCo
     )
 
 
-def tiny_model(arch: str, *, tie_word_embeddings: bool = False, seed: int = 0) -> PreTrainedModel:
+def tiny_model(
+    arch: str,
+    *,
+    tie_word_embeddings: bool = False,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> PreTrainedModel:
     """A random-weight ``*ForCausalLM``; norms are randomized too, so no weight is trivial."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
-        tiny_config(arch, tie_word_embeddings=tie_word_embeddings)
+        tiny_config(arch, tie_word_embeddings=tie_word_embeddings), dtype=dtype
     )
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -116,8 +124,8 @@ def save_tiny_hf_checkpoint(
     max_shard_size: str | None = None,
 ) -> PreTrainedModel:
     """Save a tiny model and tokenizer as a Hugging Face checkpoint; return the model."""
-    model = tiny_model(arch, tie_word_embeddings=tie_word_embeddings).to(dtype)
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model = tiny_model(arch, tie_word_embeddings=tie_word_embeddings, dtype=dtype)
+    kwargs: dict[str, Any] = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, safe_serialization=True, **kwargs)
     build_tiny_tokenizer().save_pretrained(directory)
     return model
@@ -247,3 +255,9 @@ def default_model_file() -> pathlib.Path:
 def smollm2_checkpoint(default_model_file: pathlib.Path) -> Checkpoint:
     """The demo model opened once per test session (parsing its metadata takes about 1 s)."""
     return open_checkpoint(default_model_file)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_checkpoint: Checkpoint) -> PreTrainedTokenizerBase:
+    """The demo model's tokenizer, built once (about 1 s); do not mutate it in a test."""
+    return smollm2_checkpoint.load_tokenizer()

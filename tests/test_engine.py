@@ -45,8 +45,8 @@ def make_llm(path: pathlib.Path, **kwargs: object) -> LLM:
 def hf_greedy(model: PreTrainedModel, prompt: list[int], max_new: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new,
-            do_sample=False, pad_token_id=0,
+            torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, pad_token_id=0,
+            eos_token_id=-1,  # no EOS: compare all max_new tokens (min_new_tokens would ban EOS)
         )  # fmt: skip
     return out[0, len(prompt) :].tolist()
 

@@ -26,6 +26,7 @@ from conftest_loaders import (
 from llm_core.loaders import Checkpoint, CheckpointError, default_model_path, open_checkpoint
 from llm_core.loaders import default_model as default_model_module
 from llm_core.loaders.gguf_loader import _unpermute_rotary_rows
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 Q = gguf.GGMLQuantizationType
 EXPECTED_ARCHITECTURE = {
@@ -36,7 +37,7 @@ EXPECTED_ARCHITECTURE = {
 }
 
 
-def stored_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def stored_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The model's state dict as a checkpoint stores it: a tied lm_head is not stored."""
     state = dict(model.state_dict())
     if model.config.tie_word_embeddings:
@@ -279,6 +280,10 @@ def test_gguf_tokenizer_comes_from_the_metadata(tmp_path: pathlib.Path) -> None:
     assert tokenizer.decode(ids) == text
     assert len(tokenizer) == TINY_VOCAB
     assert tokenizer.chat_template == TINY_CHAT_TEMPLATE
+    # The same tokenizer as transformers' AutoTokenizer builds from the file.
+    auto = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tok.gguf")
+    assert auto.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+    assert auto.all_special_tokens == tokenizer.all_special_tokens
 
 
 def test_directory_with_one_gguf_opens_it(tmp_path: pathlib.Path) -> None:
@@ -308,7 +313,8 @@ def transformers_gguf_reference(
 
     ``from_pretrained(gguf_file=...)`` wraps ``load_gguf_checkpoint`` and also requires
     ``accelerate``, which llm-core does not depend on, so the function is called directly. The
-    model it needs only lends its parameter names (on the meta device).
+    model it needs only lends its parameter names (on the meta device). This is the slowest
+    fixture of the file (10-20 s on 2 cores, mostly transformers building its name map).
     """
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -379,8 +385,10 @@ def test_smollm2_weights_equal_transformers_gguf_loading(
     assert q.shape == (576, 576) and k.shape == (192, 576)
 
 
-def test_smollm2_tokenizer_round_trips_and_chats(smollm2_checkpoint: Checkpoint) -> None:
-    tokenizer = smollm2_checkpoint.load_tokenizer()
+def test_smollm2_tokenizer_round_trips_and_chats(
+    smollm2_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    tokenizer = smollm2_tokenizer
     assert len(tokenizer) == 49152
     text = "Hello world! SmolLM2 runs on any accelerator."
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -390,6 +398,7 @@ def test_smollm2_tokenizer_round_trips_and_chats(smollm2_checkpoint: Checkpoint)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is 2+2?"}], tokenize=False, add_generation_prompt=True
     )
+    assert isinstance(prompt, str)
     assert "<|im_start|>user\nWhat is 2+2?<|im_end|>\n" in prompt
     assert prompt.endswith("<|im_start|>assistant\n")
 

@@ -9,10 +9,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import llm_hal.registry as hal_registry
 import pytest
 from llm_core.commands import plugins
 from llm_core_cpu import CpuBackend
-from llm_hal import OPS, registry
+from llm_hal import OPS
 
 CPU_NATIVE = sorted(CpuBackend().native_ops())
 
@@ -20,7 +21,7 @@ CPU_NATIVE = sorted(CpuBackend().native_ops())
 @pytest.fixture(autouse=True)
 def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test discovers anew (and leaves the process-wide registry as it found it)."""
-    monkeypatch.setattr(registry, "_default", None)
+    monkeypatch.setattr(hal_registry, "_default", None)
     for name in ("LLM_CORE_BACKENDS", "LLM_CORE_DISABLED_BACKENDS"):
         monkeypatch.delenv(name, raising=False)
     yield

