@@ -18,9 +18,44 @@ PROMPTS = [
     [5, 17, 99, 23, 181, 7, 64],
     [250, 3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28, 84, 19, 71],
     [42],
-    [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33,
-     34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45],
-]  # fmt: skip
+    [
+        11,
+        12,
+        13,
+        14,
+        15,
+        16,
+        17,
+        18,
+        19,
+        20,
+        21,
+        22,
+        23,
+        24,
+        25,
+        26,
+        27,
+        28,
+        29,
+        30,
+        31,
+        32,
+        33,
+        34,
+        35,
+        36,
+        37,
+        38,
+        39,
+        40,
+        41,
+        42,
+        43,
+        44,
+        45,
+    ],
+]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
@@ -45,9 +80,12 @@ def make_llm(path: pathlib.Path, **kwargs: object) -> LLM:
 def hf_greedy(model: PreTrainedModel, prompt: list[int], max_new: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, pad_token_id=0,
+            torch.tensor([prompt]),
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=0,
             eos_token_id=-1,  # no EOS: compare all max_new tokens (min_new_tokens would ban EOS)
-        )  # fmt: skip
+        )
     return out[0, len(prompt) :].tolist()
 
 
@@ -79,7 +117,9 @@ def test_logprobs_match_transformers(llama: tuple[pathlib.Path, PreTrainedModel]
         top = row.topk(3)
         assert sorted(entry) == sorted(set(top.indices.tolist()) | {tok})
         assert out.cumulative_logprob is not None
-    assert out.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs)))
+    assert out.cumulative_logprob == pytest.approx(
+        sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs))
+    )
 
 
 def test_alone_equals_mixed_batch(llama: tuple[pathlib.Path, PreTrainedModel]) -> None:
@@ -98,8 +138,10 @@ def test_prefix_cache_on_off_and_chunked_whole_prefill_agree(
 ) -> None:
     path, _ = llama
     shared = PROMPTS[3]
-    prompts = [shared + [7, 8, 9], shared + [100, 101], shared]
-    reference = tokens(make_llm(path, enable_prefix_caching=False).generate(prompts, GREEDY, use_tqdm=False))
+    prompts = [[*shared, 7, 8, 9], [*shared, 100, 101], shared]
+    reference = tokens(
+        make_llm(path, enable_prefix_caching=False).generate(prompts, GREEDY, use_tqdm=False)
+    )
 
     cached = make_llm(path, enable_prefix_caching=True)
     first = cached.generate([prompts[0]], GREEDY, use_tqdm=False)
@@ -117,7 +159,9 @@ def test_preemption_and_recompute_keep_outputs(llama: tuple[pathlib.Path, PreTra
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     reference = tokens(make_llm(path).generate(prompts, params, use_tqdm=False))
     # 8 blocks of 16 tokens: far less than 8 sequences of ~70 tokens need at once.
-    small = make_llm(path, kv_cache_memory=8 * 16 * 2 * 2 * 2 * 16 * 4)  # blocks, tokens, k+v, layers, heads, D, fp32
+    small = make_llm(
+        path, kv_cache_memory=8 * 16 * 2 * 2 * 2 * 16 * 4
+    )  # blocks, tokens, k+v, layers, heads, D, fp32
     engine = small.llm_engine
     assert engine.block_manager.num_blocks == 8
     preempted = []
@@ -142,8 +186,11 @@ def test_seeded_sampling_is_reproducible(llama: tuple[pathlib.Path, PreTrainedMo
     b = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0]
     assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
     assert len({tuple(c.token_ids) for c in a.outputs}) == 3  # n completions differ
-    other = llm.generate([PROMPTS[0]], SamplingParams(temperature=1.0, seed=8, max_tokens=16,
-                                                      ignore_eos=True), use_tqdm=False)  # fmt: skip
+    other = llm.generate(
+        [PROMPTS[0]],
+        SamplingParams(temperature=1.0, seed=8, max_tokens=16, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert other[0].outputs[0].token_ids != a.outputs[0].token_ids
 
 
@@ -155,8 +202,12 @@ def test_sampling_distribution_matches_exact_probabilities(
     llm = make_llm(path, max_num_seqs=512)
     prompt = PROMPTS[1]
     temperature, k, draws = 1.5, 5, 3000
-    params = [SamplingParams(temperature=temperature, top_k=k, seed=s, max_tokens=1) for s in range(draws)]
-    drawn = [o.outputs[0].token_ids[0] for o in llm.generate([prompt] * draws, params, use_tqdm=False)]
+    params = [
+        SamplingParams(temperature=temperature, top_k=k, seed=s, max_tokens=1) for s in range(draws)
+    ]
+    drawn = [
+        o.outputs[0].token_ids[0] for o in llm.generate([prompt] * draws, params, use_tqdm=False)
+    ]
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[0, -1].double() / temperature
     top = logits.topk(k)
@@ -169,15 +220,20 @@ def test_sampling_distribution_matches_exact_probabilities(
     assert chi2 < 18.47, f"chi-square {chi2:.1f} over 4 degrees of freedom (p < 0.001)"
 
 
-def test_stop_tokens_and_strings_end_output_exactly(llama: tuple[pathlib.Path, PreTrainedModel]) -> None:
+def test_stop_tokens_and_strings_end_output_exactly(
+    llama: tuple[pathlib.Path, PreTrainedModel],
+) -> None:
     path, _ = llama
     llm = make_llm(path)
     base = llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)[0].outputs[0]
     ids = base.token_ids
     stop_id = ids[5]
     first = ids.index(stop_id)
-    out = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
-                                                    stop_token_ids=[stop_id]), use_tqdm=False)[0]  # fmt: skip
+    out = llm.generate(
+        [PROMPTS[1]],
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_id]),
+        use_tqdm=False,
+    )[0]
     c = out.outputs[0]
     assert c.token_ids == ids[: first + 1]
     assert c.finish_reason == "stop" and c.stop_reason == stop_id
@@ -185,20 +241,35 @@ def test_stop_tokens_and_strings_end_output_exactly(llama: tuple[pathlib.Path, P
     text = base.text
     assert len(text) > 6
     stop = text[3:6]
-    out = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
-                                                    stop=[stop]), use_tqdm=False)[0]  # fmt: skip
+    out = llm.generate(
+        [PROMPTS[1]],
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]),
+        use_tqdm=False,
+    )[0]
     c = out.outputs[0]
     assert c.text == text[: text.index(stop)]
     assert c.finish_reason == "stop" and c.stop_reason == stop
 
-    out = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
-                                                    stop=[stop], include_stop_str_in_output=True),
-                       use_tqdm=False)[0]  # fmt: skip
+    out = llm.generate(
+        [PROMPTS[1]],
+        SamplingParams(
+            temperature=0,
+            max_tokens=12,
+            ignore_eos=True,
+            stop=[stop],
+            include_stop_str_in_output=True,
+        ),
+        use_tqdm=False,
+    )[0]
     assert out.outputs[0].text == text[: text.index(stop) + len(stop)]
 
-    out = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
-                                                    stop_token_ids=[ids[0]], min_tokens=4),
-                       use_tqdm=False)[0]  # fmt: skip
+    out = llm.generate(
+        [PROMPTS[1]],
+        SamplingParams(
+            temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[ids[0]], min_tokens=4
+        ),
+        use_tqdm=False,
+    )[0]
     assert len(out.outputs[0].token_ids) >= 4
     assert ids[0] not in out.outputs[0].token_ids[:3]  # banned before min_tokens
 
@@ -209,14 +280,18 @@ def test_eos_ends_generation(llama: tuple[pathlib.Path, PreTrainedModel]) -> Non
     base = llm.generate([PROMPTS[2]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     engine = llm.llm_engine
     engine.eos_token_ids = {base[3]}  # pretend the 4th greedy token is this model's EOS
-    c = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    c = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert c.token_ids == base[: base.index(base[3]) + 1]
     assert c.finish_reason == "stop" and c.stop_reason is None
     c = llm.generate([PROMPTS[2]], GREEDY, use_tqdm=False)[0].outputs[0]
     assert c.token_ids == base and c.finish_reason == "length"
 
 
-def test_bad_request_is_refused_and_others_are_served(llama: tuple[pathlib.Path, PreTrainedModel]) -> None:
+def test_bad_request_is_refused_and_others_are_served(
+    llama: tuple[pathlib.Path, PreTrainedModel],
+) -> None:
     path, _ = llama
     llm = make_llm(path, max_model_len=64)
     engine = llm.llm_engine
@@ -239,8 +314,9 @@ def test_bad_request_is_refused_and_others_are_served(llama: tuple[pathlib.Path,
 def test_generation_is_capped_by_max_model_len(llama: tuple[pathlib.Path, PreTrainedModel]) -> None:
     path, _ = llama
     llm = make_llm(path, max_model_len=40)
-    out = llm.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]  # fmt: skip
+    out = llm.generate(
+        [PROMPTS[3]], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     assert len(PROMPTS[3]) + len(out.token_ids) == 40
     assert out.finish_reason == "length"
 
@@ -268,9 +344,12 @@ def test_text_prompts_and_chat(llama: tuple[pathlib.Path, PreTrainedModel]) -> N
     text_out = llm.generate("Hello world", GREEDY, use_tqdm=False)[0]
     assert text_out.prompt == "Hello world"
     assert text_out.prompt_token_ids == tok.encode("Hello world")
-    assert text_out.outputs[0].text == tok.decode(text_out.outputs[0].token_ids, skip_special_tokens=True)
+    assert text_out.outputs[0].text == tok.decode(
+        text_out.outputs[0].token_ids, skip_special_tokens=True
+    )
     chat = llm.chat([{"role": "user", "content": "Hello"}], GREEDY, use_tqdm=False)[0]
-    expected = tok.apply_chat_template([{"role": "user", "content": "Hello"}],
-                                       add_generation_prompt=True, tokenize=False)  # fmt: skip
+    expected = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=False
+    )
     assert chat.prompt == expected
     assert chat.prompt_token_ids == tok.encode(expected, add_special_tokens=False)

@@ -30,16 +30,21 @@ def hf_model(default_model_file: pathlib.Path):
 
 
 def test_greedy_matches_transformers_on_smollm2(default_model_file: pathlib.Path, hf_model) -> None:
-    llm = LLM(str(default_model_file), dtype="float32", kv_cache_memory="64MiB", load_progress=False)
+    llm = LLM(
+        str(default_model_file), dtype="float32", kv_cache_memory="64MiB", load_progress=False
+    )
     tok = llm.get_tokenizer()
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     ids = [tok.encode(p) for p in PROMPTS]
-    ours = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": i} for i in ids],
-                                                         params, use_tqdm=False)]  # fmt: skip
+    ours = [
+        o.outputs[0].token_ids
+        for o in llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+    ]
     for prompt_ids, got in zip(ids, ours):
         with torch.no_grad():
-            out = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW,
-                                    do_sample=False)  # fmt: skip
+            out = hf_model.generate(
+                torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW, do_sample=False
+            )
         # transformers stops at EOS (and min_new_tokens would ban it): compare up to there.
         theirs = out[0, len(prompt_ids) :].tolist()
         assert len(theirs) >= 8

@@ -327,7 +327,9 @@ class Backend:
         """x: (T, 2I) = [gate | up]. Returns ``silu(gate) * up``: (T, I), computed in fp32."""
         raise self._unsupported("silu_and_mul")
 
-    def gelu_and_mul(self, x: Tensor, approximate: str = "none", out: Tensor | None = None) -> Tensor:
+    def gelu_and_mul(
+        self, x: Tensor, approximate: str = "none", out: Tensor | None = None
+    ) -> Tensor:
         """x: (T, 2I) = [gate | up]. Returns ``gelu(gate) * up``: (T, I). ``approximate`` is
         ``"none"`` (erf) or ``"tanh"``."""
         raise self._unsupported("gelu_and_mul")

@@ -28,7 +28,7 @@ ENTRY_POINT_GROUP = "llm_core.backends"
 
 
 @hookspec
-def llm_core_backends() -> BackendSpec | list[BackendSpec]:
+def llm_core_backends() -> BackendSpec | list[BackendSpec]:  # type: ignore[empty-body]
     """Describe the backend(s) this plugin provides.
 
     Called once per plugin at discovery. Must be cheap and must not import the vendor SDK:

@@ -56,9 +56,13 @@ def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
 def dequantize(w: LinearWeight) -> torch.Tensor:
     """The dense ``(N, K)`` weight a quantized :class:`LinearWeight` stands for, in fp32
     (fp64 if its scales are fp64)."""
-    acc = torch.float64 if w.scales is not None and w.scales.dtype == torch.float64 else torch.float32
+    acc = (
+        torch.float64 if w.scales is not None and w.scales.dtype == torch.float64 else torch.float32
+    )
     if w.scheme is QuantScheme.NONE:
         return _acc(w.weight)
+    if w.scales is None:
+        raise ValueError(f"a {w.scheme.value} weight needs scales")
     if w.scheme is QuantScheme.W8A8:
         return w.weight.to(acc) * w.scales.to(acc).reshape(-1, 1)
     if w.scheme is QuantScheme.W4A16:
@@ -129,8 +133,11 @@ class TorchBackend(Backend):
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, dtype: DType
     ) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (num_blocks, block_size, num_kv_heads, head_size)
-        kw = {"dtype": to_torch(dtype), "device": self.device}
-        return torch.zeros(shape, **kw), torch.zeros(shape, **kw)  # type: ignore[arg-type]
+        t = to_torch(dtype)
+        return (
+            torch.zeros(shape, dtype=t, device=self.device),
+            torch.zeros(shape, dtype=t, device=self.device),
+        )
 
     def prepare_linear(
         self,
@@ -153,7 +160,9 @@ class TorchBackend(Backend):
     # operators
     # ------------------------------------------------------------------------------------------
 
-    def embedding(self, ids: torch.Tensor, table: torch.Tensor, out: Tensor | None = None) -> Tensor:
+    def embedding(
+        self, ids: torch.Tensor, table: torch.Tensor, out: Tensor | None = None
+    ) -> Tensor:
         return _into(out, F.embedding(ids.long(), table))
 
     def linear(self, x: torch.Tensor, weight: LinearWeight, out: Tensor | None = None) -> Tensor:
@@ -164,6 +173,7 @@ class TorchBackend(Backend):
             xq = torch.clamp(torch.round(xf / a_scale), -127, 127)
             # The int32 accumulation is exact in fp64 for any realistic K.
             y = (xq.double() @ weight.weight.double().T).to(acc)
+            assert weight.scales is not None, "prepare_linear guarantees W8A8 scales"
             y = y * a_scale * weight.scales.to(acc).reshape(1, -1)
         else:
             y = x.to(acc) @ dequantize(weight).to(acc).T
@@ -320,7 +330,9 @@ class TorchBackend(Backend):
     def add(self, a: torch.Tensor, b: torch.Tensor, out: Tensor | None = None) -> Tensor:
         return _into(out, (_acc(a) + _acc(b)).to(a.dtype))
 
-    def gather_rows(self, x: torch.Tensor, indices: torch.Tensor, out: Tensor | None = None) -> Tensor:
+    def gather_rows(
+        self, x: torch.Tensor, indices: torch.Tensor, out: Tensor | None = None
+    ) -> Tensor:
         return _into(out, x.index_select(0, indices.long()))
 
     # ------------------------------------------------------------------------------------------

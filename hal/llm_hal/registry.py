@@ -119,7 +119,9 @@ class Registry:
             return
         record = BackendRecord(spec.name, entry, dist, dist_version, spec=spec)
         if not api_compatible(spec.api_version):
-            record.error = str(APIVersionMismatchError(spec.name, spec.api_version, HAL_API_VERSION))
+            record.error = str(
+                APIVersionMismatchError(spec.name, spec.api_version, HAL_API_VERSION)
+            )
         elif spec.name in self.records and self.records[spec.name].loaded:
             other = self.records[spec.name]
             record.error = f"name {spec.name!r} is already provided by {other.distribution}"
@@ -173,7 +175,9 @@ class Registry:
             else:
                 reasons.append(f"{rec_name}: {availability.reason}")
         if not candidates:
-            raise BackendUnavailableError("(auto)", "no backend can run here: " + "; ".join(reasons))
+            raise BackendUnavailableError(
+                "(auto)", "no backend can run here: " + "; ".join(reasons)
+            )
         return max(candidates, key=lambda s: s.priority)
 
     def create(self, name: str | None = None, config: BackendConfig | None = None) -> Backend:

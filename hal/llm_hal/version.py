@@ -6,7 +6,7 @@ HAL_API_VERSION = "1.0"
 
 
 def api_compatible(plugin_version: str, host_version: str = HAL_API_VERSION) -> bool:
-    """A plugin is compatible when its major version equals the host's and its minor is not newer."""
+    """Compatible: the same major version as the host's, and a minor version no newer."""
     p_major, p_minor = (int(x) for x in plugin_version.split(".")[:2])
     h_major, h_minor = (int(x) for x in host_version.split(".")[:2])
     return p_major == h_major and p_minor <= h_minor

@@ -13,8 +13,11 @@ from llm_core.sampling_params import SamplingParams
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads a model."""
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="HF checkpoint directory or .gguf file (default: the SmolLM2-135M demo model)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="HF checkpoint directory or .gguf file (default: the SmolLM2-135M demo model)",
+    )
     g.add_argument("--backend", default=None, help="backend name (default: best available)")
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     g.add_argument("--max-model-len", type=int, default=None)
@@ -22,8 +25,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--fallback-backend", default=None,
-                   help="run operators the backend lacks on this backend (logged and counted)")  # fmt: skip
+    g.add_argument(
+        "--fallback-backend",
+        default=None,
+        help="run operators the backend lacks on this backend (logged and counted)",
+    )
 
 
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
@@ -54,24 +60,38 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) ->
 
 def _sampling_from(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        seed=args.seed, stop=args.stop,
-    )  # fmt: skip
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
 
 
 def add_parser(sub: Any) -> None:
-    gen = sub.add_parser("generate", help="complete a prompt and print the text",
-                         description="Complete PROMPT (raw text, no chat template).")  # fmt: skip
+    gen = sub.add_parser(
+        "generate",
+        help="complete a prompt and print the text",
+        description="Complete PROMPT (raw text, no chat template).",
+    )
     gen.add_argument("prompt", nargs="*", help="prompt text (default: read standard input)")
-    gen.add_argument("--chat-template", action="store_true",
-                     help="wrap the prompt as a user message in the model's chat template")  # fmt: skip
+    gen.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap the prompt as a user message in the model's chat template",
+    )
     add_engine_arguments(gen)
     _add_sampling_arguments(gen, max_tokens=64)
     gen.set_defaults(func=run_generate)
 
-    chat = sub.add_parser("chat", help="chat with a model in the terminal, streaming tokens",
-                          description="Interactive chat; an empty line or Ctrl-D ends it.")  # fmt: skip
+    chat = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal, streaming tokens",
+        description="Interactive chat; an empty line or Ctrl-D ends it.",
+    )
     chat.add_argument("--system", default=None, help="system prompt")
     add_engine_arguments(chat)
     _add_sampling_arguments(chat, max_tokens=512)

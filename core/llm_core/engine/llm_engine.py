@@ -104,23 +104,33 @@ class LLMEngine:
         self.dtype = _resolve_dtype(args.dtype, checkpoint, self.backend)
         model_cls = model_class_for(self.model_config)
         self.model = model_cls(self.model_config, self.backend, self.dtype)
-        self.max_model_len = min(args.max_model_len or self.model.max_position, self.model.max_position)
+        self.max_model_len = min(
+            args.max_model_len or self.model.max_position, self.model.max_position
+        )
         if args.max_model_len and args.max_model_len > self.model.max_position:
             raise ValueError(
                 f"max_model_len {args.max_model_len} is longer than the model's "
                 f"{self.model.max_position} positions; use at most {self.model.max_position}"
             )
         weights = tqdm(
-            checkpoint.tensors(), total=checkpoint.num_tensors(), desc="Loading weights",
-            unit="tensor", disable=not args.load_progress, leave=False,
-        )  # fmt: skip
+            checkpoint.tensors(),
+            total=checkpoint.num_tensors(),
+            desc="Loading weights",
+            unit="tensor",
+            disable=not args.load_progress,
+            leave=False,
+        )
         start = time.perf_counter()
         self.weight_bytes = self.model.load_weights(weights)
         load_seconds = time.perf_counter() - start
         num_blocks = self._num_kv_blocks()
         kv_caches = [
             self.backend.allocate_kv_cache(
-                num_blocks, args.block_size, self.model.num_kv_heads, self.model.head_size, self.dtype
+                num_blocks,
+                args.block_size,
+                self.model.num_kv_heads,
+                self.model.head_size,
+                self.dtype,
             )
             for _ in range(self.model.num_layers)
         ]
@@ -134,9 +144,14 @@ class LLMEngine:
         }
         log.info(
             "loaded %s on %s in %s: weights %.1f MiB, KV cache %.1f MiB (%d tokens) in %.1fs",
-            checkpoint.path.name, self.backend.name, self.dtype.value, self.weight_bytes / 2**20,
-            self.kv_cache_bytes / 2**20, num_blocks * args.block_size, load_seconds,
-        )  # fmt: skip
+            checkpoint.path.name,
+            self.backend.name,
+            self.dtype.value,
+            self.weight_bytes / 2**20,
+            self.kv_cache_bytes / 2**20,
+            num_blocks * args.block_size,
+            load_seconds,
+        )
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -217,9 +232,11 @@ class LLMEngine:
             seq = Sequence(request_id, token_ids, max_tokens, arrival_time=now)
             seed = (params.seed + index) if params.seed is not None else self._rng.getrandbits(62)
             detok = IncrementalDetokenizer(
-                self.tokenizer, token_ids, params.skip_special_tokens,
+                self.tokenizer,
+                token_ids,
+                params.skip_special_tokens,
                 params.spaces_between_special_tokens,
-            )  # fmt: skip
+            )
             sampling = SeqSampling(params, seed, self._banned(params, 0))
             comp = _Completion(index, seq, detok, sampling)
             if params.logprobs is not None:
@@ -238,7 +255,9 @@ class LLMEngine:
         vocab = self.model.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
-            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            raise RequestError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
+            )
         if len(token_ids) >= self.max_model_len:
             raise RequestError(
                 f"the prompt has {len(token_ids)} tokens, but the model's context is "
@@ -284,7 +303,9 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return self._ignored(scheduled.ignored)
-        sampling = {s.seq.seq_id: self._by_seq[s.seq.seq_id][1].sampling for s in scheduled.scheduled}
+        sampling = {
+            s.seq.seq_id: self._by_seq[s.seq.seq_id][1].sampling for s in scheduled.scheduled
+        }
         sampled = self.runner.execute(scheduled, sampling)
         self.scheduler.postprocess(scheduled, {sid: t.token_id for sid, t in sampled.items()})
         return self._process(sampled) + self._ignored(scheduled.ignored)
@@ -332,7 +353,7 @@ class LLMEngine:
             entry = {i: Logprob(v, rank + 1) for rank, (i, v) in enumerate(token.top or [])}
             entry[tid] = Logprob(token.logprob, token.rank)
             for i, lp in entry.items():
-                lp.decoded_token = self.tokenizer.decode([i])
+                lp.decoded_token = str(self.tokenizer.decode([i]))
             comp.logprobs.append(entry)
             comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + token.logprob
         num_out = seq.num_output_tokens
@@ -343,9 +364,9 @@ class LLMEngine:
             comp.finish_reason = "stop"
         elif tid in (params.stop_token_ids or []):
             comp.finish_reason, comp.stop_reason = "stop", tid
-        if comp.finish_reason is None and params.stop_strings and new_text:
-            if self._check_stop_strings(comp, new_text):
-                return
+        stoppable = comp.finish_reason is None and params.stop_strings and new_text
+        if stoppable and self._check_stop_strings(comp, new_text):
+            return
         comp.text += new_text
         if comp.finish_reason is None and (
             num_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len
@@ -388,10 +409,16 @@ def _resolve_dtype(requested: str, checkpoint: Any, backend: Backend) -> DType:
         dtype = DType.parse(requested)
         if not backend.supports("linear", dtype):
             supported = ", ".join(sorted(d.value for d in backend.float_dtypes))
-            raise ValueError(f"backend {backend.name} does not compute in {dtype.value}; use one of: {supported}")
+            raise ValueError(
+                f"backend {backend.name} does not compute in {dtype.value}; use one of: {supported}"
+            )
         return dtype
-    stored = getattr(checkpoint.config, "dtype", None) or getattr(checkpoint.config, "torch_dtype", None)
-    dtype = DType.BF16 if checkpoint.format == "gguf" or stored is None else DType.parse(str(stored))
+    stored = getattr(checkpoint.config, "dtype", None) or getattr(
+        checkpoint.config, "torch_dtype", None
+    )
+    dtype = (
+        DType.BF16 if checkpoint.format == "gguf" or stored is None else DType.parse(str(stored))
+    )
     if dtype is DType.FP16 and DType.BF16 in backend.float_dtypes and backend.name == "cpu":
         dtype = DType.BF16  # CPUs have fast bf16 GEMMs but slow fp16 ones
     if not backend.supports("linear", dtype):

@@ -119,8 +119,9 @@ class ModelRunner:
         num_top = max((p.logprobs or 0) for p in params)
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logits = logits
-        penalize = any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
-                       for p in params)  # fmt: skip
+        penalize = any(
+            p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params
+        )
         if want_logprobs and (penalize or any(i.banned for i in infos)):
             # vLLM reports log-probabilities of the raw model output: keep a copy.
             raw_logits = be.copy_(be.empty(be.shape(logits), DType.FP32), logits)
@@ -184,5 +185,3 @@ def _penalty_meta(seqs: list[Sequence], params: list[SamplingParams]) -> Penalty
         frequency=np.array([p.frequency_penalty for p in params]),
         repetition=np.array([p.repetition_penalty for p in params]),
     )
-
-

@@ -66,7 +66,10 @@ class LLM:
         return self._run(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(
-        self, messages: ChatMessages, chat_template: str | None = None, add_generation_prompt: bool = True
+        self,
+        messages: ChatMessages,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
     ) -> dict[str, Any]:
         tokenizer = self.get_tokenizer()
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
@@ -74,9 +77,11 @@ class LLM:
                 "this model's tokenizer has no chat template; pass chat_template= or use generate()"
             )
         text = tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+            messages,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
             tokenize=False,
-        )  # fmt: skip
+        )
         ids = tokenizer.encode(text, add_special_tokens=False)
         return {"prompt": text, "prompt_token_ids": list(ids)}
 

@@ -85,7 +85,9 @@ class DecoderLM(CausalLM):
         if pending:
             index, parts = next(iter(pending.items()))
             raise ValueError(f"layer {index} is incomplete in the checkpoint: has {sorted(parts)}")
-        missing = [i for i in range(self.num_layers) if i >= len(self.layers) or self.layers[i] is None]
+        missing = [
+            i for i in range(self.num_layers) if i >= len(self.layers) or self.layers[i] is None
+        ]
         if missing:
             raise ValueError(f"the checkpoint has no weights for layers {missing}")
         self.embed = self.upload(host["model.embed_tokens.weight"])
@@ -109,7 +111,11 @@ class DecoderLM(CausalLM):
 
         attn = "self_attn."
         wqkv = torch.cat([take(attn + f"{x}_proj.weight") for x in "qkv"])
-        bqkv = torch.cat([take(attn + f"{x}_proj.bias") for x in "qkv"]) if self.options.qkv_bias else None
+        bqkv = (
+            torch.cat([take(attn + f"{x}_proj.bias") for x in "qkv"])
+            if self.options.qkv_bias
+            else None
+        )
         w13 = torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")])
         layer = _Layer(
             attn_norm=self.upload(take("input_layernorm.weight")),
@@ -164,8 +170,12 @@ class DecoderLM(CausalLM):
         qkv = ops.linear(x, layer.wqkv)  # (T, q + 2kv)
         q, k, v = ops.split(qkv, [self.q_size, self.kv_size, self.kv_size])
         if layer.q_norm is not None and layer.k_norm is not None:
-            q, _ = ops.rms_norm(ops.reshape(q, (t * self.num_heads, self.head_size)), layer.q_norm, self.eps)
-            k, _ = ops.rms_norm(ops.reshape(k, (t * self.num_kv_heads, self.head_size)), layer.k_norm, self.eps)
+            q, _ = ops.rms_norm(
+                ops.reshape(q, (t * self.num_heads, self.head_size)), layer.q_norm, self.eps
+            )
+            k, _ = ops.rms_norm(
+                ops.reshape(k, (t * self.num_kv_heads, self.head_size)), layer.k_norm, self.eps
+            )
             q = ops.reshape(q, (t, self.q_size))
             k = ops.reshape(k, (t, self.kv_size))
         q, k = ops.rotary_embedding(batch.positions, q, k, self.cos_sin, self.head_size, True)

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 
-def inverse_frequencies(rotary_dim: int, theta: float, scaling: dict[str, Any] | None) -> np.ndarray:
+def inverse_frequencies(
+    rotary_dim: int, theta: float, scaling: dict[str, Any] | None
+) -> np.ndarray:
     """Per-pair angular frequencies, (rotary_dim / 2,) float64, after rope scaling."""
     inv_freq = 1.0 / (theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim))
     kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"

@@ -17,7 +17,9 @@ from llm_hal.backend import Tensor
 
 class CpuBackend(TorchBackend):
     name: ClassVar[str] = "cpu"
-    float_dtypes: ClassVar[frozenset[DType]] = frozenset({DType.FP32, DType.BF16, DType.FP16, DType.FP64})
+    float_dtypes: ClassVar[frozenset[DType]] = frozenset(
+        {DType.FP32, DType.BF16, DType.FP16, DType.FP64}
+    )
 
     def __init__(self) -> None:
         super().__init__("cpu")
@@ -47,7 +49,11 @@ class CpuBackend(TorchBackend):
         variance = sf.pow(2).mean(dim=-1, keepdim=True)
         normed = (sf * torch.rsqrt(variance + eps)).to(x.dtype)
         if out is None:
-            y = normed * weight if weight.dtype == x.dtype else (normed.float() * weight).to(x.dtype)
+            y = (
+                normed * weight
+                if weight.dtype == x.dtype
+                else (normed.float() * weight).to(x.dtype)
+            )
         else:
             y = torch.mul(normed, weight, out=out)
         return y, (None if residual is None else s)
@@ -74,7 +80,7 @@ class CpuBackend(TorchBackend):
             slots = (torch.from_numpy(meta.slot_mapping[valid]), rows)
             meta.device_cache["cpu.slots"] = slots
         index, rows = slots
-        num_blocks, block_size, hkv, d = key_cache.shape
+        hkv, d = key_cache.shape[2], key_cache.shape[3]
         k = key.reshape(-1, hkv, d) if rows is None else key.reshape(-1, hkv, d)[rows]
         v = value.reshape(-1, hkv, d) if rows is None else value.reshape(-1, hkv, d)[rows]
         key_cache.view(-1, hkv, d).index_copy_(0, index, k.to(key_cache.dtype))
