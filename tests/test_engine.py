@@ -197,11 +197,11 @@ def test_seeded_sampling_is_reproducible(llama: tuple[pathlib.Path, PreTrainedMo
 def test_sampling_distribution_matches_exact_probabilities(
     llama: tuple[pathlib.Path, PreTrainedModel],
 ) -> None:
-    """First-token draws over many seeds against softmax(logits / T) restricted to the top 5."""
+    """First-token draws over many seeds against softmax(logits / T) restricted to the top 3."""
     path, model = llama
     llm = make_llm(path, max_num_seqs=512)
     prompt = PROMPTS[1]
-    temperature, k, draws = 1.5, 5, 3000
+    temperature, k, draws = 1.5, 3, 1200
     params = [
         SamplingParams(temperature=temperature, top_k=k, seed=s, max_tokens=1) for s in range(draws)
     ]
@@ -217,7 +217,7 @@ def test_sampling_distribution_matches_exact_probabilities(
     observed = np.array([drawn.count(i) for i in ids])
     expected = exact * draws
     chi2 = float(((observed - expected) ** 2 / expected).sum())
-    assert chi2 < 18.47, f"chi-square {chi2:.1f} over 4 degrees of freedom (p < 0.001)"
+    assert chi2 < 13.82, f"chi-square {chi2:.1f} over 2 degrees of freedom (p < 0.001)"
 
 
 def test_stop_tokens_and_strings_end_output_exactly(

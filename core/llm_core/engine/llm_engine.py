@@ -8,6 +8,7 @@ new tokens into outputs. Loading (checkpoint, backend, KV cache sizing) happens 
 from __future__ import annotations
 
 import itertools
+import os
 import logging
 import random
 import time
@@ -32,6 +33,8 @@ from llm_core.sampling_params import SamplingParams
 log = logging.getLogger("llm_core.engine")
 
 _DEFAULT_KV_CAP = 4 * 2**30
+#: Name of a backend that runs the operators the chosen backend lacks (off when unset).
+ENV_FALLBACK = "LLM_CORE_FALLBACK"
 
 
 class RequestError(ValueError):
@@ -399,8 +402,9 @@ def _create_backend(args: EngineArgs) -> Backend:
     registry = get_registry()
     config = BackendConfig(device_index=args.device_index)
     backend = registry.create(args.backend, config)
-    if args.fallback_backend:
-        return FallbackBackend(backend, registry.create(args.fallback_backend, config))
+    fallback = args.fallback_backend or os.environ.get(ENV_FALLBACK)
+    if fallback:
+        return FallbackBackend(backend, registry.create(fallback, config))
     return backend
 
 

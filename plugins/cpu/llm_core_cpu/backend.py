@@ -113,12 +113,15 @@ class CpuBackend(TorchBackend):
             length = int(meta.seq_lens[b])
             k = self._gather_context(key_cache, meta.block_tables[b], length)  # (L, Hkv, D)
             v = self._gather_context(value_cache, meta.block_tables[b], length)
-            q = q_all[q0:q1].transpose(0, 1)  # (Hq, Lq, D)
-            mask = _causal_mask(q1 - q0, length, sliding_window)
+            q = q_all[q0:q1].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq, D)
+            k = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # (1, Hkv, L, D)
+            v = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
+            # 4-D inputs take torch's fused CPU kernel; a whole-prompt causal chunk needs no mask.
+            plain_causal = q1 - q0 == length and not sliding_window
+            mask = None if plain_causal else _causal_mask(q1 - q0, length, sliding_window)
             o = F.scaled_dot_product_attention(
-                q, k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
-                attn_mask=mask, is_causal=False, scale=scale, enable_gqa=True,
-            )  # fmt: skip
+                q, k, v, attn_mask=mask, is_causal=plain_causal, scale=scale, enable_gqa=True
+            )[0]  # (Hq, Lq, D)
             result[q0:q1] = o.transpose(0, 1)
         return result.reshape(t, -1)
 
