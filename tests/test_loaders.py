@@ -311,10 +311,10 @@ def transformers_gguf_reference(
 ) -> dict[str, object]:
     """transformers' own parse of the demo GGUF: its config dict and dequantized tensors.
 
-    ``from_pretrained(gguf_file=...)`` wraps ``load_gguf_checkpoint`` and also requires
-    ``accelerate``, which llm-core does not depend on, so the function is called directly. The
-    model it needs only lends its parameter names (on the meta device). This is the slowest
-    fixture of the file (10-20 s on 2 cores, mostly transformers building its name map).
+    ``from_pretrained(gguf_file=...)`` loads through ``load_gguf_checkpoint``; calling it
+    directly gives the same tensors without re-parsing the file for a config or needing
+    ``accelerate``. The model it needs only lends its parameter names (on the meta device).
+    The slowest fixture of this file: 10-20 s on 2 cores, mostly transformers' name mapping.
     """
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint

@@ -7,7 +7,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from llm_core.commands import generate, plugins
+import importlib
+import importlib.util
+
+#: Subcommand modules, each with ``add_parser(subparsers)``; listed in help order.
+COMMANDS = ("generate", "serve", "plugins", "conformance", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,8 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    generate.add_parser(sub)
-    plugins.add_parser(sub)
+    for name in COMMANDS:
+        module_name = f"llm_core.commands.{name}"
+        if importlib.util.find_spec(module_name) is not None:
+            importlib.import_module(module_name).add_parser(sub)
     return parser
 
 
