@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
-
-import importlib
-import importlib.util
 
 #: Subcommand modules, each with ``add_parser(subparsers)``; listed in help order.
 COMMANDS = ("generate", "serve", "plugins", "conformance", "bench")

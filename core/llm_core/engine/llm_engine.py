@@ -8,8 +8,8 @@ new tokens into outputs. Loading (checkpoint, backend, KV cache sizing) happens 
 from __future__ import annotations
 
 import itertools
-import os
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
