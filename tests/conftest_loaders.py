@@ -1,240 +1,47 @@
-"""Fixtures and builders for checkpoint tests: tiny random-weight models, saved like real ones.
+"""Fixtures for checkpoint tests: tiny random-weight models, saved like real ones.
 
-Everything here is built offline in milliseconds: a byte-level BPE tokenizer trained on a few
-sentences, transformers models with 64 hidden units and 2 layers saved as safetensors, and
-GGUF files written with the ``gguf`` package the way llama.cpp's converter writes them
-(names, reversed shapes, llama's q/k row permutation, optional quantization). The real demo
+The builders live in ``llm_conformance.checkpoints`` (the conformance suite needs them at run
+time) and are re-exported here under their old names, so tests keep writing
+``from conftest_loaders import TINY_ARCHITECTURES, save_tiny_hf_checkpoint``. The real demo
 model comes from ``default_model_path()`` (fetched once, then cached).
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
-import re
-from collections.abc import Callable
-from typing import Any
 
-import gguf
-import numpy as np
 import pytest
-import torch
+from llm_conformance.checkpoints import (
+    TINY_ARCHITECTURES,
+    TINY_CHAT_TEMPLATE,
+    TINY_SPECIAL_TOKENS,
+    TINY_VOCAB,
+    build_tiny_tokenizer,
+    gguf_tensor_name,
+    model_type_of,
+    permute_like_llama_cpp,
+    save_tiny_hf_checkpoint,
+    tiny_config,
+    tiny_model,
+    write_tiny_gguf,
+)
 from llm_core.loaders import Checkpoint, default_model_path, open_checkpoint
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    MistralConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-_SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A paged KV cache stores keys and values in fixed-size blocks.",
-    "Hello world, how are you today?",
-    "Large language models predict the next token.",
-    "One engine, many accelerators, the same answers.",
+__all__ = [
+    "TINY_ARCHITECTURES",
+    "TINY_CHAT_TEMPLATE",
+    "TINY_SPECIAL_TOKENS",
+    "TINY_VOCAB",
+    "build_tiny_tokenizer",
+    "gguf_tensor_name",
+    "model_type_of",
+    "permute_like_llama_cpp",
+    "save_tiny_hf_checkpoint",
+    "tiny_config",
+    "tiny_model",
+    "write_tiny_gguf",
 ]
-TINY_VOCAB = 300  # 256 byte symbols, 3 special tokens, 41 merges
-
-# Hugging Face config class and extra fields per architecture, all with 64 hidden units and
-# 2 layers; head sizes differ so GQA and an explicit head_dim are covered.
-TINY_ARCHITECTURES: dict[str, tuple[Any, dict[str, Any]]] = {
-    "llama": (LlamaConfig, {"num_attention_heads": 4, "num_key_value_heads": 2}),
-    "mistral": (MistralConfig, {"num_attention_heads": 4, "num_key_value_heads": 1}),
-    "qwen2": (Qwen2Config, {"num_attention_heads": 4, "num_key_value_heads": 2}),
-    "qwen3": (Qwen3Config, {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}),
-}
-
-
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer of ``TINY_VOCAB`` tokens with a ChatML chat template."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB,
-        special_tokens=TINY_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_SENTENCES, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_config(arch: str, *, tie_word_embeddings: bool = False) -> PretrainedConfig:
-    config_class, extra = TINY_ARCHITECTURES[arch]
-    return config_class(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        **extra,
-    )
-
-
-def tiny_model(
-    arch: str,
-    *,
-    tie_word_embeddings: bool = False,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-) -> PreTrainedModel:
-    """A random-weight ``*ForCausalLM``; norms are randomized too, so no weight is trivial."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(
-        tiny_config(arch, tie_word_embeddings=tie_word_embeddings), dtype=dtype
-    )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
-                param.normal_()
-    return model.eval()
-
-
-def save_tiny_hf_checkpoint(
-    directory: pathlib.Path,
-    arch: str,
-    *,
-    tie_word_embeddings: bool = False,
-    dtype: torch.dtype = torch.float32,
-    max_shard_size: str | None = None,
-) -> PreTrainedModel:
-    """Save a tiny model and tokenizer as a Hugging Face checkpoint; return the model."""
-    model = tiny_model(arch, tie_word_embeddings=tie_word_embeddings, dtype=dtype)
-    kwargs: dict[str, Any] = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(directory, safe_serialization=True, **kwargs)
-    build_tiny_tokenizer().save_pretrained(directory)
-    return model
-
-
-# --- GGUF, written the way llama.cpp's converter writes it -----------------------------------
-
-_HF_TO_GGUF_LAYER = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_HF_TO_GGUF_GLOBAL = {
-    "model.embed_tokens": "token_embd",
-    "model.norm": "output_norm",
-    "lm_head": "output",
-}
-
-
-def gguf_tensor_name(hf_name: str) -> str:
-    stem, kind = hf_name.rsplit(".", 1)
-    if match := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem):
-        return f"blk.{match.group(1)}.{_HF_TO_GGUF_LAYER[match.group(2)]}.{kind}"
-    return f"{_HF_TO_GGUF_GLOBAL[stem]}.{kind}"
-
-
-def permute_like_llama_cpp(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """llama.cpp's ``LlamaModel.permute``: the two halves of each head become interleaved."""
-    half = weight.shape[0] // num_heads // 2
-    per_head = weight.reshape(num_heads, 2, half, *weight.shape[1:])
-    return per_head.swapaxes(1, 2).reshape(weight.shape)
-
-
-def write_tiny_gguf(
-    path: pathlib.Path,
-    arch: str,
-    model: PreTrainedModel,
-    *,
-    quantize: Callable[[str], gguf.GGMLQuantizationType] = lambda _: gguf.GGMLQuantizationType.F32,
-    tokenizer: PreTrainedTokenizerFast | None = None,
-    gguf_architecture: str | None = None,
-) -> None:
-    """Write ``model`` as a GGUF file; ``quantize(hf_name)`` picks each tensor's type."""
-    config = model.config
-    # llama.cpp writes Mistral models as "llama", permuted like Llama.
-    name = gguf_architecture or ("llama" if arch == "mistral" else arch)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer = gguf.GGUFWriter(path, name)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
-    writer.add_pad_token_id(config.pad_token_id)
-    if tokenizer is not None:
-        _add_tokenizer(writer, tokenizer)
-
-    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
-    for hf_name, tensor in model.state_dict().items():
-        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        data = tensor.detach().float().numpy()
-        projection = hf_name.split(".")[-2]
-        if name == "llama" and projection in heads:
-            data = permute_like_llama_cpp(data, heads[projection])
-        qtype = quantize(hf_name) if data.ndim == 2 else gguf.GGMLQuantizationType.F32
-        if qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_tensor_name(hf_name), data)
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(gguf_tensor_name(hf_name), data.astype(np.float16))
-        else:
-            packed = gguf.quants.quantize(data, qtype)
-            writer.add_tensor(gguf_tensor_name(hf_name), packed, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerFast) -> None:
-    vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    special = set(tokenizer.all_special_tokens)
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(
-        [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
-    )
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(TINY_CHAT_TEMPLATE)
 
 
 # --- fixtures ---------------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+/* Rotary embedding, the paged KV-cache write and paged attention.
+ *
+ * The cache is (num_blocks, block_size, Hkv, D) row-major: token position p of sequence b
+ * lives at slot block_tables[b, p / block_size] * block_size + p % block_size.
+ */
+
+/* Rotate x (T, heads * head_size) in place. cos_sin: (max_pos, rot) float, cos then sin.
+ * Global (rot / 2, heads, T). */
+kernel void rotary(global const long* positions, global T* x, global const float* cos_sin,
+                   int heads, int head_size, int rot, int neox) {
+    int i = get_global_id(0), h = get_global_id(1);
+    size_t t = get_global_id(2);
+    int half_rot = rot / 2;
+    size_t angle = positions[t] * rot + i;
+    float c = cos_sin[angle], s = cos_sin[angle + half_rot];
+    size_t base = (t * heads + h) * head_size;
+    size_t ia = base + (neox ? i : 2 * i);
+    size_t ib = base + (neox ? i + half_rot : 2 * i + 1);
+    float a = LOAD(x, ia), b = LOAD(x, ib);
+    STORE(x, ia, a * c - b * s);
+    STORE(x, ib, b * c + a * s);
+}
+
+/* cache[slots[t], :] = new[t, :] for key and value, skipping slot -1. width = Hkv * D.
+ * Global (width, T). */
+kernel void reshape_and_cache(global const T* key, global const T* value, global T* key_cache,
+                              global T* value_cache, global const long* slots, int width) {
+    size_t j = get_global_id(0), t = get_global_id(1);
+    long slot = slots[t];
+    if (slot < 0) return;
+    key_cache[slot * width + j] = key[t * width + j];
+    value_cache[slot * width + j] = value[t * width + j];
+}
+
+/* The sum or the max of v over the work-group (WG a power of two); every work-item gets it. */
+inline float group_reduce(float v, local float* scratch, int is_max) {
+    size_t lid = get_local_id(0);
+    scratch[lid] = v;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (size_t s = WG / 2; s > 0; s >>= 1) {
+        if (lid < s) {
+            float o = scratch[lid + s];
+            scratch[lid] = is_max ? fmax(scratch[lid], o) : scratch[lid] + o;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    float r = scratch[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return r;
+}
+
+#define DIMS_PER_ITEM ((MAX_HEAD + WG - 1) / WG)
+
+/* One work-group per (query token, query head): online softmax over the token's visible keys,
+ * WG keys at a time. token_seq/token_pos give each query token's sequence and position.
+ * window 0 = no sliding window; soft_cap 0 = no soft cap. Global (WG * Hq, T), local (WG, 1).
+ */
+kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
+void paged_attention(global const T* query, global const T* key_cache,
+                     global const T* value_cache, global const int* token_seq,
+                     global const int* token_pos, global const int* block_tables,
+                     int max_blocks, int block_size, int hq, int hkv, int head_size, float scale,
+                     int window, float soft_cap, global T* out) {
+    local float q[MAX_HEAD];
+    local float probs[WG];
+    local float scratch[WG];
+    size_t lid = get_local_id(0);
+    int h = get_group_id(0);
+    size_t t = get_group_id(1);
+    int seq = token_seq[t], pos = token_pos[t];
+    int kvh = h / (hq / hkv);
+    size_t q_row = (t * hq + h) * head_size;
+    for (int d = lid; d < head_size; d += WG) q[d] = LOAD(query, q_row + d);
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    global const int* table = block_tables + (size_t)seq * max_blocks;
+    int first = window > 0 ? max(0, pos - window + 1) : 0;
+    int end = pos + 1;
+    float m = -INFINITY, l = 0.0f;
+    float acc[DIMS_PER_ITEM];
+    for (int k = 0; k < DIMS_PER_ITEM; ++k) acc[k] = 0.0f;
+
+    for (int j0 = first; j0 < end; j0 += WG) {
+        int j = j0 + lid;
+        float s = -INFINITY;
+        if (j < end) {
+            size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+            size_t base = (slot * hkv + kvh) * head_size;
+            float dot = 0.0f;
+            for (int d = 0; d < head_size; ++d) dot += q[d] * LOAD(key_cache, base + d);
+            s = dot * scale;
+            if (soft_cap > 0.0f) s = soft_cap * tanh(s / soft_cap);
+        }
+        float m_new = fmax(m, group_reduce(s, scratch, 1));
+        float p = j < end ? exp(s - m_new) : 0.0f;
+        float correction = exp(m - m_new); /* 0 on the first chunk, where m = -inf */
+        l = l * correction + group_reduce(p, scratch, 0);
+        probs[lid] = p;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int k = 0; k < DIMS_PER_ITEM; ++k) acc[k] *= correction;
+        int n = min(WG, end - j0);
+        for (int jj = 0; jj < n; ++jj) {
+            int jp = j0 + jj;
+            size_t slot = (size_t)table[jp / block_size] * block_size + jp % block_size;
+            size_t base = (slot * hkv + kvh) * head_size;
+            float pj = probs[jj];
+            for (int k = 0; k < DIMS_PER_ITEM; ++k) {
+                int d = lid + k * WG;
+                if (d < head_size) acc[k] += pj * LOAD(value_cache, base + d);
+            }
+        }
+        m = m_new;
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    for (int k = 0; k < DIMS_PER_ITEM; ++k) {
+        int d = lid + k * WG;
+        if (d < head_size) STORE(out, q_row + d, acc[k] / l);
+    }
+}
