@@ -79,6 +79,9 @@ class Backend:
     name: ClassVar[str] = "abstract"
     #: Floating dtypes the backend computes in (activations, weights, KV cache).
     float_dtypes: ClassVar[frozenset[DType]] = frozenset()
+    #: For ``dtype="auto"``: a checkpoint dtype the backend computes poorly, and the one it
+    #: recommends instead (e.g. fp16 -> bf16 on CPUs). An explicit dtype is never replaced.
+    auto_dtype_substitutes: ClassVar[dict[DType, DType]] = {}
 
     # ------------------------------------------------------------------------------------------
     # device and memory

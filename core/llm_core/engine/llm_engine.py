@@ -417,14 +417,9 @@ def _resolve_dtype(requested: str, checkpoint: Any, backend: Backend) -> DType:
                 f"backend {backend.name} does not compute in {dtype.value}; use one of: {supported}"
             )
         return dtype
-    stored = getattr(checkpoint.config, "dtype", None) or getattr(
-        checkpoint.config, "torch_dtype", None
-    )
-    dtype = (
-        DType.BF16 if checkpoint.format == "gguf" or stored is None else DType.parse(str(stored))
-    )
-    if dtype is DType.FP16 and DType.BF16 in backend.float_dtypes and backend.name == "cpu":
-        dtype = DType.BF16  # CPUs have fast bf16 GEMMs but slow fp16 ones
+    stored = None if checkpoint.format == "gguf" else getattr(checkpoint.config, "dtype", None)
+    dtype = DType.BF16 if stored is None else DType.parse(str(stored))
+    dtype = backend.auto_dtype_substitutes.get(dtype, dtype)
     if not backend.supports("linear", dtype):
         log.info("backend %s does not compute in %s; using float32", backend.name, dtype.value)
         dtype = DType.FP32

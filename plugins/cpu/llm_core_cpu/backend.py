@@ -20,6 +20,8 @@ class CpuBackend(TorchBackend):
     float_dtypes: ClassVar[frozenset[DType]] = frozenset(
         {DType.FP32, DType.BF16, DType.FP16, DType.FP64}
     )
+    # CPUs have fast bf16 GEMMs (AVX512-BF16, AMX) but slow fp16 ones.
+    auto_dtype_substitutes: ClassVar[dict[DType, DType]] = {DType.FP16: DType.BF16}
 
     def __init__(self) -> None:
         super().__init__("cpu")
