@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llm-core",
         description="One LLM inference engine for heterogeneous hardware.",
     )
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module_name = f"llm_core.commands.{name}"
@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("llm_core", "llm_hal"):  # our own messages at the chosen level, others quiet
+        logging.getLogger(name).setLevel(args.log_level.upper())
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
