@@ -108,13 +108,18 @@ def tiny_config(arch: str, *, tie_word_embeddings: bool = False) -> PretrainedCo
 
 
 def model_type_of(arch: str) -> str:
-    """``"LlamaForCausalLM"`` -> ``"llama"``; a model type is returned as it is."""
-    for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
-        if arch == class_name:
-            return str(model_type)
+    """``"LlamaForCausalLM"`` -> ``"llama"``; a model type is returned as it is.
+
+    Several model types may share a class (``internlm3`` also uses ``LlamaForCausalLM``): the
+    one named like the class wins.
+    """
     if arch in TINY_ARCHITECTURES or arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return arch
-    raise ValueError(f"transformers knows no causal-LM architecture {arch!r}")
+    types = [str(t) for t, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if name == arch]
+    if not types:
+        raise ValueError(f"transformers knows no causal-LM architecture {arch!r}")
+    stem = arch.removesuffix("ForCausalLM").lower()
+    return next((t for t in types if t == stem), types[0])
 
 
 def tiny_model(

@@ -16,7 +16,7 @@ so a torch-device backend subclasses it and accelerates op by op.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -43,6 +43,13 @@ class LogprobsResult:
     token_ranks: Tensor  # (B,) int64, 1 = the most likely token
     top_logprobs: Tensor  # (B, k) fp32, descending
     top_ids: Tensor  # (B, k) int64
+
+
+class CapturedGraph:
+    """A step recorded by :meth:`Backend.capture_graph`; ``replay()`` runs it again."""
+
+    def replay(self) -> None:
+        raise NotImplementedError
 
 
 #: Every operator of the HAL, in the order of the spec below. ``supports``, the conformance
@@ -163,6 +170,24 @@ class Backend:
     @staticmethod
     def shape(tensor: Tensor) -> tuple[int, ...]:
         return tuple(int(s) for s in tensor.shape)
+
+    def capture_graph(self, fn: Callable[[], object]) -> CapturedGraph | None:
+        """(optional) Call ``fn()`` once while recording the operators it runs, and return a
+        graph whose ``replay()`` runs them again with no host code in between (CUDA graphs; a
+        native list of kernel calls on CPU): the decode step as one call.
+
+        ``fn`` runs exactly once, eagerly, and its results are valid whatever this returns.
+        Returns None when the backend does not capture (this default) or when ``fn`` ran
+        something it cannot record (the reason is logged).
+
+        ``replay()`` reads the current contents of the tensors ``fn`` used and of the host
+        metadata objects (:class:`AttentionMetadata` ...) it passed, and rewrites the same
+        output tensors. The caller keeps those objects alive and updates them in place between
+        replays: same shapes and number of sequences, new values (token ids, positions, slots,
+        block tables, sequence lengths). Host code inside ``fn`` does not run again.
+        """
+        fn()
+        return None
 
     # ------------------------------------------------------------------------------------------
     # capability

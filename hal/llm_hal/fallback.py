@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_hal.backend import OPS, Backend, LogprobsResult
+from llm_hal.backend import OPS, Backend, CapturedGraph, LogprobsResult
 from llm_hal.dtypes import DType
 from llm_hal.weights import LinearWeight, QuantScheme
 
@@ -27,7 +27,7 @@ _IN_PLACE = {"rotary_embedding", "reshape_and_cache", "apply_penalties", "apply_
 
 #: Device, memory and layout methods of the contract: always the primary's, whose tensors
 #: the caller holds.
-_OWN = {"supports", "native_ops", "prepare_linear"}
+_OWN = {"supports", "native_ops", "prepare_linear", "capture_graph"}
 _DELEGATED = frozenset(n for n in vars(Backend) if not n.startswith("_") and n not in {*OPS, *_OWN})
 
 
@@ -62,6 +62,10 @@ class FallbackBackend(Backend):
 
     def native_ops(self) -> frozenset[str]:
         return self.primary.native_ops()
+
+    def capture_graph(self, fn: Callable[[], object]) -> CapturedGraph | None:
+        # Operators routed to the fallback would be missing from the primary's graph.
+        return None if self.routed else self.primary.capture_graph(fn)
 
     def prepare_linear(
         self,

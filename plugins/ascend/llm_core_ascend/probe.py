@@ -203,9 +203,11 @@ def cann_version(home: Path | None) -> str:
     """The toolkit's version from its install record, "" when it cannot be read."""
     if home is None:
         return ""
-    for info in sorted(home.glob("*/ascend_toolkit_install.info")) + [
-        home / "ascend_toolkit_install.info"
-    ]:
+    records = [
+        *sorted(home.glob("*/ascend_toolkit_install.info")),
+        home / "ascend_toolkit_install.info",
+    ]
+    for info in records:
         try:
             for line in info.read_text().splitlines():
                 key, _, value = line.partition("=")

@@ -1,18 +1,46 @@
-"""The CPU backend: the reference operators, with the hot ones replaced by faster torch code.
+"""The CPU backend: the reference operators, with the hot ones replaced by C kernels.
 
-Linear layers run in the activation dtype on oneDNN/MKL (bf16 GEMMs accumulate in fp32);
-attention uses torch's fused scaled-dot-product kernel over the paged cache; norms and
-activations avoid the reference's extra passes.
+The C kernels (``csrc/cpu_kernels.c``, see ``native.py``) stream bf16/fp32 weights for the
+small-batch linear layers (torch's GEMV reaches about half the memory bandwidth, and with no
+AVX512-BF16 its bf16 path is far slower still), and run the norms, rotary embedding, KV-cache
+writes, decode attention and gated activation in one pass each. They also make the decode step
+capturable (:meth:`CpuBackend.capture_graph`): replayed as one native call, with no Python per
+operator. Where the kernels do not apply (other dtypes, quantized weights, soft-capped
+attention) or could not be built, the torch operators run: oneDNN/MKL GEMMs for large batches,
+torch's fused scaled-dot-product attention for prefill.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from llm_hal import AttentionMetadata, DType, LinearWeight, QuantScheme, TorchBackend
-from llm_hal.backend import Tensor
+from llm_hal import OPS, AttentionMetadata, DType, LinearWeight, QuantScheme, TorchBackend
+from llm_hal.backend import CapturedGraph, Tensor
+
+from llm_core_cpu.graph import CpuGraph
+from llm_core_cpu.native import NativeKernels, native_kernels, unavailable_reason
+
+log = logging.getLogger("llm_core_cpu")
+
+#: dtype codes of the C kernels
+_CODES = {torch.float32: 0, torch.bfloat16: 1}
+#: Above this many tokens a linear layer is compute-bound: oneDNN/MKL GEMMs take over.
+NATIVE_MAX_TOKENS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _NativeLinear:
+    """What the linear kernel needs of a prepared dense weight (``LinearWeight.packed``)."""
+
+    weight_ptr: int
+    bias_ptr: int | None
+    dtype: torch.dtype
+    code: int
 
 
 class CpuBackend(TorchBackend):
@@ -20,20 +48,163 @@ class CpuBackend(TorchBackend):
     float_dtypes: ClassVar[frozenset[DType]] = frozenset(
         {DType.FP32, DType.BF16, DType.FP16, DType.FP64}
     )
-    # CPUs have fast bf16 GEMMs (AVX512-BF16, AMX) but slow fp16 ones.
-    auto_dtype_substitutes: ClassVar[dict[DType, DType]] = {DType.FP16: DType.BF16}
 
-    def __init__(self) -> None:
+    def __init__(self, use_kernels: bool = True) -> None:
         super().__init__("cpu")
+        self._nk: NativeKernels | None = native_kernels() if use_kernels else None
+        if self._nk is not None:
+            self._nk.set_threads(torch.get_num_threads())
+        self._graph: CpuGraph | None = None
+        try:
+            self._fast_bf16_gemm = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            self._fast_bf16_gemm = False
+
+    @property
+    def kernels(self) -> str:
+        """Which kernels run: the C kernels (with the vector width) or why not."""
+        if self._nk is not None:
+            return f"C kernels ({'AVX2' if self._nk.simd_width == 8 else 'scalar'})"
+        return f"torch operators ({unavailable_reason() or 'C kernels turned off'})"
+
+    # ------------------------------------------------------------------------------------------
+    # capture
+    # ------------------------------------------------------------------------------------------
+
+    def capture_graph(self, fn: Callable[[], object]) -> CapturedGraph | None:
+        if self._nk is None:
+            fn()
+            return None
+        graph = CpuGraph(self._nk)
+        own_class = type(self)
+        self._graph = graph
+        self.__class__ = _capturing_class(own_class)
+        try:
+            fn()
+        finally:
+            self.__class__ = own_class
+            self._graph = None
+        return graph.finish()
+
+    def _run(self, kernel: str, args: tuple[Any, ...], keep: tuple[Any, ...]) -> None:
+        if self._graph is not None:
+            self._graph.record(kernel, args, keep)
+        assert self._nk is not None
+        getattr(self._nk, kernel.removeprefix("llm_"))(*args)
+
+    def _eager(self, op: str) -> None:
+        """An operator about to run in torch: a capture in progress cannot replay it."""
+        if self._graph is not None:
+            self._graph.fail(f"{op} ran as torch code, which replay would skip")
+
+    def _out(
+        self, out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """``out`` if a kernel can write it (else None), or a new tensor."""
+        if out is None:
+            return torch.empty(shape, dtype=dtype)
+        if out.dtype == dtype and tuple(out.shape) == shape and out.stride(-1) == 1:
+            return out
+        return None
+
+    # ------------------------------------------------------------------------------------------
+    # memory
+    # ------------------------------------------------------------------------------------------
+
+    def copy_(self, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        sc, dc = _CODES.get(src.dtype), _CODES.get(dst.dtype)
+        if (
+            self._nk is not None
+            and sc is not None
+            and dc is not None
+            and src.shape == dst.shape
+            and src.is_contiguous()
+            and dst.is_contiguous()
+        ):
+            args = (src.data_ptr(), sc, dst.data_ptr(), dc, src.numel())
+            self._run("llm_convert", args, (src, dst))
+            return dst
+        self._eager("copy_")
+        return dst.copy_(src)
+
+    def prepare_linear(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        scheme: QuantScheme = QuantScheme.NONE,
+        scales: torch.Tensor | None = None,
+        zeros: torch.Tensor | None = None,
+        group_size: int = 0,
+    ) -> LinearWeight:
+        prepared = super().prepare_linear(weight, bias, scheme, scales, zeros, group_size)
+        code = _CODES.get(weight.dtype)
+        if scheme is QuantScheme.NONE and code is not None and weight.dim() == 2:
+            prepared.weight = weight.contiguous()
+            if bias is not None and bias.dtype == weight.dtype:
+                prepared.bias = bias.contiguous()
+            elif bias is not None:
+                return prepared
+            bias_ptr = None if prepared.bias is None else prepared.bias.data_ptr()
+            prepared.packed = _NativeLinear(prepared.weight.data_ptr(), bias_ptr, weight.dtype, code)
+        return prepared
+
+    # ------------------------------------------------------------------------------------------
+    # operators
+    # ------------------------------------------------------------------------------------------
+
+    def embedding(
+        self, ids: torch.Tensor, table: torch.Tensor, out: Tensor | None = None
+    ) -> Tensor:
+        code = _CODES.get(table.dtype)
+        if (
+            self._nk is not None
+            and code is not None
+            and ids.dtype in (torch.int32, torch.int64)
+            and ids.is_contiguous()
+            and table.is_contiguous()
+            and (out is None or out.is_contiguous())
+        ):
+            t, h = ids.shape[0], table.shape[1]
+            y = self._out(out, (t, h), table.dtype)
+            if y is not None:
+                args = (ids.data_ptr(), int(ids.dtype == torch.int64), table.data_ptr(), h, t,
+                        y.data_ptr(), code)  # fmt: skip
+                self._run("llm_embedding", args, (ids, table, y))
+                return y
+        self._eager("embedding")
+        return super().embedding(ids, table, out)
 
     def linear(self, x: torch.Tensor, weight: LinearWeight, out: Tensor | None = None) -> Tensor:
+        native = weight.packed
+        if (
+            isinstance(native, _NativeLinear)
+            and self._nk is not None
+            and x.dtype == native.dtype
+            and x.stride(-1) == 1
+            and (x.shape[0] <= NATIVE_MAX_TOKENS or self._graph is not None)
+        ):
+            t, k = x.shape
+            n = weight.out_features
+            y = self._out(out, (t, n), x.dtype)
+            if y is not None and t > 0:
+                args = (x.data_ptr(), x.stride(0), t, k, native.weight_ptr, n, native.bias_ptr,
+                        y.data_ptr(), y.stride(0), native.code)  # fmt: skip
+                self._run("llm_linear", args, (x, weight, y))
+                return y
+        self._eager("linear")
         if weight.scheme is not QuantScheme.NONE or weight.weight.dtype != x.dtype:
             return super().linear(x, weight, out)
+        w, b = weight.weight, weight.bias
+        if x.dtype == torch.bfloat16 and not self._fast_bf16_gemm:
+            # Without AVX512-BF16, oneDNN's bf16 GEMM is orders of magnitude slower than MKL's
+            # fp32 one: upcast (the products are exact in fp32 either way), round once.
+            y = F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+            return y if out is None else out.copy_(y)
         if out is None:
-            return F.linear(x, weight.weight, weight.bias)
-        if weight.bias is None:
-            return torch.matmul(x, weight.weight.T, out=out)
-        return torch.addmm(weight.bias, x, weight.weight.T, out=out)
+            return F.linear(x, w, b)
+        if b is None:
+            return torch.matmul(x, w.T, out=out)
+        return torch.addmm(b, x, w.T, out=out)
 
     def rms_norm(
         self,
@@ -42,6 +213,41 @@ class CpuBackend(TorchBackend):
         eps: float,
         residual: torch.Tensor | None = None,
         out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        code = _CODES.get(x.dtype)
+        if (
+            self._nk is not None
+            and code is not None
+            and x.dim() == 2
+            and x.stride(-1) == 1
+            and weight.dtype == x.dtype
+            and weight.is_contiguous()
+            and (residual is None or (residual.dtype == x.dtype and residual.stride(-1) == 1))
+        ):
+            t, h = x.shape
+            y = self._out(out, (t, h), x.dtype)
+            if y is not None:
+                s = None if residual is None else torch.empty((t, h), dtype=x.dtype)
+                args = (
+                    x.data_ptr(), x.stride(0),
+                    None if residual is None else residual.data_ptr(),
+                    0 if residual is None else residual.stride(0),
+                    weight.data_ptr(), y.data_ptr(), y.stride(0),
+                    None if s is None else s.data_ptr(), h,
+                    t, h, eps, code,
+                )  # fmt: skip
+                self._run("llm_rms_norm", args, (x, residual, weight, y, s))
+                return y, s
+        self._eager("rms_norm")
+        return self._torch_rms_norm(x, weight, eps, residual, out)
+
+    def _torch_rms_norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None,
+        out: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
         if residual is not None:
             s = x + residual if x.dtype == torch.float32 else (x.float() + residual).to(x.dtype)
@@ -60,12 +266,37 @@ class CpuBackend(TorchBackend):
             y = torch.mul(normed, weight, out=out)
         return y, (None if residual is None else s)
 
-    def silu_and_mul(self, x: torch.Tensor, out: Tensor | None = None) -> Tensor:
-        d = x.shape[-1] // 2
-        gate, up = x[..., :d], x[..., d:]
-        if x.dtype in (torch.float32, torch.float64):
-            return torch.mul(F.silu(gate), up, out=out) if out is not None else F.silu(gate) * up
-        return super().silu_and_mul(x, out)
+    def rotary_embedding(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        head_size: int,
+        is_neox_style: bool,
+    ) -> tuple[Tensor, Tensor]:
+        code = _CODES.get(q.dtype)
+        if (
+            self._nk is not None
+            and code is not None
+            and k.dtype == q.dtype
+            and positions.dtype == torch.int64
+            and positions.is_contiguous()
+            and cos_sin_cache.dtype == torch.float32
+            and cos_sin_cache.is_contiguous()
+            and q.stride(-1) == 1
+            and k.stride(-1) == 1
+        ):
+            t = q.shape[0]
+            args = (
+                positions.data_ptr(), q.data_ptr(), q.stride(0), q.shape[1] // head_size,
+                k.data_ptr(), k.stride(0), k.shape[1] // head_size, cos_sin_cache.data_ptr(),
+                cos_sin_cache.shape[1], head_size, int(is_neox_style), t, code,
+            )  # fmt: skip
+            self._run("llm_rotary", args, (positions, q, k, cos_sin_cache))
+            return q, k
+        self._eager("rotary_embedding")
+        return super().rotary_embedding(positions, q, k, cos_sin_cache, head_size, is_neox_style)
 
     def reshape_and_cache(
         self,
@@ -75,13 +306,30 @@ class CpuBackend(TorchBackend):
         value_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> None:
-        slots = meta.device_cache.get("cpu.slots")
-        if slots is None:
+        code = _CODES.get(key_cache.dtype)
+        if (
+            self._nk is not None
+            and code is not None
+            and key.dtype == value.dtype == key_cache.dtype == value_cache.dtype
+            and key.stride(-1) == 1
+            and value.stride(-1) == 1
+            and key_cache.is_contiguous()
+            and value_cache.is_contiguous()
+        ):
+            slots = meta.slot_mapping
+            args = (key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0),
+                    key_cache.data_ptr(), value_cache.data_ptr(), slots.ctypes.data,
+                    len(slots), key_cache.shape[2] * key_cache.shape[3], code)  # fmt: skip
+            self._run("llm_cache_write", args, (key, value, key_cache, value_cache, meta, slots))
+            return
+        self._eager("reshape_and_cache")
+        slots_rows = meta.device_cache.get("cpu.slots")
+        if slots_rows is None:
             valid = meta.slot_mapping >= 0
             rows = torch.from_numpy(valid.nonzero()[0]) if not valid.all() else None
-            slots = (torch.from_numpy(meta.slot_mapping[valid]), rows)
-            meta.device_cache["cpu.slots"] = slots
-        index, rows = slots
+            slots_rows = (torch.from_numpy(meta.slot_mapping[valid]), rows)
+            meta.device_cache["cpu.slots"] = slots_rows
+        index, rows = slots_rows
         hkv, d = key_cache.shape[2], key_cache.shape[3]
         k = key.reshape(-1, hkv, d) if rows is None else key.reshape(-1, hkv, d)[rows]
         v = value.reshape(-1, hkv, d) if rows is None else value.reshape(-1, hkv, d)[rows]
@@ -99,6 +347,7 @@ class CpuBackend(TorchBackend):
         logits_soft_cap: float | None = None,
         out: Tensor | None = None,
     ) -> Tensor:
+        self._eager("paged_attention_prefill")
         if logits_soft_cap:
             return super().paged_attention_prefill(
                 query, key_cache, value_cache, meta, scale, sliding_window, logits_soft_cap, out
@@ -107,6 +356,8 @@ class CpuBackend(TorchBackend):
         t = query.shape[0]
         q_all = query.reshape(t, -1, d)  # (T, Hq, D)
         result = out.view(t, -1, d) if out is not None else torch.empty_like(q_all)
+        # Without AVX512-BF16 torch's bf16 attention kernel is slow: compute in fp32.
+        work = torch.float32 if query.dtype == torch.bfloat16 and not self._fast_bf16_gemm else None
         starts = meta.query_start_loc
         for b in range(meta.num_seqs):
             q0, q1 = int(starts[b]), int(starts[b + 1])
@@ -116,6 +367,8 @@ class CpuBackend(TorchBackend):
             k = self._gather_context(key_cache, meta.block_tables[b], length)  # (L, Hkv, D)
             v = self._gather_context(value_cache, meta.block_tables[b], length)
             q = q_all[q0:q1].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq, D)
+            if work is not None:
+                q = q.to(work)
             k = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # (1, Hkv, L, D)
             v = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
             # 4-D inputs take torch's fused CPU kernel; a whole-prompt causal chunk needs no mask.
@@ -138,12 +391,52 @@ class CpuBackend(TorchBackend):
         logits_soft_cap: float | None = None,
         out: Tensor | None = None,
     ) -> Tensor:
-        if not meta.is_decode:
-            raise ValueError("paged_attention_decode needs exactly one new token per sequence")
+        if not meta.device_cache.get("cpu.is_decode"):
+            if not meta.is_decode:
+                raise ValueError("paged_attention_decode needs exactly one new token per sequence")
+            meta.device_cache["cpu.is_decode"] = True
+        code = _CODES.get(query.dtype)
+        if (
+            self._nk is not None
+            and code is not None
+            and not logits_soft_cap
+            and query.dtype == key_cache.dtype == value_cache.dtype
+            and query.stride(-1) == 1
+            and key_cache.is_contiguous()
+            and value_cache.is_contiguous()
+        ):
+            b, d = meta.num_seqs, key_cache.shape[3]
+            y = self._out(out, (b, query.shape[1]), query.dtype)
+            if y is not None:
+                tables = meta.block_tables
+                args = (
+                    query.data_ptr(), query.stride(0), key_cache.data_ptr(),
+                    value_cache.data_ptr(), b, query.shape[1] // d, key_cache.shape[2], d,
+                    key_cache.shape[1], tables.ctypes.data, tables.shape[1],
+                    meta.seq_lens.ctypes.data, scale, sliding_window or 0, y.data_ptr(),
+                    y.stride(0), code,
+                )  # fmt: skip
+                keep = (query, key_cache, value_cache, meta, tables, meta.seq_lens, y)
+                self._run("llm_attn_decode", args, keep)
+                return y
+        self._eager("paged_attention_decode")
         if logits_soft_cap:
             return super().paged_attention_decode(
                 query, key_cache, value_cache, meta, scale, sliding_window, logits_soft_cap, out
             )
+        return self._torch_attention_decode(query, key_cache, value_cache, meta, scale,
+                                            sliding_window, out)  # fmt: skip
+
+    def _torch_attention_decode(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+        out: Tensor | None,
+    ) -> Tensor:
         b, d = meta.num_seqs, key_cache.shape[3]
         block_size = key_cache.shape[1]
         # Sliding-window and global layers share one step's metadata: one entry per window.
@@ -175,6 +468,44 @@ class CpuBackend(TorchBackend):
             return out
         return o
 
+    def silu_and_mul(self, x: torch.Tensor, out: Tensor | None = None) -> Tensor:
+        code = _CODES.get(x.dtype)
+        if self._nk is not None and code is not None and x.dim() == 2 and x.stride(-1) == 1:
+            t, i = x.shape[0], x.shape[1] // 2
+            y = self._out(out, (t, i), x.dtype)
+            if y is not None:
+                args = (x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), t, i, code)
+                self._run("llm_silu_mul", args, (x, y))
+                return y
+        self._eager("silu_and_mul")
+        d = x.shape[-1] // 2
+        gate, up = x[..., :d], x[..., d:]
+        if x.dtype in (torch.float32, torch.float64):
+            return torch.mul(F.silu(gate), up, out=out) if out is not None else F.silu(gate) * up
+        return super().silu_and_mul(x, out)
+
+    def gather_rows(
+        self, x: torch.Tensor, indices: torch.Tensor, out: Tensor | None = None
+    ) -> Tensor:
+        code = _CODES.get(x.dtype)
+        if (
+            self._nk is not None
+            and code is not None
+            and x.dim() == 2
+            and x.stride(-1) == 1
+            and indices.dtype == torch.int64
+            and indices.is_contiguous()
+            and (out is None or out.is_contiguous())
+        ):
+            b, h = indices.shape[0], x.shape[1]
+            y = self._out(out, (b, h), x.dtype)
+            if y is not None:
+                args = (x.data_ptr(), x.stride(0), indices.data_ptr(), b, h, y.data_ptr(), code)
+                self._run("llm_gather_rows", args, (x, indices, y))
+                return y
+        self._eager("gather_rows")
+        return super().gather_rows(x, indices, out)
+
 
 def _causal_mask(q_len: int, kv_len: int, sliding_window: int | None) -> torch.Tensor:
     """(Lq, L) bool: new token i (position kv_len - q_len + i) sees keys at or before it."""
@@ -184,3 +515,35 @@ def _causal_mask(q_len: int, kv_len: int, sliding_window: int | None) -> torch.T
     if sliding_window:
         allowed &= k_pos > q_pos - sliding_window
     return allowed
+
+
+# ----------------------------------------------------------------------------------------------
+# capture guard
+# ----------------------------------------------------------------------------------------------
+
+#: Methods that record a kernel while capturing (or fail the capture themselves).
+_RECORDING = frozenset({"embedding", "linear", "rms_norm", "rotary_embedding", "reshape_and_cache",
+                        "paged_attention_decode", "silu_and_mul", "gather_rows", "copy_"})  # fmt: skip
+#: Everything else that computes or moves data: it cannot be replayed, so it fails a capture.
+_GUARDED: tuple[str, ...] = (*OPS, "from_host", "to_host", "allocate_kv_cache", "prepare_linear")
+_capturing_classes: dict[type, type] = {}
+
+
+def _capturing_class(cls: type[CpuBackend]) -> type[CpuBackend]:
+    """``cls`` while it records: its operators without a kernel to record fail the capture
+    instead of silently running only once. Swapped in for the duration of a capture."""
+    sub = _capturing_classes.get(cls)
+    if sub is None:
+        guards = {n: _uncapturable(n, getattr(cls, n)) for n in _GUARDED if n not in _RECORDING}
+        sub = type(f"Capturing{cls.__name__}", (cls,), guards)
+        _capturing_classes[cls] = sub
+    return sub
+
+
+def _uncapturable(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    def call(self: CpuBackend, *args: Any, **kwargs: Any) -> Any:
+        self._eager(name)
+        return method(self, *args, **kwargs)
+
+    call.__name__ = name
+    return call

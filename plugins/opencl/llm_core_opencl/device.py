@@ -58,6 +58,10 @@ class Candidate:
                 return rank
         return 3
 
+    @property
+    def kind(self) -> str:
+        return ("GPU", "accelerator", "CPU", "other")[self.rank]
+
 
 def import_pyopencl() -> Any:
     try:

@@ -23,10 +23,16 @@ inline ushort float_to_bf16(float f) {
 }
 
 inline float round_half(float v) {
-    half h[1];
-    vstore_half_rte(v, 0, h);
-    return vload_half(0, h);
+    ushort bits; /* no half variables without cl_khr_fp16: store through a pointer */
+    vstore_half_rte(v, 0, (private half*)&bits);
+    return vload_half(0, (private const half*)&bits);
 }
+
+/* RAW_n: an integer type of the same size, for bit-exact copies (half cannot be assigned
+ * without cl_khr_fp16). */
+#define RAW_0 uint
+#define RAW_1 ushort
+#define RAW_2 ushort
 
 #define TYPE_0 float
 #define LOAD_0(p, i) ((p)[i])
@@ -54,6 +60,7 @@ inline float round_half(float v) {
 /* The program's storage type T: LOAD(p, i) -> float, STORE(p, i, float), ROUND(float) rounds
  * a float to T's precision and back. */
 #define T CAT(TYPE_, STORAGE)
+#define RAW CAT(RAW_, STORAGE)
 #define LOAD(p, i) CAT(LOAD_, STORAGE)(p, i)
 #define LOAD4(p, i) CAT(LOAD4_, STORAGE)(p, i)
 #define STORE(p, i, v) CAT(STORE_, STORAGE)(p, i, v)

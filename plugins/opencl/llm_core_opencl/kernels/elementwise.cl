@@ -1,27 +1,27 @@
 /* Gathers, copies and elementwise operators. Row-major tensors, offset 0, contiguous. */
 
 /* out[t, :] = table[ids[t], :], bit-exact. Global (H, T). */
-kernel void embedding_i64(global const T* table, global const long* ids, global T* out,
+kernel void embedding_i64(global const RAW* table, global const long* ids, global RAW* out,
                           int hidden) {
     size_t h = get_global_id(0), t = get_global_id(1);
     out[t * hidden + h] = table[ids[t] * hidden + h];
 }
 
-kernel void embedding_i32(global const T* table, global const int* ids, global T* out,
+kernel void embedding_i32(global const RAW* table, global const int* ids, global RAW* out,
                           int hidden) {
     size_t h = get_global_id(0), t = get_global_id(1);
     out[t * hidden + h] = table[(long)ids[t] * hidden + h];
 }
 
 /* out[b, :] = x[indices[b], :], bit-exact. Global (H, B). */
-kernel void gather_rows(global const T* x, global const long* indices, global T* out,
+kernel void gather_rows(global const RAW* x, global const long* indices, global RAW* out,
                         int hidden) {
     size_t h = get_global_id(0), b = get_global_id(1);
     out[b * hidden + h] = x[indices[b] * hidden + h];
 }
 
 /* dst[r, c] = src[r, col0 + c]: one part of split(). Global (width, rows). */
-kernel void copy_columns(global const T* src, int src_width, int col0, global T* dst,
+kernel void copy_columns(global const RAW* src, int src_width, int col0, global RAW* dst,
                          int width) {
     size_t c = get_global_id(0), r = get_global_id(1);
     dst[r * width + c] = src[r * src_width + col0 + c];

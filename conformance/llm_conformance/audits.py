@@ -1,0 +1,184 @@
+"""Engine audits: the same requests served under different engine configurations must produce
+the same tokens (greedy, and seeded sampling where the batch could matter).
+
+- batch invariance: each prompt alone, and all prompts in one mixed batch;
+- prefix cache: prompts that share a long prefix, with the cache on (and hit) and off;
+- chunked prefill: prompts split into 8-token chunks, and whole;
+- preemption: a KV cache too small for the batch, so sequences are preempted and recomputed.
+
+The reference configuration is the plain engine with the prefix cache off. Each audit also
+checks that it exercised what it audits (cache hits happened, a sequence was preempted).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_core import LLM, SamplingParams
+from llm_core.loaders import open_checkpoint
+from llm_hal import Backend, DType
+
+from llm_conformance.models import ModelUnderTest, kv_block_bytes
+from llm_conformance.serving import engine_on
+from llm_conformance.tolerances import MODEL_THRESHOLDS
+
+AUDITS: tuple[str, ...] = ("batch_invariance", "prefix_cache", "chunked_prefill", "preemption")
+BLOCK_SIZE = 16
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
+LONG_GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=5)
+
+
+@dataclass(slots=True)
+class AuditResult:
+    name: str
+    passed: bool
+    detail: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "detail": self.detail, **self.metrics}
+
+
+Run = tuple[list[int], list[dict[int, float]]]  # tokens, top log-probabilities per step
+
+
+def _runs(outputs: list[Any]) -> list[Run]:
+    return [
+        (o.outputs[0].token_ids,
+         [{t: lp.logprob for t, lp in step.items()} for step in (o.outputs[0].logprobs or [])])
+        for o in outputs
+    ]  # fmt: skip
+
+
+def _diff(got: list[Run], want: list[Run], tolerance: float) -> tuple[str, list[str]]:
+    """Tokens must match. A divergence is accepted only where both runs saw the same context
+    and their log-probabilities there agree within ``tolerance`` (a near-tie that a different
+    batch shape may legitimately flip in low precision); anything else is a failure."""
+    notes = []
+    for i, ((g, g_lp), (w, w_lp)) in enumerate(zip(got, want, strict=True)):
+        if g == w:
+            continue
+        at = next((n for n, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+        if at >= min(len(g), len(w)):
+            return f"prompt {i}: {len(g)} tokens, want {len(w)}", notes
+        shared = set(g_lp[at]) & set(w_lp[at])
+        worst = max((abs(g_lp[at][t] - w_lp[at][t]) for t in shared), default=math.inf)
+        near_tie = g[at] in w_lp[at] and w[at] in g_lp[at] and worst <= tolerance
+        if not near_tie:
+            return (
+                f"prompt {i} differs at token {at}: {g[at : at + 4]} vs {w[at : at + 4]} "
+                f"(log-probabilities there differ by {worst:.3g}, tolerance {tolerance:g})"
+            ), notes
+        notes.append(f"prompt {i}: near-tie at token {at} (|dlogprob| {worst:.2g})")
+    return "", notes
+
+
+class Auditor:
+    """Runs the audits of one model on one backend in one dtype."""
+
+    def __init__(self, backend: Backend, model: ModelUnderTest, dtype: DType, seed: int):
+        self.backend = backend
+        self.model = model
+        self.dtype = dtype
+        self.seed = seed
+        config = open_checkpoint(model.path).config
+        self.block_bytes = kv_block_bytes(config, dtype.itemsize, BLOCK_SIZE)
+        self._base: LLM | None = None
+        self.tolerance = MODEL_THRESHOLDS[dtype].tie_margin
+
+    def engine(self, **args: Any) -> LLM:
+        args.setdefault("kv_cache_memory", 256 * self.block_bytes)
+        args.setdefault("enable_prefix_caching", False)
+        args.setdefault("block_size", BLOCK_SIZE)
+        args.setdefault("seed", self.seed)
+        return engine_on(self.backend, str(self.model.path), self.dtype.value, **args)
+
+    @property
+    def base(self) -> LLM:
+        if self._base is None:
+            self._base = self.engine()
+        return self._base
+
+    def run(self, names: tuple[str, ...] = AUDITS) -> list[AuditResult]:
+        checks: dict[str, Callable[[], AuditResult]] = {
+            "batch_invariance": self.batch_invariance,
+            "prefix_cache": self.prefix_cache,
+            "chunked_prefill": self.chunked_prefill,
+            "preemption": self.preemption,
+        }
+        results = []
+        for name in names:
+            try:
+                results.append(checks[name]())
+            except Exception as exc:
+                results.append(AuditResult(name, False, f"raised {type(exc).__name__}: {exc}"))
+        return results
+
+    # -- the audits ----------------------------------------------------------------------------
+
+    def batch_invariance(self) -> AuditResult:
+        prompts = self.model.audit_prompts[:4]
+        seeded = SamplingParams(
+            temperature=0.9, top_p=0.9, seed=self.seed % 2**31, max_tokens=12, ignore_eos=True,
+            logprobs=5,
+        )  # fmt: skip
+        llm = self.base
+        alone = [_runs(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in prompts]
+        alone_seeded = [_runs(llm.generate([p], seeded, use_tqdm=False))[0] for p in prompts]
+        n = len(prompts)
+        mixed = _runs(llm.generate(prompts + prompts, [GREEDY] * n + [seeded] * n, use_tqdm=False))
+        diff, notes = _diff(mixed[:n], alone, self.tolerance)
+        if not diff:
+            diff, more = _diff(mixed[n:], alone_seeded, self.tolerance)
+            notes += more
+        return _result("batch_invariance", diff, notes, {"prompts": 2 * n})
+
+    def prefix_cache(self) -> AuditResult:
+        prompts = self.model.audit_prompts[4:7]
+        want = _runs(self.base.generate(prompts, GREEDY, use_tqdm=False))
+        cached = self.engine(enable_prefix_caching=True)
+        first = cached.generate(prompts[:1], GREEDY, use_tqdm=False)
+        rest = cached.generate(prompts[1:], GREEDY, use_tqdm=False)
+        hits = [o.num_cached_tokens for o in rest]
+        diff, notes = _diff(_runs(first + rest), want, self.tolerance)
+        if not diff and min(hits) < BLOCK_SIZE:
+            diff = f"the prefix cache was not hit (cached tokens {hits}): the audit proves nothing"
+        return _result("prefix_cache", diff, notes, {"cached_tokens": hits})
+
+    def chunked_prefill(self) -> AuditResult:
+        prompts = self.model.audit_prompts[4:7] + self.model.audit_prompts[:2]
+        want = _runs(self.base.generate(prompts, GREEDY, use_tqdm=False))
+        chunked = self.engine(max_num_batched_tokens=8, enable_chunked_prefill=True)
+        diff, notes = _diff(_runs(chunked.generate(prompts, GREEDY, use_tqdm=False)), want,
+                            self.tolerance)  # fmt: skip
+        return _result("chunked_prefill", diff, notes, {"chunk_tokens": 8})
+
+    def preemption(self) -> AuditResult:
+        prompts = self.model.audit_prompts[7:] + self.model.audit_prompts[:3]
+        want = _runs(self.base.generate(prompts, LONG_GREEDY, use_tqdm=False))
+        # Each sequence needs about 5 blocks by its end; all together need far more than 8.
+        small = self.engine(kv_cache_memory=8 * self.block_bytes)
+        engine = small.llm_engine
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"audit-{i}", prompt, LONG_GREEDY)
+        finished: dict[str, Any] = {}
+        preemptions = 0
+        while engine.has_unfinished_requests():
+            running = list(engine.scheduler.running) + list(engine.scheduler.waiting)
+            preemptions = max(preemptions, sum(s.num_preemptions for s in running))
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        got = _runs([finished[f"audit-{i}"] for i in range(len(prompts))])
+        diff, notes = _diff(got, want, self.tolerance)
+        if not diff and preemptions == 0:
+            diff = "no sequence was preempted: the audit proves nothing"
+        return _result("preemption", diff, notes, {"preemptions": preemptions})
+
+
+def _result(name: str, diff: str, notes: list[str], metrics: dict[str, Any]) -> AuditResult:
+    detail = diff or ("; ".join(notes) if notes else "token-exact")
+    return AuditResult(name, not diff, detail, {**metrics, "near_ties": len(notes)})

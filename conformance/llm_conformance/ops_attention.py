@@ -1,0 +1,292 @@
+"""Checks of the attention path: rotary embedding, the paged KV-cache write, and paged attention
+for prefill and decode.
+
+Attention inputs are built the way the engine builds them: queries are strided views out of a
+fused projection, the cache blocks of a sequence are scattered over the cache in random order,
+block-table entries past a sequence's need hold a value far outside the cache (the contract
+allows anything there), and every slot of the cache, the unused blocks included, holds random
+data written with the backend's own ``reshape_and_cache``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from llm_hal import AttentionMetadata
+
+from llm_conformance.cases import Params, op_check
+from llm_conformance.compare import Check
+from llm_conformance.harness import F64, GUARD, Harness, bits
+
+# -------------------------------------------------------------------------------------------
+# rotary embedding
+# -------------------------------------------------------------------------------------------
+
+MAX_POSITION = 4096
+_ROTARY_SHAPES = [
+    # tokens, query heads, kv heads, head size, rotary dims
+    (1, 4, 4, 64, 64),
+    (7, 6, 2, 80, 80),
+    (5, 8, 2, 96, 48),
+    (33, 9, 3, 64, 32),
+    (16, 32, 8, 128, 128),
+    (3, 4, 1, 72, 72),
+    (64, 14, 2, 64, 64),
+    (2, 2, 2, 256, 64),
+]
+ROTARY: list[Params] = [
+    {"tokens": t, "hq": hq, "hkv": hkv, "head_size": d, "rotary_dim": r, "neox": neox}
+    for t, hq, hkv, d, r in _ROTARY_SHAPES
+    for neox in (True, False)
+]
+ROTARY += [{"tokens": 4, "hq": 4, "hkv": 2, "head_size": 64, "rotary_dim": 64, "neox": True,
+            "inject": "nan"}]  # fmt: skip
+
+
+def cos_sin_cache(max_position: int, rotary_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """(max_position, rotary_dim) fp32: cos in the first half of the columns, sin in the rest."""
+    inv_freq = 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=F64) / rotary_dim)
+    angles = torch.outer(torch.arange(max_position, dtype=F64), inv_freq)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+
+
+@op_check(
+    "rotary_embedding", "rotary", ROTARY, shape_of=lambda p: {"head_size": p["head_size"]}
+)
+def _rotary(h: Harness, p: Params) -> None:
+    t, hq, hkv, d, rot = p["tokens"], p["hq"], p["hkv"], p["head_size"], p["rotary_dim"]
+    widths = [GUARD, hq * d, hkv * d, hkv * d, GUARD]
+    buf = h.randn((t, sum(widths)))[0]
+    h.inject(torch.split(buf, widths, dim=-1)[1], kind=p.get("inject"))
+    buf64 = buf.to(F64)
+    cache = cos_sin_cache(MAX_POSITION, rot)
+    positions = h.randint(0, MAX_POSITION, (t,))
+    if t > 2:  # the first and the last position of the table
+        positions[0], positions[-1] = 0, MAX_POSITION - 1
+    _, q64, k64, _, _ = (x.clone() for x in torch.split(buf64, widths, dim=-1))
+    h.oracle.rotary_embedding(positions, q64, k64, cache.to(F64), d, p["neox"])
+
+    be = h.backend
+    dev_buf = h.up(buf)
+    _, dev_q, dev_k, _, _ = be.split(dev_buf, widths)
+    rq, rk = be.rotary_embedding(h.up(positions), dev_q, dev_k, h.up(cache), d, p["neox"])
+    h.close("returned q", rq, q64)
+    h.close("returned k", rk, k64)
+    after = h.down(dev_buf)
+    _, q_after, k_after, _, _ = torch.split(after, widths, dim=-1)
+    h.close("q in place", q_after, q64)
+    h.close("k in place", k_after, k64)
+    untouched = torch.ones(after.shape, dtype=torch.bool)
+    untouched[:, GUARD : GUARD + (hq + hkv) * d] = False
+    if rot < d:  # features past the rotary dims pass through bit-exactly
+        for start, heads in ((GUARD, hq), (GUARD + hq * d, hkv)):
+            for head in range(heads):
+                lo = start + head * d
+                untouched[:, lo + rot : lo + d] = True
+    bad = int((bits(after[untouched]) != bits(buf[untouched])).sum())
+    h.add(Check("v, guards and pass-through features untouched", bad == 0,
+                "" if not bad else f"{bad} bytes changed"))  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------
+# KV-cache write
+# -------------------------------------------------------------------------------------------
+
+RESHAPE_AND_CACHE: list[Params] = [
+    {"tokens": 1, "hkv": 1, "head_size": 64, "block_size": 16, "blocks": 2},
+    {"tokens": 16, "hkv": 2, "head_size": 64, "block_size": 16, "blocks": 3},
+    {"tokens": 17, "hkv": 2, "head_size": 80, "block_size": 16, "blocks": 4, "strided": True},
+    {"tokens": 33, "hkv": 8, "head_size": 128, "block_size": 32, "blocks": 3, "pads": 3},
+    {"tokens": 5, "hkv": 4, "head_size": 96, "block_size": 8, "blocks": 4, "pads": 2},
+    {"tokens": 64, "hkv": 1, "head_size": 80, "block_size": 8, "blocks": 12, "strided": True},
+    {"tokens": 100, "hkv": 2, "head_size": 256, "block_size": 16, "blocks": 9},
+    {"tokens": 9, "hkv": 3, "head_size": 72, "block_size": 1, "blocks": 20, "pads": 1},
+]
+
+
+@op_check(
+    "reshape_and_cache",
+    "exact",
+    RESHAPE_AND_CACHE,
+    shape_of=lambda p: {"head_size": p["head_size"], "block_size": p["block_size"]},
+)
+def _reshape_and_cache(h: Harness, p: Params) -> None:
+    t, hkv, d, bs, nb = p["tokens"], p["hkv"], p["head_size"], p["block_size"], p["blocks"]
+    be = h.backend
+    caches = be.allocate_kv_cache(nb, bs, hkv, d, h.dtype)
+    want = [torch.zeros((nb * bs, hkv, d), dtype=F64) for _ in range(2)]
+    order = h.randperm(nb * bs)
+    # Two steps: the second overwrites some slots of the first and writes new ones.
+    for step, slots in enumerate((order[:t], torch.cat([order[t // 2 : t], order[t : t + t // 2 + 1]]))):
+        slots = slots.clone()
+        pads = h.randperm(len(slots))[: p.get("pads", 0)]
+        slots[pads] = -1
+        n = len(slots)
+        kv, kv64 = h.randn((n, 2 * hkv * d))
+        if p.get("strided"):
+            dev_kv = h.up(kv)
+            dev_k, dev_v = be.split(dev_kv, [hkv * d, hkv * d])
+        else:
+            dev_k, dev_v = h.up(kv[:, : hkv * d]), h.up(kv[:, hkv * d :])
+        meta = _single_batch_meta(slots.numpy(), bs)
+        be.reshape_and_cache(dev_k, dev_v, caches[0], caches[1], meta)
+        keep = slots >= 0
+        for cache64, part in zip(want, (kv64[:, : hkv * d], kv64[:, hkv * d :]), strict=True):
+            cache64[slots[keep]] = part[keep].reshape(-1, hkv, d)
+        for name, cache, cache64 in zip(("key", "value"), caches, want, strict=True):
+            h.close(f"step {step + 1} {name} cache", cache, cache64.reshape(nb, bs, hkv, d))
+
+
+def _single_batch_meta(slots: np.ndarray, block_size: int) -> AttentionMetadata:
+    """Metadata for a cache write only: one pseudo-sequence holding every token."""
+    n = len(slots)
+    return AttentionMetadata(
+        query_start_loc=np.array([0, n]),
+        seq_lens=np.array([n]),
+        block_tables=np.zeros((1, 1)),
+        slot_mapping=slots,
+        block_size=block_size,
+    )
+
+
+# -------------------------------------------------------------------------------------------
+# paged attention
+# -------------------------------------------------------------------------------------------
+
+#: Far outside any cache used here: a backend must not read table entries past a sequence's need.
+TABLE_PAD = 1_000_003
+
+_PREFILL_SHAPES: list[tuple[list[tuple[int, int]], int, int, int, int]] = [
+    # [(cached, new) per sequence], block size, query heads, kv heads, head size
+    ([(0, 1)], 16, 4, 4, 64),
+    ([(0, 16)], 16, 8, 2, 64),
+    ([(0, 17)], 16, 6, 2, 80),
+    ([(16, 16), (5, 3), (0, 7)], 16, 8, 8, 96),
+    ([(15, 1), (31, 2)], 16, 4, 4, 64),
+    ([(180, 12)], 16, 4, 1, 64),
+    ([(33, 2), (0, 1), (60, 5)], 8, 12, 4, 128),
+    ([(40, 9)], 32, 3, 3, 80),
+    ([(0, 1024)], 16, 8, 1, 64),
+    ([(0, 63), (0, 64), (0, 65)], 64, 4, 2, 256),
+    ([(100, 28)], 16, 14, 2, 64),
+    ([(0, 37)], 1, 4, 2, 64),
+    ([(0, 20), (3, 4)], 16, 2, 2, 72),
+]
+_DECODE_SHAPES: list[tuple[list[tuple[int, int]], int, int, int, int]] = [
+    ([(0, 1)], 16, 4, 4, 64),
+    ([(15, 1)], 16, 8, 2, 64),
+    ([(16, 1)], 16, 6, 2, 80),
+    ([(5, 1), (31, 1), (64, 1)], 16, 8, 8, 96),
+    ([(300, 1)], 16, 8, 2, 80),
+    ([(7, 1)] * 8, 8, 6, 2, 96),
+    ([(2, 1), (100, 1)], 32, 4, 1, 128),
+    ([(2047, 1)], 16, 8, 1, 64),
+    ([((37 * i) % 500, 1) for i in range(16)], 16, 12, 4, 64),
+    ([(63, 1), (64, 1)], 64, 4, 2, 256),
+    ([(40, 1)], 1, 4, 2, 64),
+    ([(129, 1), (10, 1)], 16, 14, 2, 72),
+]
+_VARIANTS = {"window": (7, None), "softcap": (None, 30.0), "window+softcap": (5, 10.0)}
+
+
+def _attention_cases(shapes: list[tuple[list[tuple[int, int]], int, int, int, int]]) -> list[Params]:
+    def case(i: int, shape: tuple[Any, ...], variant: str) -> Params:
+        contexts, bs, hq, hkv, d = shape
+        window, cap = _VARIANTS.get(variant, (None, None))
+        return {"contexts": [list(c) for c in contexts], "block_size": bs, "hq": hq,
+                "hkv": hkv, "head_size": d, "strided": i % 4 != 3, "sliding_window": window,
+                "soft_cap": cap}  # fmt: skip
+
+    cases = [case(i, s, "causal") for i, s in enumerate(shapes)]
+    for variant in _VARIANTS:
+        cases += [case(i, s, variant) for i, s in enumerate(shapes) if i % 3 == 1]
+    cases.append({**cases[3], "inject": "nan"})
+    return cases
+
+
+def _attention_shape(p: Params) -> dict[str, Any]:
+    return {"head_size": p["head_size"], "block_size": p["block_size"]}
+
+
+def _fill_cache(
+    h: Harness, num_blocks: int, p: Params
+) -> tuple[tuple[Any, Any], torch.Tensor, torch.Tensor]:
+    """Backend caches with random data in every slot, and the same in float64."""
+    bs, hkv, d = p["block_size"], p["hkv"], p["head_size"]
+    slots = num_blocks * bs
+    caches = h.backend.allocate_kv_cache(num_blocks, bs, hkv, d, h.dtype)
+    k, k64 = h.randn((slots, hkv * d))
+    v, v64 = h.randn((slots, hkv * d))
+    order = h.randperm(slots)
+    h.backend.reshape_and_cache(
+        h.up(k), h.up(v), caches[0], caches[1], _single_batch_meta(order.numpy(), bs)
+    )
+    logical = []
+    for rows in (k64, v64):
+        cache = torch.empty((slots, hkv, d), dtype=F64)
+        cache[order] = rows.reshape(slots, hkv, d)
+        logical.append(cache.reshape(num_blocks, bs, hkv, d))
+    return caches, logical[0], logical[1]
+
+
+def _metadata(h: Harness, p: Params) -> tuple[AttentionMetadata, int]:
+    bs = p["block_size"]
+    contexts = [tuple(c) for c in p["contexts"]]
+    need = [-(-(c + n) // bs) for c, n in contexts]
+    num_blocks = sum(need) + 3  # a few blocks no sequence owns
+    order = h.randperm(num_blocks).tolist()
+    tables = np.full((len(need), max(need) + 2), TABLE_PAD, dtype=np.int64)
+    slots = []
+    for b, ((cached, new), n_blocks) in enumerate(zip(contexts, need, strict=True)):
+        tables[b, :n_blocks] = [order.pop() for _ in range(n_blocks)]
+        slots += [int(tables[b, q // bs]) * bs + q % bs for q in range(cached, cached + new)]
+    starts = np.concatenate([[0], np.cumsum([n for _, n in contexts])])
+    lens = np.array([c + n for c, n in contexts])
+    return AttentionMetadata(starts, lens, tables, np.array(slots), bs), num_blocks
+
+
+def _attention(h: Harness, p: Params, decode: bool) -> None:
+    meta, num_blocks = _metadata(h, p)
+    (kc, vc), k64, v64 = _fill_cache(h, num_blocks, p)
+    before = (h.down(kc), h.down(vc))
+    width = p["hq"] * p["head_size"]
+    q, q64 = h.randn((meta.num_tokens, width))
+    h.inject(q, q64, kind=p.get("inject"))
+    dev_q = h.strided(q, extra=2 * p["hkv"] * p["head_size"]) if p["strided"] else h.up(q)
+    scale = 1 / math.sqrt(p["head_size"])
+    window, cap = p["sliding_window"], p["soft_cap"]
+    want = h.oracle.paged_attention_prefill(q64, k64, v64, meta, scale, window, cap)
+    op = h.backend.paged_attention_decode if decode else h.backend.paged_attention_prefill
+    got = op(dev_q, kc, vc, meta, scale, window, cap)
+    kv_len = meta.max_seq_len
+    h.expect_dtype("output", got, h.dtype)
+    h.close("output", got, want, kv_len=kv_len)
+    h.with_out(lambda out: op(dev_q, kc, vc, meta, scale, window, cap, out=out), want, kv_len=kv_len)
+    h.unchanged("key cache", kc, before[0])
+    h.unchanged("value cache", vc, before[1])
+    h.unchanged("query", dev_q, q)
+
+
+@op_check(
+    "paged_attention_prefill",
+    "attention",
+    _attention_cases(_PREFILL_SHAPES),
+    shape_of=_attention_shape,
+    depends_on=("reshape_and_cache",),
+)
+def _prefill(h: Harness, p: Params) -> None:
+    _attention(h, p, decode=False)
+
+
+@op_check(
+    "paged_attention_decode",
+    "attention",
+    _attention_cases(_DECODE_SHAPES),
+    shape_of=_attention_shape,
+    depends_on=("reshape_and_cache",),
+)
+def _decode(h: Harness, p: Params) -> None:
+    _attention(h, p, decode=True)

@@ -1,0 +1,244 @@
+"""Checks of logits processing and sampling, always on fp32 logits (the contract's dtype).
+
+Sampling is checked three ways: greedy rows must be the exact argmax (ties to the lowest id);
+seeded draws must be reproducible and independent of the rest of the batch; and the histogram
+of ``SAMPLING_DRAWS`` seeded draws must be within ``SAMPLING_TV_MAX`` total variation of the
+exact filtered distribution, computed in float64, with no draw outside its support. Top-p and
+min-p thresholds are placed halfway between two candidate cut points, so the set of kept tokens
+is unambiguous in any precision, and a filter that keeps one token too few or too many moves
+a whole token's probability.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from llm_hal import DType, PenaltyMetadata, SamplingMetadata
+
+from llm_conformance.cases import Params, op_check
+from llm_conformance.compare import Check
+from llm_conformance.harness import F64, Harness
+from llm_conformance.tolerances import SAMPLING_DRAWS, SAMPLING_TV_MAX
+
+FP32 = DType.FP32
+
+
+def _logits(h: Harness, rows: int, vocab: int, scale: float = 3.0) -> torch.Tensor:
+    return torch.randn((rows, vocab), generator=h.gen, dtype=torch.float32) * scale
+
+
+def _quantized_logits(h: Harness, rows: int, vocab: int) -> torch.Tensor:
+    """Logits on a 1/16 grid: exactly representable, ties common, no near-ties."""
+    return (torch.randint(-256, 256, (rows, vocab), generator=h.gen) / 16).float()
+
+
+def _padded_ids(h: Harness, rows: int, width: int, vocab: int) -> np.ndarray:
+    ids = h.randint(0, vocab, (rows, width)).numpy()
+    for r in range(rows):
+        ids[r, int(h.randint(0, width + 1, (1,))) :] = -1
+    return ids
+
+
+# -------------------------------------------------------------------------------------------
+# penalties and bans
+# -------------------------------------------------------------------------------------------
+
+PENALTIES: list[Params] = [
+    {"rows": 1, "vocab": 8, "prompt": 3, "output": 2},
+    {"rows": 4, "vocab": 300, "prompt": 20, "output": 10},
+    {"rows": 7, "vocab": 1000, "prompt": 1, "output": 64},
+    {"rows": 3, "vocab": 32000, "prompt": 50, "output": 1},
+]
+
+
+@op_check("apply_penalties", "elementwise", PENALTIES)
+def _apply_penalties(h: Harness, p: Params) -> None:
+    rows, vocab = p["rows"], p["vocab"]
+    logits = _logits(h, rows, vocab)
+    choices = torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.0, 1.0], [0.0, 0.3, 1.0], [0.0, 0.0, 1.3],
+                            [0.2, 0.1, 0.8], [1.5, 2.0, 1.1]])  # fmt: skip
+    pick = choices[torch.arange(rows) % len(choices)]
+
+    def meta() -> PenaltyMetadata:
+        return PenaltyMetadata(
+            prompt_ids=_prompt, output_ids=_output, presence=pick[:, 0].numpy(),
+            frequency=pick[:, 1].numpy(), repetition=pick[:, 2].numpy(),
+        )  # fmt: skip
+
+    _prompt = _padded_ids(h, rows, p["prompt"], vocab)
+    _output = _padded_ids(h, rows, p["output"], vocab)
+    want = h.oracle.apply_penalties(logits.to(F64), meta())
+    dev = h.up(logits)
+    result = h.backend.apply_penalties(dev, meta())
+    h.close("result", result, want, dtype=FP32)
+    h.close("in place", dev, want, dtype=FP32)
+
+
+BANS: list[Params] = [
+    {"rows": 1, "vocab": 8, "banned": 1},
+    {"rows": 4, "vocab": 300, "banned": 5},
+    {"rows": 9, "vocab": 32000, "banned": 3},
+]
+
+
+@op_check("apply_token_bans", "exact", BANS)
+def _apply_token_bans(h: Harness, p: Params) -> None:
+    logits = _logits(h, p["rows"], p["vocab"])
+    banned = torch.from_numpy(_padded_ids(h, p["rows"], p["banned"], p["vocab"]))
+    want = h.oracle.apply_token_bans(logits.to(F64), banned)
+    dev = h.up(logits)
+    result = h.backend.apply_token_bans(dev, h.up(banned))
+    h.close("result", result, want, dtype=FP32)
+    h.close("in place", dev, want, dtype=FP32)
+
+
+# -------------------------------------------------------------------------------------------
+# sampling
+# -------------------------------------------------------------------------------------------
+
+SAMPLE: list[Params] = [
+    {"kind": "greedy", "rows": 16, "vocab": 1000},
+    {"kind": "mixed", "rows": 12, "vocab": 300},
+    {"kind": "distribution", "vocab": 64, "temperature": 1.0, "top_p_keeps": 4},
+    {"kind": "distribution", "vocab": 64, "temperature": 0.7, "top_k": 8},
+    {"kind": "distribution", "vocab": 1000, "temperature": 1.0, "min_p_keeps": 7},
+    {"kind": "distribution", "vocab": 64, "temperature": 1.5, "top_k": 12, "top_p_keeps": 9,
+     "min_p_keeps": 5},
+    {"kind": "greedy", "rows": 3, "vocab": 32000},
+]  # fmt: skip
+
+
+def _sampling_meta(
+    rows: int, temperature: float, top_k: int, top_p: float, min_p: float, seeds: np.ndarray
+) -> SamplingMetadata:
+    return SamplingMetadata(
+        temperature=np.full(rows, temperature),
+        top_k=np.full(rows, top_k),
+        top_p=np.full(rows, top_p),
+        min_p=np.full(rows, min_p),
+        seeds=seeds,
+    )
+
+
+@op_check("sample", "exact", SAMPLE, quick=(0, 1, 2))
+def _sample(h: Harness, p: Params) -> None:
+    if p["kind"] == "greedy":
+        _greedy(h, p)
+    elif p["kind"] == "mixed":
+        _mixed(h, p)
+    else:
+        _distribution(h, p)
+
+
+def _greedy(h: Harness, p: Params) -> None:
+    logits = _quantized_logits(h, p["rows"], p["vocab"])
+    logits[0, 7] = logits[0, 3] = logits[0].max() + 1  # a tie for the maximum: id 3 wins
+    meta = _sampling_meta(p["rows"], 0.0, 0, 1.0, 0.0, np.arange(p["rows"]))
+    dev = h.up(logits)
+    got = h.backend.sample(dev, meta)
+    h.same("argmax, ties to the lowest id", got, logits.argmax(dim=-1))
+    h.unchanged("logits", dev, logits)
+
+
+def _mixed(h: Harness, p: Params) -> None:
+    rows, vocab = p["rows"], p["vocab"]
+    logits = _logits(h, rows, vocab)
+    seeds = h.randint(0, 2**62, (rows,)).numpy()
+    temperature = np.where(np.arange(rows) % 2 == 0, 0.0, 0.9)
+    meta = SamplingMetadata(
+        temperature=temperature, top_k=np.where(np.arange(rows) % 3 == 0, 0, 40),
+        top_p=np.full(rows, 0.95), min_p=np.full(rows, 0.0), seeds=seeds,
+    )  # fmt: skip
+    dev = h.up(logits)
+    first = h.down(h.backend.sample(dev, meta))
+    again = h.down(h.backend.sample(dev, meta))
+    greedy = torch.from_numpy(temperature == 0)
+    h.add(_exact("greedy rows", first[greedy], logits.argmax(dim=-1)[greedy]))
+    h.add(_exact("same seeds, same tokens", again, first))
+    support = h.oracle.filtered_probs(logits.to(F64), meta) > 0
+    inside = support.gather(1, first.long().unsqueeze(1)).all()
+    h.add(Check("draws inside the filtered support", bool(inside)))
+    alone = []
+    for r in range(rows):
+        row_meta = SamplingMetadata(
+            temperature=temperature[r : r + 1], top_k=meta.top_k[r : r + 1],
+            top_p=meta.top_p[r : r + 1], min_p=meta.min_p[r : r + 1], seeds=seeds[r : r + 1],
+        )  # fmt: skip
+        alone.append(int(h.down(h.backend.sample(h.up(logits[r : r + 1]), row_meta))[0]))
+    h.add(_exact("a row alone draws what it draws in the batch", torch.tensor(alone), first))
+
+
+def _exact(name: str, got: torch.Tensor, want: torch.Tensor) -> Check:
+    ok = got.shape == want.shape and torch.equal(got.long(), want.long())
+    return Check(name, ok, "" if ok else f"got {got.tolist()[:8]}, want {want.tolist()[:8]}")
+
+
+def _cut_between(sorted_values: torch.Tensor, keep: int) -> float:
+    """A threshold halfway between the ``keep``-th and the next value of a sorted sequence."""
+    return float((sorted_values[keep - 1] + sorted_values[keep]) / 2)
+
+
+def _distribution(h: Harness, p: Params) -> None:
+    vocab, temperature, top_k = p["vocab"], p["temperature"], p.get("top_k", 0)
+    logits = _logits(h, 1, vocab)
+    # Thresholds are derived from the exact probabilities so the kept set is unambiguous.
+    scaled = logits[0].to(F64) / temperature
+    if top_k:
+        scaled = scaled.masked_fill(scaled < scaled.topk(top_k).values[-1], -float("inf"))
+    probs = torch.softmax(scaled, dim=-1).sort(descending=True).values
+    top_p = 1.0
+    if "top_p_keeps" in p:
+        cumulative = probs.cumsum(0)
+        top_p = _cut_between(cumulative, p["top_p_keeps"] - 1)
+        probs = probs[: p["top_p_keeps"]]
+    min_p = 0.0
+    if "min_p_keeps" in p:
+        min_p = _cut_between(probs / probs[0], p["min_p_keeps"])
+    one = _sampling_meta(1, temperature, top_k, top_p, min_p, np.zeros(1))
+    exact = h.oracle.filtered_probs(logits.to(F64), one)[0]
+
+    chunk = max(1, min(SAMPLING_DRAWS, 4_000_000 // vocab))
+    counts = torch.zeros(vocab, dtype=F64)
+    seed_base = int(h.randint(0, 2**40, (1,)))
+    drawn = 0
+    while drawn < SAMPLING_DRAWS:
+        rows = min(chunk, SAMPLING_DRAWS - drawn)
+        seeds = np.arange(seed_base + drawn, seed_base + drawn + rows)
+        meta = _sampling_meta(rows, temperature, top_k, top_p, min_p, seeds)
+        ids = h.down(h.backend.sample(h.up(logits.expand(rows, vocab)), meta)).long()
+        counts += torch.bincount(ids, minlength=vocab).to(F64)[:vocab]
+        drawn += rows
+    observed = counts / drawn
+    outside = int(counts[exact == 0].sum())
+    h.add(Check("draws inside the filtered support", outside == 0,
+                "" if not outside else f"{outside} of {drawn} draws have probability 0"))  # fmt: skip
+    tv = float((observed - exact).abs().sum() / 2)
+    h.add(Check(f"total variation over {drawn} draws", tv <= SAMPLING_TV_MAX,
+                f"TV {tv:.4f}" + ("" if tv <= SAMPLING_TV_MAX else f" > {SAMPLING_TV_MAX}"),
+                {"tv": tv}))  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------
+# logprobs
+# -------------------------------------------------------------------------------------------
+
+LOGPROBS: list[Params] = [
+    {"rows": 1, "vocab": 8, "top": 0},
+    {"rows": 4, "vocab": 300, "top": 1},
+    {"rows": 7, "vocab": 1000, "top": 5},
+    {"rows": 3, "vocab": 32000, "top": 20},
+    {"rows": 16, "vocab": 49152, "top": 5},
+]
+
+
+@op_check("compute_logprobs", "softmax", LOGPROBS)
+def _compute_logprobs(h: Harness, p: Params) -> None:
+    logits = _quantized_logits(h, p["rows"], p["vocab"])
+    ids = h.randint(0, p["vocab"], (p["rows"],))
+    ids[0] = int(logits[0].argmax())
+    want = h.oracle.compute_logprobs(logits.to(F64), ids, p["top"])
+    got = h.backend.compute_logprobs(h.up(logits), h.up(ids), p["top"])
+    h.close("token logprobs", got.token_logprobs, want.token_logprobs, dtype=FP32)
+    h.same("token ranks", got.token_ranks, want.token_ranks)
+    h.same("top ids (ties: lower id first)", got.top_ids, want.top_ids)
+    h.close("top logprobs", got.top_logprobs, want.top_logprobs, dtype=FP32)

@@ -1,0 +1,163 @@
+"""``llm-core conformance``: certify model x backend pairs, verify certificates, replay failures.
+
+    llm-core conformance [--backend NAME ...] [--model NAME ...] [--dtype D ...] [--report DIR]
+    llm-core conformance verify FILE [--key PUBLIC.pem]
+    llm-core conformance replay --backend NAME --op OP --case N --dtype D --seed S
+    llm-core conformance keygen DIR
+
+A run covers every installed backend by default (those that cannot run here are listed as
+NOT RUN with the reason), every architecture the engine supports (tiny random-weight
+checkpoints) and the demo model, in float32, bfloat16 and float16. The exit status is 0 when
+every cell that ran is CERTIFIED and no operator failed, 1 otherwise, 2 when nothing could run.
+See docs/conformance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+#: Path of an Ed25519 private key (PEM) to sign certificates with, when --sign-key is not given.
+ENV_SIGN_KEY = "LLM_CORE_CONFORMANCE_SIGN_KEY"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``conformance`` command (and its verify/replay/keygen subcommands)."""
+    parser = subparsers.add_parser(
+        "conformance",
+        help="certify model x backend pairs against the reference; verify certificates",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_run_options(parser)
+    parser.set_defaults(func=run)
+    sub = parser.add_subparsers(dest="conformance_command", metavar="SUBCOMMAND")
+    sub.required = False
+
+    verify = sub.add_parser("verify", help="check a certificate's digest, signature and coverage")
+    verify.add_argument("file", type=pathlib.Path, help="the certificate (JSON)")
+    verify.add_argument("--key", type=pathlib.Path, help="the signer's Ed25519 public key (PEM)")
+    verify.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="accept a certificate that did not run the whole mandatory set",
+    )
+    verify.set_defaults(func=run_verify)
+
+    replay = sub.add_parser("replay", help="rerun one operator case of a run, with details")
+    replay.add_argument("--backend", required=True, help="backend name")
+    replay.add_argument("--op", required=True, help="operator name, as in the report")
+    replay.add_argument("--case", type=int, required=True, help="case number, as in the report")
+    replay.add_argument("--dtype", default="float32", help="dtype of the case (default float32)")
+    replay.add_argument("--seed", type=int, default=1234, help="the run's seed (default 1234)")
+    replay.set_defaults(func=run_replay)
+
+    keygen = sub.add_parser("keygen", help="create an Ed25519 key pair for signing certificates")
+    keygen.add_argument("directory", type=pathlib.Path, help="where NAME.key and NAME.pub go")
+    keygen.add_argument("--name", default="conformance", help="file name stem (default conformance)")
+    keygen.set_defaults(func=run_keygen)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend", action="append", metavar="NAME",
+        help="backend to certify (repeat or comma-separate; default: every installed backend)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--model", action="append", metavar="NAME",
+        help="architecture (LlamaForCausalLM or llama), smollm2 for the demo model, or a "
+        "checkpoint path (repeat or comma-separate; default: every supported architecture and "
+        "the demo model)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dtype", action="append", metavar="D",
+        help="float32, bfloat16, float16 (repeat or comma-separate; default: all three)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=1234, help="seed of every input (default 1234)")
+    parser.add_argument("--report", type=pathlib.Path, metavar="DIR",
+                        help="write the certificate, Markdown, HTML and JUnit reports here")  # fmt: skip
+    parser.add_argument("--report-name", default="conformance", metavar="NAME",
+                        help="file name stem of the reports (default conformance)")  # fmt: skip
+    parser.add_argument("--junit", type=pathlib.Path, metavar="FILE",
+                        help="JUnit XML path (default DIR/NAME-junit.xml)")  # fmt: skip
+    parser.add_argument("--sign-key", type=pathlib.Path, metavar="FILE",
+                        help=f"Ed25519 private key (PEM) to sign the certificate (or ${ENV_SIGN_KEY})")  # fmt: skip
+    parser.add_argument("--quick", action="store_true",
+                        help="a subset of the operator cases, no demo model, one audit: for "
+                        "development, never a certification")  # fmt: skip
+    parser.add_argument("--no-real-model", action="store_true", help="skip the demo model")
+    parser.add_argument("--no-audits", action="store_true", help="skip the engine audits")
+    parser.add_argument("--op", action="append", metavar="OP",
+                        help="only these operators at the operator level (repeatable)")  # fmt: skip
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from llm_conformance import Conformance, console, sign, write_reports
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    with Conformance(
+        backends=_split(args.backend),
+        models=_split(args.model),
+        dtypes=_split(args.dtype),
+        seed=args.seed,
+        quick=args.quick,
+        real_model=not args.no_real_model,
+        audits=not args.no_audits,
+        ops=_split(args.op),
+        progress=progress,
+    ) as conformance:
+        certificate = conformance.run()
+    key_path = args.sign_key or (pathlib.Path(os.environ[ENV_SIGN_KEY]) if os.environ.get(ENV_SIGN_KEY) else None)
+    if key_path is not None:
+        certificate = sign(certificate, key_path.read_bytes())
+    print(console(certificate))
+    if args.report is not None:
+        for path in write_reports(certificate, args.report, args.report_name, args.junit):
+            print(f"wrote {path}")
+    return int(certificate["summary"]["exit_status"])
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from llm_conformance import load, verify
+
+    document = load(args.file)
+    key = args.key.read_bytes() if args.key else None
+    for line in verify(document, key, require_complete=not args.allow_partial):
+        print(f"ok: {line}")
+    summary = document.get("summary", {})
+    print(
+        f"{args.file}: valid. {summary.get('CERTIFIED', 0)} certified, "
+        f"{summary.get('FAILED', 0)} failed, {summary.get('UNSUPPORTED', 0)} unsupported, "
+        f"{summary.get('NOT RUN', 0)} not run"
+    )
+    return 0
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    from llm_conformance import explain, replay
+    from llm_hal import DType, get_registry
+
+    backend = get_registry().create(args.backend)
+    result = replay(backend, args.op, args.case, DType.parse(args.dtype), args.seed)
+    print(explain(result, args.backend))
+    return 0 if result.status != "failed" else 1
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from llm_conformance import generate_keypair
+
+    private, public = generate_keypair(args.directory, args.name)
+    print(f"private key (keep it secret): {private}\npublic key (publish it): {public}")
+    return 0

@@ -1,0 +1,377 @@
+"""OpenAIServing: what the completion, chat and tokenizer endpoints share.
+
+Model-name checks, tokenization (on a private copy of the tokenizer, in one worker thread, so
+neither the event loop nor the engine thread is blocked or shared), building SamplingParams
+with OpenAI's context-length errors, submitting to the engine with the overload rules,
+streaming deltas, and log-probability formatting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import math
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from jinja2 import TemplateError
+from pydantic import BaseModel
+from starlette.requests import Request
+
+from llm_core.engine.async_llm import (
+    AsyncLLM,
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestStream,
+)
+from llm_core.engine.llm_engine import RequestError
+from llm_core.entrypoints.openai.config import ServerConfig
+from llm_core.entrypoints.openai.errors import APIError
+from llm_core.entrypoints.openai.protocol import ChatMessage, SamplingRequest
+from llm_core.metrics import EngineMetrics
+from llm_core.outputs import CompletionOutput
+from llm_core.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+#: JSON has no -inf: a token the model rules out entirely is reported with this logprob.
+MIN_LOGPROB = -9999.0
+
+
+class ClientDisconnectedError(Exception):
+    """The client closed the connection before its (non-streamed) answer was ready."""
+
+
+@dataclass(slots=True)
+class ChoiceState:
+    """How much of one choice has been streamed so far."""
+
+    index: int
+    sent_text: int = 0
+    sent_tokens: int = 0
+    finished: bool = False
+
+    def advance(self, output: CompletionOutput, holdback: int) -> tuple[str, int, int]:
+        """The text not sent yet, and the range of tokens not sent yet.
+
+        While the choice runs, the last ``holdback`` characters are kept back: a stop string
+        may still begin inside them, and text once sent cannot be taken back.
+        """
+        done = output.finish_reason is not None
+        end = len(output.text) if done else max(self.sent_text, len(output.text) - holdback)
+        text = output.text[self.sent_text : end]
+        first, last = self.sent_tokens, len(output.token_ids)
+        self.sent_text, self.sent_tokens, self.finished = end, last, done
+        return text, first, last
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """One generated token's log-probability and the ``k`` most likely alternatives."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+class OpenAIServing:
+    """Shared machinery of the OpenAI endpoints; one instance per app."""
+
+    def __init__(self, llm: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | None):
+        self.llm = llm
+        self.config = config
+        self.metrics = metrics
+        self.max_model_len = llm.max_model_len
+        self.vocab_size = llm.vocab_size
+        # The engine thread uses the engine's tokenizer; a fast tokenizer must not be used by
+        # two threads at once, so the server keeps its own copy for its one worker thread.
+        self.tokenizer = copy.deepcopy(llm.tokenizer)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="llm-core-tokenizer")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- checks ----------------------------------------------------------------------------
+
+    def check_model(self, name: str | None) -> str:
+        if name is None or name == self.config.model_name:
+            return self.config.model_name
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist on this server; it serves "
+            f"{self.config.model_name!r} (see GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
+
+    # ---- tokenizer -------------------------------------------------------------------------
+
+    async def run_tokenizer(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        def encode() -> list[int]:
+            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+        return await self.run_tokenizer(encode)
+
+    async def decode(self, token_ids: list[int]) -> str:
+        self.check_token_ids(token_ids, "tokens")
+        return str(await self.run_tokenizer(self.tokenizer.decode, token_ids))
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise APIError(
+                400,
+                f"token ids {bad[:5]} are outside this model's vocabulary [0, {self.vocab_size})",
+                param=param,
+                code="invalid_value",
+            )
+
+    async def render_chat(
+        self,
+        messages: list[ChatMessage],
+        *,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        add_special_tokens: bool,
+        chat_template: str | None,
+        chat_template_kwargs: dict[str, Any] | None,
+    ) -> tuple[str, list[int]]:
+        """The conversation as the model's chat template writes it, and its token ids."""
+        if chat_template is not None:
+            raise APIError(
+                400,
+                "a chat template in the request is not accepted (templates are code); start "
+                "the server with --chat-template instead",
+                param="chat_template",
+            )
+        if add_generation_prompt and continue_final_message:
+            raise APIError(
+                400,
+                "add_generation_prompt and continue_final_message cannot both be true; set "
+                "add_generation_prompt to false to continue the last message",
+                param="continue_final_message",
+            )
+        template = self.config.chat_template
+        if template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(
+                400,
+                "this model has no chat template; use /v1/completions, or start the server "
+                "with --chat-template FILE",
+                param="messages",
+            )
+        conversation = [_message_dict(i, m) for i, m in enumerate(messages)]
+        kwargs = dict(chat_template_kwargs or {})
+
+        def render() -> tuple[str, list[int]]:
+            text = self.tokenizer.apply_chat_template(
+                conversation,
+                chat_template=template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=False,
+                **kwargs,
+            )
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            return str(text), list(ids)
+
+        try:
+            return await self.run_tokenizer(render)
+        except (TemplateError, ValueError, TypeError) as exc:
+            raise APIError(
+                400, f"the chat template could not render these messages: {exc}", param="messages"
+            ) from None
+
+    # ---- sampling --------------------------------------------------------------------------
+
+    def sampling_params(
+        self,
+        request: SamplingRequest,
+        *,
+        num_prompt_tokens: int,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_param: str,
+    ) -> SamplingParams:
+        """SamplingParams for one prompt, or a 400 that says what to change."""
+        limit = self.max_model_len
+        room = limit - num_prompt_tokens
+        if room < 1:
+            raise APIError(
+                400,
+                f"the prompt has {num_prompt_tokens} tokens, but this model's context is "
+                f"{limit} tokens (max_model_len) including at least one generated token; "
+                "shorten the prompt",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(
+                400,
+                f"this model's context is {limit} tokens, but the prompt has "
+                f"{num_prompt_tokens} tokens and the request asks for {max_tokens} more; "
+                f"ask for at most {room} tokens or shorten the prompt",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if request.logit_bias:
+            raise APIError(400, "logit_bias is not supported; leave it out", param="logit_bias")
+        if request.stream_options is not None and not request.stream:
+            raise APIError(
+                400, "stream_options is only allowed when stream is true", param="stream_options"
+            )
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        try:
+            return SamplingParams(
+                n=request.n,
+                temperature=pick(request.temperature, 1.0),
+                top_p=pick(request.top_p, 1.0),
+                top_k=pick(request.top_k, 0),
+                min_p=pick(request.min_p, 0.0),
+                presence_penalty=pick(request.presence_penalty, 0.0),
+                frequency_penalty=pick(request.frequency_penalty, 0.0),
+                repetition_penalty=pick(request.repetition_penalty, 1.0),
+                seed=request.seed,
+                stop=request.stop,
+                stop_token_ids=request.stop_token_ids,
+                ignore_eos=request.ignore_eos,
+                max_tokens=max_tokens,
+                min_tokens=request.min_tokens,
+                logprobs=logprobs,
+                skip_special_tokens=request.skip_special_tokens,
+                spaces_between_special_tokens=request.spaces_between_special_tokens,
+                include_stop_str_in_output=request.include_stop_str_in_output,
+            )
+        except ValueError as exc:
+            message = str(exc)
+            detail = message.partition(": ")[2] or message
+            raise APIError(400, message, param=detail.split(" ")[0], code="invalid_value") from None
+
+    async def submit(
+        self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
+    ) -> RequestStream:
+        """Queue one engine request per prompt (``{request_id}-{i}``), all or none."""
+        items = [(f"{request_id}-{i}", ids, p) for i, (ids, p) in enumerate(zip(prompts, params))]
+        try:
+            return await self.llm.add_requests(items)
+        except EngineOverloadedError as exc:
+            if self.metrics is not None:
+                self.metrics.observe_rejected("overloaded")
+            raise APIError(
+                503,
+                str(exc),
+                code="server_overloaded",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
+        except EngineDeadError as exc:
+            raise APIError(503, f"the engine is not running: {exc}", code="engine_dead") from None
+        except RequestError as exc:
+            raise APIError(400, str(exc), code="invalid_prompt") from None
+
+    # ---- responses -------------------------------------------------------------------------
+
+    @staticmethod
+    def holdback(params: SamplingParams) -> int:
+        return max((len(s) for s in params.stop_strings), default=1) - 1
+
+    @staticmethod
+    def token_logprobs(
+        output: CompletionOutput, first: int, last: int, k: int
+    ) -> list[TokenLogprobs]:
+        """Tokens ``[first, last)`` of ``output`` with their logprobs and top ``k``."""
+        if output.logprobs is None:
+            return []
+        result = []
+        for i in range(first, min(last, len(output.token_ids), len(output.logprobs))):
+            entry = output.logprobs[i]
+            chosen = entry.get(output.token_ids[i])
+            top = sorted(
+                (lp for lp in entry.values() if lp.rank is not None and lp.rank <= k),
+                key=lambda lp: lp.rank or 0,
+            )[:k]
+            result.append(
+                TokenLogprobs(
+                    token=(chosen.decoded_token or "") if chosen else "",
+                    logprob=clamp_logprob(chosen.logprob) if chosen else MIN_LOGPROB,
+                    top=[(lp.decoded_token or "", clamp_logprob(lp.logprob)) for lp in top],
+                )
+            )
+        return result
+
+    @staticmethod
+    def sse(payload: BaseModel | dict[str, Any] | str) -> str:
+        """One server-sent event: ``data: <json>`` and a blank line."""
+        if isinstance(payload, BaseModel):
+            data = payload.model_dump_json()
+        elif isinstance(payload, dict):
+            data = json.dumps(payload)
+        else:
+            data = payload
+        return f"data: {data}\n\n"
+
+    @staticmethod
+    def error_event(exc: BaseException) -> str:
+        """The event that ends a stream that failed after its 200 was sent."""
+        if isinstance(exc, APIError):
+            error = exc
+        elif isinstance(exc, EngineDeadError):
+            error = APIError(503, f"the engine stopped: {exc}", code="engine_dead")
+        else:
+            error = APIError(500, f"internal error: {exc!r}")
+        return OpenAIServing.sse(error.body())
+
+    async def run_while_connected(self, request: Request, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` but cancel it (its requests are aborted) if the client goes away."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            watcher.cancel()
+        if task.cancelled():
+            raise ClientDisconnectedError()
+        return task.result()
+
+
+def clamp_logprob(value: float) -> float:
+    return value if math.isfinite(value) else MIN_LOGPROB
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
+    content = message.content
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    else:
+        texts = []
+        for part in content:
+            if part.type != "text" or part.text is None:
+                raise APIError(
+                    400,
+                    f"messages[{index}].content: only text parts are supported, got a "
+                    f"{part.type!r} part; send text",
+                    param=f"messages[{index}].content",
+                )
+            texts.append(part.text)
+        text = "\n".join(texts)
+    result: dict[str, Any] = {"role": message.role, "content": text}
+    if message.name is not None:
+        result["name"] = message.name
+    return result

@@ -1,0 +1,215 @@
+"""OpenAIServingChat: ``POST /v1/chat/completions``, whole or streamed.
+
+The messages are written out with the model's chat template (or the server's
+``--chat-template``), then generated from like a completion. Only text is supported: tool
+calls, images and structured output formats are refused with a 400 that says so.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from llm_core.engine.async_llm import EngineDeadError, RequestStream
+from llm_core.entrypoints.openai.errors import APIError, parse_request
+from llm_core.entrypoints.openai.protocol import (
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChoiceLogprobs,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
+)
+from llm_core.entrypoints.openai.serving import (
+    ChoiceState,
+    ClientDisconnectedError,
+    OpenAIServing,
+)
+from llm_core.entrypoints.openai.streaming import EventStreamResponse
+from llm_core.outputs import CompletionOutput, RequestOutput
+from llm_core.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class _Job:
+    request_id: str
+    created: int
+    model: str
+    num_prompt_tokens: int
+    params: SamplingParams
+    top_logprobs: int | None  # None: no logprobs asked for
+    stream: RequestStream
+    request: ChatCompletionRequest
+
+
+class OpenAIServingChat:
+    def __init__(self, serving: OpenAIServing):
+        self.serving = serving
+
+    async def create(self, http: Request) -> Response:
+        serving = self.serving
+        req = parse_request(ChatCompletionRequest, await http.body())
+        model = serving.check_model(req.model)
+        self._check_unsupported(req)
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true; set both", param="top_logprobs")
+        top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        _, prompt = await serving.render_chat(
+            req.messages,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            add_special_tokens=req.add_special_tokens,
+            chat_template=req.chat_template,
+            chat_template_kwargs=req.chat_template_kwargs,
+        )
+        max_tokens = (
+            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        )
+        params = serving.sampling_params(
+            req,
+            num_prompt_tokens=len(prompt),
+            max_tokens=max_tokens,
+            logprobs=top_logprobs,
+            prompt_param="messages",
+        )
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = await serving.submit(request_id, [prompt], [params])
+        job = _Job(
+            request_id, int(time.time()), model, len(prompt), params, top_logprobs, stream, req
+        )
+        if req.stream:
+            return EventStreamResponse(self._stream(job), on_close=stream.abort)
+        try:
+            result = await serving.run_while_connected(http, self._collect(job))
+        except ClientDisconnectedError:
+            return Response(status_code=499)
+        return JSONResponse(result.model_dump())
+
+    @staticmethod
+    def _check_unsupported(req: ChatCompletionRequest) -> None:
+        if req.tools:
+            raise APIError(
+                400, "tools (function calling) are not supported; leave tools out", param="tools"
+            )
+        if req.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice is not supported; leave it out", param="tool_choice")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise APIError(
+                400,
+                f"response_format {req.response_format.type!r} is not supported; only 'text'",
+                param="response_format",
+            )
+
+    async def _collect(self, job: _Job) -> ChatCompletionResponse:
+        final: RequestOutput | None = None
+        try:
+            async with job.stream:
+                async for output in job.stream:
+                    final = output
+        except EngineDeadError as exc:
+            raise APIError(503, f"the engine stopped: {exc}", code="engine_dead") from None
+        assert final is not None and final.finished
+        choices = [
+            ChatCompletionChoice(
+                index=out.index,
+                message=AssistantMessage(content=out.text),
+                logprobs=self._logprobs(job, out, 0, len(out.token_ids)),
+                finish_reason=out.finish_reason,
+                stop_reason=out.stop_reason,
+            )
+            for out in final.outputs
+        ]
+        generated = sum(len(out.token_ids) for out in final.outputs)
+        return ChatCompletionResponse(
+            id=job.request_id,
+            created=job.created,
+            model=job.model,
+            choices=choices,
+            usage=_usage(job.num_prompt_tokens, generated),
+        )
+
+    async def _stream(self, job: _Job) -> AsyncGenerator[str, None]:
+        serving, req = self.serving, job.request
+        options = req.stream_options
+        include_usage = options is not None and options.include_usage
+        continuous = options is not None and options.continuous_usage_stats
+        states = [ChoiceState(j) for j in range(req.n)]
+        holdback = serving.holdback(job.params)
+        generated = 0
+
+        def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None) -> str:
+            response = ChatCompletionChunk(
+                id=job.request_id, created=job.created, model=job.model, choices=choices,
+                usage=usage,
+            )  # fmt: skip
+            return serving.sse(response)
+
+        def usage_now() -> UsageInfo | None:
+            return _usage(job.num_prompt_tokens, generated) if continuous else None
+
+        try:
+            async with job.stream:
+                for state in states:
+                    role = DeltaMessage(role="assistant", content="")
+                    yield chunk(
+                        [ChatCompletionStreamChoice(index=state.index, delta=role)], usage_now()
+                    )
+                async for output in job.stream:
+                    generated = sum(len(c.token_ids) for c in output.outputs)
+                    for out in output.outputs:
+                        state = states[out.index]
+                        if state.finished:
+                            continue
+                        text, first, last = state.advance(out, holdback)
+                        news = text or (first < last and job.top_logprobs is not None)
+                        if not news and not state.finished:
+                            continue
+                        choice = ChatCompletionStreamChoice(
+                            index=state.index,
+                            delta=DeltaMessage(content=text),
+                            logprobs=self._logprobs(job, out, first, last),
+                            finish_reason=out.finish_reason if state.finished else None,
+                            stop_reason=out.stop_reason if state.finished else None,
+                        )
+                        yield chunk([choice], usage_now())
+            if include_usage:
+                yield chunk([], _usage(job.num_prompt_tokens, generated))
+        except Exception as exc:  # the 200 is already sent: report in the stream
+            yield serving.error_event(exc)
+        yield "data: [DONE]\n\n"
+
+    def _logprobs(
+        self, job: _Job, out: CompletionOutput, first: int, last: int
+    ) -> ChoiceLogprobs | None:
+        if job.top_logprobs is None:
+            return None
+        content = [
+            TokenLogprob(
+                token=item.token,
+                logprob=item.logprob,
+                bytes=list(item.token.encode()),
+                top_logprobs=[
+                    TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in item.top
+                ],
+            )
+            for item in self.serving.token_logprobs(out, first, last, job.top_logprobs)
+        ]
+        return ChoiceLogprobs(content=content)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )

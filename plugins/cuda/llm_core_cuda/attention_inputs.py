@@ -1,0 +1,39 @@
+"""The device copy of a step's attention metadata, made once per step and shared by layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from llm_hal import AttentionMetadata
+
+
+@dataclass(slots=True)
+class AttentionInputs:
+    """What the attention and cache kernels read, on the device.
+
+    ``max_seq_len`` and ``max_query_len`` need only be upper bounds: they size grids and the
+    split of decode, never what is read. A CUDA graph relies on this: it fills these tensors
+    in place before each replay and keeps the bounds of the largest step it was made for.
+    """
+
+    query_start_loc: torch.Tensor  # (B+1,) int32
+    seq_lens: torch.Tensor  # (B,) int32
+    block_tables: torch.Tensor  # (B, M) int32
+    slot_mapping: torch.Tensor  # (T,) int64
+    max_query_len: int
+    max_seq_len: int
+
+    @classmethod
+    def upload(cls, meta: AttentionMetadata, device: torch.device) -> AttentionInputs:
+        def dev(a: object) -> torch.Tensor:
+            return torch.from_numpy(a).to(device, non_blocking=True)  # type: ignore[arg-type]
+
+        return cls(
+            query_start_loc=dev(meta.query_start_loc),
+            seq_lens=dev(meta.seq_lens),
+            block_tables=dev(meta.block_tables),
+            slot_mapping=dev(meta.slot_mapping),
+            max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len,
+        )

@@ -1,0 +1,87 @@
+"""CudaBackend: NVIDIA GPUs through PyTorch CUDA, Triton kernels, CuPy kernels and CUDA graphs.
+
+What runs where: dense linear layers on cuBLAS (``torch``); rms_norm (with the fused residual
+add), rotary, gated activations, paged attention prefill and split-K decode, and the sampling
+draw in Triton (shared with ROCm); the KV-cache write for same-dtype caches in hand-written
+CUDA C through CuPy (fp8 caches use the Triton kernel, which converts); decode steps as CUDA
+graphs per batch-size bucket (:meth:`capture_decode`). Everything else is the reference's
+torch code on the GPU.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from llm_hal import AttentionMetadata, DType, MemoryInfo
+from llm_hal.spec import DeviceInfo
+
+from llm_core_cuda.cupy_kernels import CupyKernels
+from llm_core_cuda.platform import describe_device, nvidia_driver_version
+from llm_core_cuda.triton_backend import TritonBackend
+from llm_core_cuda.triton_kernels import CUDA_CONFIG, KernelConfig
+
+
+def fp8_kv_dtype(capability: tuple[int, int]) -> DType | None:
+    """The fp8 KV-cache format of an NVIDIA GPU: OCP e4m3fn from Ada/Hopper (sm_89) on,
+    none before (Triton has no fp8 e4m3 conversions there)."""
+    return DType.FP8_E4M3FN if capability >= (8, 9) else None
+
+
+class CudaBackend(TritonBackend):
+    name: ClassVar[str] = "cuda"
+
+    def __init__(
+        self,
+        device_index: int = 0,
+        config: KernelConfig | None = None,
+        use_cupy: bool = True,
+        graphs: bool = True,
+    ):
+        device = torch.device("cuda", device_index)
+        # Triton launches on the current device: make it this backend's (one per process).
+        torch.cuda.set_device(device)
+        props = torch.cuda.get_device_properties(device)
+        base = config or CUDA_CONFIG
+        super().__init__(device, base.with_device(props.multi_processor_count), graphs)
+        self.capability = (int(props.major), int(props.minor))
+        self.fp8_dtype = fp8_kv_dtype(self.capability)
+        self.cupy = CupyKernels(device_index) if use_cupy else None
+
+    def device_info(self) -> DeviceInfo:
+        info = describe_device(self.device.index or 0)
+        driver = nvidia_driver_version()
+        props = dict(info.properties)
+        props.update(
+            driver_cuda=f"{driver // 1000}.{(driver % 1000) // 10}",
+            torch_cuda=str(torch.version.cuda),
+            cupy="on" if self.cupy is not None else "off",
+            cuda_graphs="on" if self.graphs_enabled else "off",
+        )
+        return DeviceInfo(info.index, info.name, info.total_memory, props)
+
+    def memory_info(self) -> MemoryInfo:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return MemoryInfo(total=int(total), free=int(free))
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def supports(self, op: str, dtype: DType | None = None, **shape: int) -> bool:
+        if dtype is DType.BF16 and self.capability < (8, 0):
+            return False  # bf16 arithmetic needs Ampere or newer
+        return super().supports(op, dtype, **shape)
+
+    def reshape_and_cache(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        if self.cupy is not None and self.cupy.can_reshape_and_cache(key, value, key_cache, value_cache):
+            slots = self.attention_inputs(meta).slot_mapping
+            self.cupy.reshape_and_cache(key, value, key_cache, value_cache, slots)
+            return
+        super().reshape_and_cache(key, value, key_cache, value_cache, meta)

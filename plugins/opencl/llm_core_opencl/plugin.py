@@ -1,0 +1,61 @@
+"""Entry-point module of the OpenCL backend: the spec pluggy discovers.
+
+pyopencl is imported only inside the probe and the factory, so this module loads anywhere; the
+probe says why the backend cannot run (pyopencl missing, no OpenCL platform, no device matching
+the selector).
+"""
+
+from __future__ import annotations
+
+from llm_hal import HAL_API_VERSION, Availability, BackendConfig, BackendSpec, DeviceInfo, hookimpl
+from llm_hal.backend import Backend
+
+from llm_core_opencl.version import __version__
+
+
+def _probe() -> Availability:
+    from llm_core_opencl.device import (
+        DeviceSelectionError,
+        list_devices,
+        matching,
+        selector_from_env,
+    )
+
+    try:
+        devices = list_devices()
+    except DeviceSelectionError as exc:
+        return Availability.no(str(exc))
+    selector = selector_from_env()
+    chosen = matching(selector, devices)
+    if not chosen:
+        here = "; ".join(c.label for c in devices)
+        what = f"the selector {selector!r}" if selector else "the automatic choice (no simulators)"
+        return Availability.no(f"no OpenCL device matches {what}; devices here: {here}")
+    return Availability.yes(
+        [
+            DeviceInfo(i, c.label, int(c.device.global_mem_size), {"platform": c.platform_name})
+            for i, c in enumerate(chosen)
+        ]
+    )
+
+
+def _factory(config: BackendConfig) -> Backend:
+    from llm_core_opencl.backend import OpenCLBackend
+    from llm_core_opencl.device import selector_from_env
+
+    return OpenCLBackend(selector_from_env(config.options.get("device")), config.device_index)
+
+
+@hookimpl
+def llm_core_backends() -> BackendSpec:
+    return BackendSpec(
+        name="opencl",
+        version=__version__,
+        api_version=HAL_API_VERSION,
+        # Below the CPU backend: on a CPU-only machine PoCL is slower than torch, so OpenCL runs
+        # only when asked for (--backend opencl).
+        priority=-5,
+        probe=_probe,
+        factory=_factory,
+        description="OpenCL C kernels through PyOpenCL (any OpenCL 1.2+ device; PoCL on CPUs)",
+    )
