@@ -73,10 +73,29 @@ class CausalMaskOffByOne(CpuBackend):
 
     name: ClassVar[str] = "faulty-mask"
 
-    def paged_attention_prefill(self, query, key_cache, value_cache, meta, scale,
-                                sliding_window=None, logits_soft_cap=None, out=None):  # type: ignore[no-untyped-def]  # fmt: skip
-        return _attend(self, query, key_cache, value_cache, meta, scale, sliding_window,
-                       logits_soft_cap, out, causal_shift=1)  # fmt: skip
+    def paged_attention_prefill(
+        self,
+        query,
+        key_cache,
+        value_cache,
+        meta,
+        scale,
+        sliding_window=None,
+        logits_soft_cap=None,
+        out=None,
+    ):  # type: ignore[no-untyped-def]
+        return _attend(
+            self,
+            query,
+            key_cache,
+            value_cache,
+            meta,
+            scale,
+            sliding_window,
+            logits_soft_cap,
+            out,
+            causal_shift=1,
+        )
 
 
 class GqaModulo(CpuBackend):
@@ -84,10 +103,29 @@ class GqaModulo(CpuBackend):
 
     name: ClassVar[str] = "faulty-gqa"
 
-    def paged_attention_decode(self, query, key_cache, value_cache, meta, scale,
-                               sliding_window=None, logits_soft_cap=None, out=None):  # type: ignore[no-untyped-def]  # fmt: skip
-        return _attend(self, query, key_cache, value_cache, meta, scale, sliding_window,
-                       logits_soft_cap, out, head_map="mod")  # fmt: skip
+    def paged_attention_decode(
+        self,
+        query,
+        key_cache,
+        value_cache,
+        meta,
+        scale,
+        sliding_window=None,
+        logits_soft_cap=None,
+        out=None,
+    ):  # type: ignore[no-untyped-def]
+        return _attend(
+            self,
+            query,
+            key_cache,
+            value_cache,
+            meta,
+            scale,
+            sliding_window,
+            logits_soft_cap,
+            out,
+            head_map="mod",
+        )
 
 
 class MissedResidual(CpuBackend):
@@ -101,7 +139,7 @@ class MissedResidual(CpuBackend):
 
 
 class EpsOutsideSqrt(CpuBackend):
-    """rms_norm computes ``x / (sqrt(mean(x^2)) + eps)`` instead of ``x / sqrt(mean(x^2) + eps)``."""
+    """rms_norm computes ``x / (sqrt(mean(x^2)) + eps)``, not ``x / sqrt(mean(x^2) + eps)``."""
 
     name: ClassVar[str] = "faulty-eps"
 
@@ -242,7 +280,9 @@ def test_top_p_keeping_one_token_too_few_fails_the_distribution_test() -> None:
     from llm_conformance.opsuite import run_case
 
     spec = specs()["sample"]
-    top_p_case = next(i for i, p in enumerate(spec.cases) if p.get("top_p_keeps") and not p.get("top_k"))
+    top_p_case = next(
+        i for i, p in enumerate(spec.cases) if p.get("top_p_keeps") and not p.get("top_k")
+    )
     faulty = run_case(suite.backend, spec, top_p_case, DType.FP32, SEED)
     assert faulty.status == FAILED
     assert "total variation" in faulty.summary()
@@ -254,8 +294,7 @@ def test_a_missing_operator_is_unsupported_and_so_is_the_model() -> None:
     backend = WithoutSilu()
     op = OpSuite(backend, [DType.FP32], SEED).result("silu_and_mul", DType.FP32)
     assert op.status == UNSUPPORTED and not op.declared_supported
-    with Conformance([backend], ["llama"], ["float32"], seed=SEED, quick=True,
-                     audits=False) as run:  # fmt: skip
+    with Conformance([backend], ["llama"], ["float32"], seed=SEED, quick=True, audits=False) as run:
         certificate = run.run()
     (cell,) = certificate["cells"]
     assert cell["status"] == "UNSUPPORTED"
@@ -264,8 +303,9 @@ def test_a_missing_operator_is_unsupported_and_so_is_the_model() -> None:
 
 
 def test_a_faulty_backend_fails_its_model_cells_naming_the_operator() -> None:
-    with Conformance([MissedResidual()], ["qwen3"], ["float32"], seed=SEED, quick=True,
-                     audits=False) as run:  # fmt: skip
+    with Conformance(
+        [MissedResidual()], ["qwen3"], ["float32"], seed=SEED, quick=True, audits=False
+    ) as run:
         certificate = run.run()
     (cell,) = certificate["cells"]
     assert cell["status"] == "FAILED"

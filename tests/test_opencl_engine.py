@@ -63,8 +63,9 @@ def entry_point(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_discovered_through_the_entry_point(entry_point: str) -> None:
     registry = get_registry()
     record = registry.records["opencl"]
-    assert record.error == "" and record.spec is not None
-    assert record.spec.priority < registry.records["cpu"].spec.priority  # never picked silently
+    cpu = registry.records["cpu"].spec
+    assert record.error == "" and record.spec is not None and cpu is not None
+    assert record.spec.priority < cpu.priority  # never picked silently
     backend = registry.create("opencl")
     assert type(backend).__name__ == "OpenCLBackend"
     assert registry.choose().name == "cpu"

@@ -217,6 +217,30 @@ def test_linear_dense(
     _check_out(ocl, lambda out: ocl.linear(x, weight, out=out), got)
 
 
+@pytest.fixture(scope="module")
+def ocl_gpu_kernels(ocl: Any) -> Any:
+    """The same device running the GPU flavour of the kernels (tiled GEMM, cooperative GEMV),
+    so that they are checked here too."""
+    from llm_core_opencl.backend import OpenCLBackend
+
+    return OpenCLBackend(flavour="gpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "k", "n"), OCL_LINEAR_SHAPES)
+def test_linear_gpu_flavour(
+    ocl_gpu_kernels: Any, ref: Reference, dtype: torch.dtype, tokens: int, k: int, n: int
+) -> None:
+    be = ocl_gpu_kernels
+    gen = _seeded("linear-gpu", tokens, k, n)
+    x, x64 = _rand(gen, (tokens, k), dtype)
+    w, w64 = _rand(gen, (n, k), dtype, 1 / math.sqrt(k))
+    b, b64 = _rand(gen, (n,), dtype)
+    weight = be.prepare_linear(be.from_host(w), be.from_host(b))
+    got = be.to_host(be.linear(be.from_host(x), weight))
+    assert_close(got, ref.linear(x64, ref.prepare_linear(w64, b64)), "linear", dtype)
+
+
 def _assert_close_fp16(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float,
                        nmse: float) -> None:  # fmt: skip
     """The fp16 column of the tolerance table (test_ops_cpu has fp32 and bf16 only); the NMSE
@@ -255,6 +279,7 @@ def test_rms_norm(
         assert_close(got, y_ref, "norm", dtype)
     if residual:
         assert s is not None and ocl.dtype_of(s) is DType.parse(dtype)
+        assert s_ref is not None and r64 is not None
         s_host = ocl.to_host(s)
         if dtype != F16:
             assert_close(s_host, s_ref, "elementwise", dtype)
@@ -509,10 +534,19 @@ def test_sample(ocl: Any, ref: Reference, rows: int, vocab: int) -> None:
     probs = ref.filtered_probs(logits64, meta)
     assert bool(torch.all(probs.gather(1, tokens.unsqueeze(1)) > 0))
     # A row's draw depends on its own seed and logits only, not on the rest of the batch.
-    last = SamplingMetadata(*(a[-1:] for a in (meta.temperature, meta.top_k, meta.top_p,
-                                                meta.min_p, meta.seeds)))  # fmt: skip
+    last = _rows(meta, slice(-1, None))
     alone = ocl.to_host(ocl.sample(ocl.from_host(logits[-1:]), last))
     assert int(alone[0]) == int(tokens[-1])
+
+
+def _rows(meta: SamplingMetadata, rows: slice) -> SamplingMetadata:
+    return SamplingMetadata(
+        temperature=meta.temperature[rows],
+        top_k=meta.top_k[rows],
+        top_p=meta.top_p[rows],
+        min_p=meta.min_p[rows],
+        seeds=meta.seeds[rows],
+    )
 
 
 def test_sample_greedy_ties_take_the_lowest_id(ocl: Any) -> None:
@@ -543,8 +577,7 @@ def test_sampler_distribution(ocl: Any, ref: Reference, setting: tuple[float, ..
     rows = logits.float().expand(draws, vocab).contiguous()
     tokens = ocl.to_host(ocl.sample(ocl.from_host(rows), meta))
     counts = torch.bincount(tokens, minlength=vocab).double()
-    first = SamplingMetadata(*(a[:1] for a in (meta.temperature, meta.top_k, meta.top_p,
-                                               meta.min_p, meta.seeds)))  # fmt: skip
+    first = _rows(meta, slice(0, 1))
     p = ref.filtered_probs(logits.float().double(), first)[0]
     assert bool(torch.all(counts[p == 0] == 0)), "a filtered-out token was drawn"
     tv = 0.5 * float((counts / draws - p).abs().sum())

@@ -26,7 +26,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LLMEngine]:
     torch.set_num_threads(1)
     args = EngineArgs(
         model=str(model), backend="cpu", dtype="float32", kv_cache_memory="1MiB",
-        load_progress=False,
+        load_progress=False, fallback_backend="cpu",  # fallback on: the metrics name it
     )  # fmt: skip
     yield LLMEngine(args)
     torch.set_num_threads(threads)
@@ -84,3 +84,6 @@ def test_admission_queue_abort_and_shutdown(engine: LLMEngine) -> None:
     assert 'llm_core_request_success_total{finished_reason="abort",model_name="tiny"} 3.0' in text
     assert 'llm_core_request_success_total{finished_reason="length",model_name="tiny"} 1.0' in text
     assert 'llm_core_kv_cache_blocks_in_use{model_name="tiny"} 0.0' in text
+    # cpu lacks no operator, so nothing fell back to the (cpu) fallback backend
+    fallback = 'llm_core_backend_fallback_calls_total{backend="cpu",fallback_backend="cpu",'
+    assert fallback + 'model_name="tiny"} 0.0' in text

@@ -13,12 +13,12 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported: see the docstring
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
-from llm_core_cuda.triton_kernels.config import require_interpreter  # noqa: E402
+from llm_core_cuda.triton_kernels.config import require_interpreter
 
 require_interpreter()
 
@@ -55,9 +55,18 @@ def rand(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+#: Waiver: Triton 3.9's interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest
+#: even), so a bf16 result may be one full ulp off instead of half of one. bf16 bounds are
+#: doubled here; fp16 (rounded correctly by the interpreter) keeps the table's bounds.
+INTERPRETER_BF16_SLACK = 2.0
+
+
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, op_class: str) -> None:
-    result = compare(out, ref, dtype, op_class)
-    assert result.ok, f"{op_class}: max |err| {result.max_abs:.3g}, NMSE {result.nmse:.3g} {result.detail}"
+    slack = INTERPRETER_BF16_SLACK if dtype == BF16 else 1.0
+    result = compare(out, ref, dtype, op_class, slack)
+    assert result.ok, (
+        f"{op_class}: max |err| {result.max_abs:.3g}, NMSE {result.nmse:.3g} {result.detail}"
+    )
 
 
 # -------------------------------------------------------------------------------------------
@@ -73,8 +82,7 @@ def test_rms_norm(backend, ref, dtype, hidden, with_residual):
     x = wide[:, :hidden]  # a strided view, as from split
     w = 1 + 0.1 * rand((hidden,), dtype, 2)
     r = rand((5, hidden), dtype, 3) if with_residual else None
-    want, want_s = ref.rms_norm(x.double(), w.double(), 1e-6,
-                                None if r is None else r.double())  # fmt: skip
+    want, want_s = ref.rms_norm(x.double(), w.double(), 1e-6, None if r is None else r.double())
     got, got_s = backend.rms_norm(x, w, 1e-6, None if r is None else r.clone())
     assert got.dtype == dtype and got.shape == (5, hidden)
     assert_close(got, want, dtype, "norm")
@@ -93,7 +101,7 @@ def test_rms_norm_writes_out_and_residual_in_place(backend):
     assert torch.equal(r, expected_sum)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize(
     ("neox", "head_size", "rotary_dim"),
     [(True, 16, 16), (False, 16, 16), (True, 80, 40), (False, 24, 8)],
@@ -107,7 +115,8 @@ def test_rotary_embedding(backend, ref, dtype, neox, head_size, rotary_dim):
     q_ref, k_ref = q.double().clone(), k.double().clone()
     ref.rotary_embedding(positions, q_ref, k_ref, cache.double(), head_size, neox)
     q_out, k_out = backend.rotary_embedding(positions, q, k, cache, head_size, neox)
-    assert q_out.data_ptr() == q.data_ptr()  # rotated in place, inside the fused qkv
+    # Rotated in place, inside the fused qkv.
+    assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
     assert_close(q, q_ref, dtype, "elementwise")
     assert_close(k, k_ref, dtype, "elementwise")
 
@@ -163,22 +172,26 @@ PREFILL_CASES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("q_lens", "seq_lens", "hq", "hkv", "d", "bs", "window", "cap"),
-                         PREFILL_CASES)  # fmt: skip
-def test_paged_attention_prefill(backend, ref, dtype, q_lens, seq_lens, hq, hkv, d, bs, window,
-                                 cap):  # fmt: skip
+@pytest.mark.parametrize(
+    ("q_lens", "seq_lens", "hq", "hkv", "d", "bs", "window", "cap"), PREFILL_CASES
+)
+def test_paged_attention_prefill(
+    backend, ref, dtype, q_lens, seq_lens, hq, hkv, d, bs, window, cap
+):
     q, kc, vc, meta = attention_case(q_lens, seq_lens, hq, hkv, d, bs, dtype, seed=12)
-    want = ref.paged_attention_prefill(q.double(), kc.double(), vc.double(), meta, 0.3, window,
-                                       cap)  # fmt: skip
+    want = ref.paged_attention_prefill(q.double(), kc.double(), vc.double(), meta, 0.3, window, cap)
     got = backend.paged_attention_prefill(q, kc, vc, meta, 0.3, window, cap)
     assert got.dtype == dtype
     assert_close(got, want, dtype, "attention")
 
 
-def test_paged_attention_prefill_fp16(backend, ref):
+def test_paged_attention_fp16(backend, ref):
     q, kc, vc, meta = attention_case([7, 18], [7, 40], 4, 2, 48, 16, F16, seed=13)
     want = ref.paged_attention_prefill(q.double(), kc.double(), vc.double(), meta, 0.2)
     assert_close(backend.paged_attention_prefill(q, kc, vc, meta, 0.2), want, F16, "attention")
+    q, kc, vc, meta = attention_case([1, 1], [70, 9], 4, 2, 48, 16, F16, seed=13)
+    want = ref.paged_attention_decode(q.double(), kc.double(), vc.double(), meta, 0.2)
+    assert_close(backend.paged_attention_decode(q, kc, vc, meta, 0.2), want, F16, "attention")
 
 
 DECODE_CASES = [
@@ -195,8 +208,7 @@ DECODE_CASES = [
 @pytest.mark.parametrize(("seq_lens", "hq", "hkv", "d", "bs", "window", "cap"), DECODE_CASES)
 def test_paged_attention_decode(backend, ref, dtype, seq_lens, hq, hkv, d, bs, window, cap):
     q, kc, vc, meta = attention_case([1] * len(seq_lens), seq_lens, hq, hkv, d, bs, dtype, 14)
-    want = ref.paged_attention_decode(q.double(), kc.double(), vc.double(), meta, 0.25, window,
-                                      cap)  # fmt: skip
+    want = ref.paged_attention_decode(q.double(), kc.double(), vc.double(), meta, 0.25, window, cap)
     got = backend.paged_attention_decode(q, kc, vc, meta, 0.25, window, cap)
     assert_close(got, want, dtype, "attention")
 
@@ -207,9 +219,19 @@ def test_decode_split_k_reduction(ref, splits):
     q, kc, vc, meta = attention_case([1, 1, 1], [150, 7, 33], 4, 2, 32, 16, F32, seed=15)
     want = ref.paged_attention_decode(q.double(), kc.double(), vc.double(), meta, 0.2)
     got = paged_attention_decode(
-        q, kc, vc, torch.from_numpy(meta.block_tables), torch.from_numpy(meta.seq_lens), 0.2,
-        meta.max_seq_len, None, None, None, TEST_CONFIG, num_splits=splits,
-    )  # fmt: skip
+        q,
+        kc,
+        vc,
+        torch.from_numpy(meta.block_tables),
+        torch.from_numpy(meta.seq_lens),
+        0.2,
+        meta.max_seq_len,
+        None,
+        None,
+        None,
+        TEST_CONFIG,
+        num_splits=splits,
+    )
     assert_close(got, want, F32, "attention")
 
 
@@ -224,8 +246,9 @@ def test_decode_rejects_a_prefill_step(backend):
 # -------------------------------------------------------------------------------------------
 
 
-def sampling_meta(rows: int, temperature: float = 1.0, top_k: int = 0,
-                  seeds: np.ndarray | None = None) -> SamplingMetadata:  # fmt: skip
+def sampling_meta(
+    rows: int, temperature: float = 1.0, top_k: int = 0, seeds: np.ndarray | None = None
+) -> SamplingMetadata:
     return SamplingMetadata(
         temperature=np.full(rows, temperature),
         top_k=np.full(rows, top_k),
@@ -279,9 +302,16 @@ def test_supports_and_native_ops(backend):
     assert not backend.supports("paged_attention_decode", DType.BF16, head_size=512)
     assert not backend.supports("rms_norm", DType.FP64)
     assert backend.native_ops() >= {
-        "linear", "rms_norm", "rotary_embedding", "reshape_and_cache", "silu_and_mul",
-        "gelu_and_mul", "paged_attention_prefill", "paged_attention_decode", "sample",
-    }  # fmt: skip
+        "linear",
+        "rms_norm",
+        "rotary_embedding",
+        "reshape_and_cache",
+        "silu_and_mul",
+        "gelu_and_mul",
+        "paged_attention_prefill",
+        "paged_attention_decode",
+        "sample",
+    }
 
 
 def test_fp8_kv_cache_needs_an_fp8_device(backend):

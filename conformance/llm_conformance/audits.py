@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_core import LLM, SamplingParams
-from llm_core.loaders import open_checkpoint
 from llm_hal import Backend, DType
 
 from llm_conformance.models import ModelUnderTest, kv_block_bytes
@@ -47,17 +46,19 @@ Run = tuple[list[int], list[dict[int, float]]]  # tokens, top log-probabilities 
 
 def _runs(outputs: list[Any]) -> list[Run]:
     return [
-        (o.outputs[0].token_ids,
-         [{t: lp.logprob for t, lp in step.items()} for step in (o.outputs[0].logprobs or [])])
+        (
+            o.outputs[0].token_ids,
+            [{t: lp.logprob for t, lp in step.items()} for step in (o.outputs[0].logprobs or [])],
+        )
         for o in outputs
-    ]  # fmt: skip
+    ]
 
 
 def _diff(got: list[Run], want: list[Run], tolerance: float) -> tuple[str, list[str]]:
     """Tokens must match. A divergence is accepted only where both runs saw the same context
     and their log-probabilities there agree within ``tolerance`` (a near-tie that a different
     batch shape may legitimately flip in low precision); anything else is a failure."""
-    notes = []
+    notes: list[str] = []
     for i, ((g, g_lp), (w, w_lp)) in enumerate(zip(got, want, strict=True)):
         if g == w:
             continue
@@ -84,7 +85,7 @@ class Auditor:
         self.model = model
         self.dtype = dtype
         self.seed = seed
-        config = open_checkpoint(model.path).config
+        config = model.checkpoint.config
         self.block_bytes = kv_block_bytes(config, dtype.itemsize, BLOCK_SIZE)
         self._base: LLM | None = None
         self.tolerance = MODEL_THRESHOLDS[dtype].tie_margin
@@ -122,9 +123,13 @@ class Auditor:
     def batch_invariance(self) -> AuditResult:
         prompts = self.model.audit_prompts[:4]
         seeded = SamplingParams(
-            temperature=0.9, top_p=0.9, seed=self.seed % 2**31, max_tokens=12, ignore_eos=True,
+            temperature=0.9,
+            top_p=0.9,
+            seed=self.seed % 2**31,
+            max_tokens=12,
+            ignore_eos=True,
             logprobs=5,
-        )  # fmt: skip
+        )
         llm = self.base
         alone = [_runs(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in prompts]
         alone_seeded = [_runs(llm.generate([p], seeded, use_tqdm=False))[0] for p in prompts]
@@ -152,8 +157,9 @@ class Auditor:
         prompts = self.model.audit_prompts[4:7] + self.model.audit_prompts[:2]
         want = _runs(self.base.generate(prompts, GREEDY, use_tqdm=False))
         chunked = self.engine(max_num_batched_tokens=8, enable_chunked_prefill=True)
-        diff, notes = _diff(_runs(chunked.generate(prompts, GREEDY, use_tqdm=False)), want,
-                            self.tolerance)  # fmt: skip
+        diff, notes = _diff(
+            _runs(chunked.generate(prompts, GREEDY, use_tqdm=False)), want, self.tolerance
+        )
         return _result("chunked_prefill", diff, notes, {"chunk_tokens": 8})
 
     def preemption(self) -> AuditResult:

@@ -79,7 +79,10 @@ def build_certificate(run: Conformance, seconds: float) -> dict[str, Any]:
         for model in run.models():
             for dtype in run.dtypes:
                 cells.append(run.cell(backend, model, dtype).as_dict())
-    counts = {s: sum(c["status"] == s for c in cells) for s in (CERTIFIED, "FAILED", "UNSUPPORTED", NOT_RUN)}
+    counts = {
+        s: sum(c["status"] == s for c in cells)
+        for s in (CERTIFIED, "FAILED", "UNSUPPORTED", NOT_RUN)
+    }
     document: dict[str, Any] = {
         "format": FORMAT,
         "suite_version": SUITE_VERSION,
@@ -111,7 +114,11 @@ def build_certificate(run: Conformance, seconds: float) -> dict[str, Any]:
         "waivers": [w.as_dict() for w in run.waivers],
         "backends": backends,
         "cells": cells,
-        "summary": {**counts, "failed_ops": len(run.failed_ops()), "exit_status": run.exit_status()},
+        "summary": {
+            **counts,
+            "failed_ops": len(run.failed_ops()),
+            "exit_status": run.exit_status(),
+        },
     }
     return seal(_finite(document))
 
@@ -135,8 +142,9 @@ def _finite(value: Any) -> Any:
 def canonical_bytes(document: dict[str, Any]) -> bytes:
     """The bytes the digest and the signature cover: everything but ``integrity``."""
     body = {k: v for k, v in document.items() if k != "integrity"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)  # fmt: skip
+    text = json.dumps(
+        body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
     return text.encode("utf-8")
 
 
@@ -165,7 +173,9 @@ def sign(document: dict[str, Any], private_key_pem: bytes) -> dict[str, Any]:
     return document
 
 
-def generate_keypair(directory: pathlib.Path, name: str = "conformance") -> tuple[pathlib.Path, pathlib.Path]:
+def generate_keypair(
+    directory: pathlib.Path, name: str = "conformance"
+) -> tuple[pathlib.Path, pathlib.Path]:
     """Write a new Ed25519 key pair: ``NAME.key`` (private, mode 0600) and ``NAME.pub``."""
     ed25519, serialization = _crypto()
     key = ed25519.Ed25519PrivateKey.generate()
@@ -316,9 +326,10 @@ def _verify_mandatory(document: dict[str, Any]) -> list[str]:
             continue
         name = backend["name"]
         cells = {
-            (c["architecture"], c["dtype"]) for c in document.get("cells", [])
+            (c["architecture"], c["dtype"])
+            for c in document.get("cells", [])
             if c["backend"] == name and c["kind"] == "tiny" and c["status"] != "NOT RUN"
-        }  # fmt: skip
+        }
         missing += [
             f"{name}: model {a} in {d}" for a in archs for d in dtypes if (a, d) not in cells
         ]
@@ -330,7 +341,9 @@ def _verify_mandatory(document: dict[str, Any]) -> list[str]:
         if document.get("request", {}).get("quick"):
             missing.append(f"{name}: quick mode ran only part of the operator cases")
     if missing:
-        shown = "; ".join(missing[:12]) + (f"; and {len(missing) - 12} more" if len(missing) > 12 else "")
+        shown = "; ".join(missing[:12]) + (
+            f"; and {len(missing) - 12} more" if len(missing) > 12 else ""
+        )
         raise CertificateError(f"the mandatory set was not run: {shown}")
     if not any(b.get("status") == "ran" for b in document.get("backends", [])):
         raise CertificateError("no backend ran: the certificate certifies nothing")

@@ -160,9 +160,12 @@ def save_tiny_hf_checkpoint(
 ) -> PreTrainedModel:
     """Save a tiny model and tokenizer as a Hugging Face checkpoint; return the model."""
     model = tiny_model(
-        arch, tie_word_embeddings=tie_word_embeddings, dtype=dtype, seed=seed,
+        arch,
+        tie_word_embeddings=tie_word_embeddings,
+        dtype=dtype,
+        seed=seed,
         logit_scale=logit_scale,
-    )  # fmt: skip
+    )
     kwargs: dict[str, Any] = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, safe_serialization=True, **kwargs)
     build_tiny_tokenizer().save_pretrained(directory)

@@ -54,11 +54,15 @@ def compare(
     nan_x, nan_g = torch.isnan(x), torch.isnan(g)
     if not torch.equal(nan_x, nan_g):
         where = torch.nonzero(nan_x != nan_g)[0].tolist()
-        return Check(name, False, f"NaN parity: at {where} got {_at(x, where)}, want {_at(g, where)}")
+        return Check(
+            name, False, f"NaN parity: at {where} got {_at(x, where)}, want {_at(g, where)}"
+        )
     inf_x, inf_g = torch.isinf(x), torch.isinf(g)
     if not torch.equal(inf_x, inf_g) or not torch.equal(x[inf_g], g[inf_g]):
         where = torch.nonzero((inf_x != inf_g) | (inf_g & (x != g)))[0].tolist()
-        return Check(name, False, f"Inf parity: at {where} got {_at(x, where)}, want {_at(g, where)}")
+        return Check(
+            name, False, f"Inf parity: at {where} got {_at(x, where)}, want {_at(g, where)}"
+        )
     finite = torch.isfinite(g)
     xf, gf = x[finite], g[finite]
     if tol.exact:
@@ -70,7 +74,8 @@ def compare(
             name,
             False,
             f"not bit-exact: {int((diff > 0).sum())} of {diff.numel()} elements differ, "
-            f"max |x-g| {float(diff[worst]):.3g} (x={float(xf[worst]):.6g}, g={float(gf[worst]):.6g})",
+            f"max |x-g| {float(diff[worst]):.3g} "
+            f"(x={float(xf[worst]):.6g}, g={float(gf[worst]):.6g})",
             {"max_abs": float(diff.max())},
         )
     return _within(name, xf, gf, tol, dtype, nmse_cap)
@@ -115,9 +120,7 @@ def _within(
         metrics["bias_u"] = bias
         if abs(bias) > BIAS_CAP:
             direction = "toward zero (truncation?)" if bias < 0 else "away from zero"
-            problems.append(
-                f"rounding bias {bias:+.3f} u > {BIAS_CAP} u: errors lean {direction}"
-            )
+            problems.append(f"rounding bias {bias:+.3f} u > {BIAS_CAP} u: errors lean {direction}")
     return Check(name, not problems, "; ".join(problems), metrics)
 
 

@@ -169,13 +169,17 @@ class Harness:
     def expect_dtype(self, name: str, got: Any, dtype: DType) -> Check:
         actual = self.backend.dtype_of(got)
         ok = actual == dtype
-        return self.add(Check(f"{name} dtype", ok, "" if ok else f"{actual.value}, want {dtype.value}"))
+        return self.add(
+            Check(f"{name} dtype", ok, "" if ok else f"{actual.value}, want {dtype.value}")
+        )
 
     def unchanged(self, name: str, device: Any, before: torch.Tensor) -> Check:
         """A tensor the operator must not write is bit-identical to what it was."""
         after = self.down(device)
         ok = after.shape == before.shape and torch.equal(bits(after), bits(before))
-        return self.add(Check(name, ok, "" if ok else "modified by an operator that must not write it"))
+        return self.add(
+            Check(name, ok, "" if ok else "modified by an operator that must not write it")
+        )
 
     def guard_intact(self, name: str, guarded: Guarded) -> Check:
         """The sentinel columns of a guarded output are bit-identical (no out-of-bounds write)."""

@@ -37,9 +37,11 @@ def backend_logits(
         first += n
     positions = np.concatenate([np.arange(len(s)) for s in sequences])
     slots = np.concatenate(
-        [tables[row, pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
-         for row, pos in enumerate(np.arange(len(s)) for s in sequences)]
-    )  # fmt: skip
+        [
+            tables[row, pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+            for row, pos in enumerate(np.arange(len(s)) for s in sequences)
+        ]
+    )
     lengths = [len(s) for s in sequences]
     total = sum(lengths)
     meta = AttentionMetadata(
@@ -79,7 +81,9 @@ def compare_logits(
     top5 = lp_r.topk(5, dim=-1).indices
     lp_diff = (lp_c.gather(1, top5) - lp_r.gather(1, top5)).abs()
     cosine = torch.nn.functional.cosine_similarity(cand, ref, dim=-1)
-    rows = torch.tensor([p for s, start in _starts(sequences) for p in range(start, start + len(s) - 1)])
+    rows = torch.tensor(
+        [p for s, start in _starts(sequences) for p in range(start, start + len(s) - 1)]
+    )
     targets = torch.tensor([t for s in sequences for t in s[1:]])
     nll_c = -lp_c[rows, targets].mean() if len(rows) else torch.tensor(0.0)
     nll_r = -lp_r[rows, targets].mean() if len(rows) else torch.tensor(0.0)

@@ -12,6 +12,7 @@ project's tests, not here.
 
 from __future__ import annotations
 
+import copy
 import os
 import pathlib
 from collections.abc import Iterator
@@ -57,12 +58,27 @@ class ModelUnderTest:
     prompts: list[list[int]]  # greedy decoding
     audit_prompts: list[list[int]] = field(default_factory=list)
     _references: dict[torch.dtype, Any] = field(default_factory=dict, repr=False)
+    _checkpoint: Any = field(default=None, repr=False)
+
+    @property
+    def checkpoint(self) -> Any:
+        """The checkpoint, opened once (parsing a GGUF file's metadata takes seconds)."""
+        if self._checkpoint is None:
+            from llm_core.loaders import open_checkpoint
+
+            self._checkpoint = open_checkpoint(self.path)
+        return self._checkpoint
 
     def reference(self, dtype: torch.dtype) -> Any:
-        """The transformers model with the same weights, in ``dtype`` (cached)."""
+        """The transformers model with the same weights, in ``dtype`` (cached; other dtypes
+        are converted copies of the float32 model)."""
         if dtype not in self._references:
             with quiet_transformers():
-                self._references[dtype] = _load_reference(self, dtype)
+                if dtype == torch.float32:
+                    self._references[dtype] = _load_reference(self)
+                else:
+                    fp32 = self.reference(torch.float32)
+                    self._references[dtype] = copy.deepcopy(fp32).to(dtype).eval()
         return self._references[dtype]
 
 
@@ -83,10 +99,9 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def tiny_model_under_test(
-    architecture: str, directory: pathlib.Path, seed: int
-) -> ModelUnderTest:
-    """Build and save the tiny checkpoint of ``architecture`` (an HF class name) in ``directory``."""
+def tiny_model_under_test(architecture: str, directory: pathlib.Path, seed: int) -> ModelUnderTest:
+    """Build and save the tiny checkpoint of ``architecture`` (an HF class name) in
+    ``directory``."""
     with quiet_transformers():
         save_tiny_hf_checkpoint(
             directory, model_type_of(architecture), seed=seed % 2**31, logit_scale=TINY_LOGIT_SCALE
@@ -106,8 +121,9 @@ def tiny_model_under_test(
         shared,
         *[ids(20 + i) for i in range(5)],
     ]
-    return ModelUnderTest(architecture, architecture, directory, "tiny", sequences, prompts,
-                          audit_prompts)  # fmt: skip
+    return ModelUnderTest(
+        architecture, architecture, directory, "tiny", sequences, prompts, audit_prompts
+    )
 
 
 def real_model_under_test(path: pathlib.Path) -> ModelUnderTest:
@@ -118,7 +134,9 @@ def real_model_under_test(path: pathlib.Path) -> ModelUnderTest:
     tokenizer = checkpoint.load_tokenizer()
     text_ids = list(tokenizer.encode(REAL_TEXT))
     prompts = [list(tokenizer.encode(p)) for p in REAL_PROMPTS]
-    return ModelUnderTest(REAL_NAME, checkpoint.architecture, path, "real", [text_ids], prompts)
+    model = ModelUnderTest(REAL_NAME, checkpoint.architecture, path, "real", [text_ids], prompts)
+    model._checkpoint = checkpoint
+    return model
 
 
 def kv_block_bytes(config: Any, itemsize: float, block_size: int) -> int:
@@ -128,15 +146,13 @@ def kv_block_bytes(config: Any, itemsize: float, block_size: int) -> int:
     return int(2 * config.num_hidden_layers * kv_heads * head * itemsize * block_size)
 
 
-def _load_reference(model: ModelUnderTest, dtype: torch.dtype) -> Any:
+def _load_reference(model: ModelUnderTest) -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
 
     if model.kind == "tiny":
-        return AutoModelForCausalLM.from_pretrained(str(model.path), dtype=dtype).eval()
-    from llm_core.loaders import open_checkpoint
-
-    checkpoint = open_checkpoint(model.path)
+        return AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32).eval()
+    checkpoint = model.checkpoint
     hf = AutoModelForCausalLM.from_config(checkpoint.config, dtype=torch.float32)
     missing, unexpected = hf.load_state_dict(dict(checkpoint.tensors()), strict=False)
     tied = bool(getattr(checkpoint.config, "tie_word_embeddings", False))
@@ -147,7 +163,7 @@ def _load_reference(model: ModelUnderTest, dtype: torch.dtype) -> Any:
         )
     if tied:
         hf.tie_weights()
-    return hf.to(dtype).eval()
+    return hf.eval()
 
 
 @torch.no_grad()
@@ -167,7 +183,7 @@ def reference_greedy(
     for prompt in model.prompts:
         with quiet_transformers():
             out = hf.generate(
-            torch.tensor([prompt]),
+                torch.tensor([prompt]),
                 max_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=0,

@@ -42,8 +42,17 @@ ROTARY: list[Params] = [
     for t, hq, hkv, d, r in _ROTARY_SHAPES
     for neox in (True, False)
 ]
-ROTARY += [{"tokens": 4, "hq": 4, "hkv": 2, "head_size": 64, "rotary_dim": 64, "neox": True,
-            "inject": "nan"}]  # fmt: skip
+ROTARY += [
+    {
+        "tokens": 4,
+        "hq": 4,
+        "hkv": 2,
+        "head_size": 64,
+        "rotary_dim": 64,
+        "neox": True,
+        "inject": "nan",
+    }
+]
 
 
 def cos_sin_cache(max_position: int, rotary_dim: int, base: float = 10000.0) -> torch.Tensor:
@@ -53,9 +62,7 @@ def cos_sin_cache(max_position: int, rotary_dim: int, base: float = 10000.0) -> 
     return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
 
 
-@op_check(
-    "rotary_embedding", "rotary", ROTARY, shape_of=lambda p: {"head_size": p["head_size"]}
-)
+@op_check("rotary_embedding", "rotary", ROTARY, shape_of=lambda p: {"head_size": p["head_size"]})
 def _rotary(h: Harness, p: Params) -> None:
     t, hq, hkv, d, rot = p["tokens"], p["hq"], p["hkv"], p["head_size"], p["rotary_dim"]
     widths = [GUARD, hq * d, hkv * d, hkv * d, GUARD]
@@ -87,8 +94,13 @@ def _rotary(h: Harness, p: Params) -> None:
                 lo = start + head * d
                 untouched[:, lo + rot : lo + d] = True
     bad = int((bits(after[untouched]) != bits(buf[untouched])).sum())
-    h.add(Check("v, guards and pass-through features untouched", bad == 0,
-                "" if not bad else f"{bad} bytes changed"))  # fmt: skip
+    h.add(
+        Check(
+            "v, guards and pass-through features untouched",
+            bad == 0,
+            "" if not bad else f"{bad} bytes changed",
+        )
+    )
 
 
 # -------------------------------------------------------------------------------------------
@@ -120,7 +132,9 @@ def _reshape_and_cache(h: Harness, p: Params) -> None:
     want = [torch.zeros((nb * bs, hkv, d), dtype=F64) for _ in range(2)]
     order = h.randperm(nb * bs)
     # Two steps: the second overwrites some slots of the first and writes new ones.
-    for step, slots in enumerate((order[:t], torch.cat([order[t // 2 : t], order[t : t + t // 2 + 1]]))):
+    for step, slots in enumerate(
+        (order[:t], torch.cat([order[t // 2 : t], order[t : t + t // 2 + 1]]))
+    ):
         slots = slots.clone()
         pads = h.randperm(len(slots))[: p.get("pads", 0)]
         slots[pads] = -1
@@ -192,13 +206,22 @@ _DECODE_SHAPES: list[tuple[list[tuple[int, int]], int, int, int, int]] = [
 _VARIANTS = {"window": (7, None), "softcap": (None, 30.0), "window+softcap": (5, 10.0)}
 
 
-def _attention_cases(shapes: list[tuple[list[tuple[int, int]], int, int, int, int]]) -> list[Params]:
+def _attention_cases(
+    shapes: list[tuple[list[tuple[int, int]], int, int, int, int]],
+) -> list[Params]:
     def case(i: int, shape: tuple[Any, ...], variant: str) -> Params:
         contexts, bs, hq, hkv, d = shape
         window, cap = _VARIANTS.get(variant, (None, None))
-        return {"contexts": [list(c) for c in contexts], "block_size": bs, "hq": hq,
-                "hkv": hkv, "head_size": d, "strided": i % 4 != 3, "sliding_window": window,
-                "soft_cap": cap}  # fmt: skip
+        return {
+            "contexts": [list(c) for c in contexts],
+            "block_size": bs,
+            "hq": hq,
+            "hkv": hkv,
+            "head_size": d,
+            "strided": i % 4 != 3,
+            "sliding_window": window,
+            "soft_cap": cap,
+        }
 
     cases = [case(i, s, "causal") for i, s in enumerate(shapes)]
     for variant in _VARIANTS:
@@ -254,7 +277,12 @@ def _attention(h: Harness, p: Params, decode: bool) -> None:
     before = (h.down(kc), h.down(vc))
     width = p["hq"] * p["head_size"]
     q, q64 = h.randn((meta.num_tokens, width))
-    h.inject(q, q64, kind=p.get("inject"))
+    if p.get("inject"):
+        # NaN in head 0 of the first and the last new token of every sequence: whole-prompt,
+        # chunked and single-token paths each see one.
+        for b in range(meta.num_seqs):
+            for row in {int(meta.query_start_loc[b]), int(meta.query_start_loc[b + 1]) - 1}:
+                q[row, 0] = q64[row, 0] = float("nan")
     dev_q = h.strided(q, extra=2 * p["hkv"] * p["head_size"]) if p["strided"] else h.up(q)
     scale = 1 / math.sqrt(p["head_size"])
     window, cap = p["sliding_window"], p["soft_cap"]
@@ -264,7 +292,9 @@ def _attention(h: Harness, p: Params, decode: bool) -> None:
     kv_len = meta.max_seq_len
     h.expect_dtype("output", got, h.dtype)
     h.close("output", got, want, kv_len=kv_len)
-    h.with_out(lambda out: op(dev_q, kc, vc, meta, scale, window, cap, out=out), want, kv_len=kv_len)
+    h.with_out(
+        lambda out: op(dev_q, kc, vc, meta, scale, window, cap, out=out), want, kv_len=kv_len
+    )
     h.unchanged("key cache", kc, before[0])
     h.unchanged("value cache", vc, before[1])
     h.unchanged("query", dev_q, q)

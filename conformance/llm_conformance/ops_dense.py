@@ -17,7 +17,7 @@ from llm_conformance.harness import F64, Harness
 # embedding
 # -------------------------------------------------------------------------------------------
 
-EMBEDDING = [
+EMBEDDING: list[Params] = [
     {"vocab": 1, "tokens": 1, "hidden": 8},
     {"vocab": 7, "tokens": 5, "hidden": 80, "int32": True},
     {"vocab": 50, "tokens": 33, "hidden": 96},
@@ -48,8 +48,16 @@ def _embedding(h: Harness, p: Params) -> None:
 # linear
 # -------------------------------------------------------------------------------------------
 
-_DENSE = [(1, 16, 8), (1, 576, 1536), (5, 64, 96), (17, 80, 33), (3, 128, 256), (64, 576, 192),
-          (16, 64, 300), (128, 96, 200)]  # fmt: skip
+_DENSE = [
+    (1, 16, 8),
+    (1, 576, 1536),
+    (5, 64, 96),
+    (17, 80, 33),
+    (3, 128, 256),
+    (64, 576, 192),
+    (16, 64, 300),
+    (128, 96, 200),
+]
 _QUANT = [("w8a16", 32), ("w8a16", 0), ("w4a16", 16), ("w4a16", 64), ("w8a8", 0)]
 
 LINEAR: list[Params] = [
@@ -101,14 +109,22 @@ def _linear(h: Harness, p: Params) -> None:
         scales = scales64.to(h.torch_dtype)
         zeros = None if zeros64 is None else zeros64.to(h.torch_dtype)
         prepared = be.prepare_linear(
-            h.up(weight), dev_bias, scheme, h.up(scales), None if zeros is None else h.up(zeros),
+            h.up(weight),
+            dev_bias,
+            scheme,
+            h.up(scales),
+            None if zeros is None else h.up(zeros),
             p["group"],
-        )  # fmt: skip
+        )
         # The golden weight is the same quantized one, dequantized in float64.
         golden = ref.prepare_linear(
-            weight, bias64, scheme, scales.to(F64), None if zeros is None else zeros.to(F64),
+            weight,
+            bias64,
+            scheme,
+            scales.to(F64),
+            None if zeros is None else zeros.to(F64),
             p["group"],
-        )  # fmt: skip
+        )
         op_class = "w8a8" if scheme is QuantScheme.W8A8 else "quantized"
     else:
         w, w64 = h.randn((n, k), 1 / math.sqrt(k))

@@ -60,7 +60,11 @@ def _to_host(h: Harness, p: Params) -> None:
     dev = h.strided(x) if p.get("strided") else h.up(x)
     got = h.backend.to_host(dev)
     ok = isinstance(got, torch.Tensor) and got.dtype == h.torch_dtype and got.is_contiguous()
-    h.add(Check("host tensor", ok, "" if ok else f"got {type(got).__name__} {getattr(got, 'dtype', '')}"))
+    h.add(
+        Check(
+            "host tensor", ok, "" if ok else f"got {type(got).__name__} {getattr(got, 'dtype', '')}"
+        )
+    )
     h.close("values", dev, x64)
 
 

@@ -48,8 +48,9 @@ def _moe_experts(h: Harness, p: Params) -> None:
     ids = torch.stack([h.randperm(e)[:k] for _ in range(t)])
     weights = torch.rand((t, k), generator=h.gen, dtype=torch.float32)
     want = h.oracle.moe_experts(x64, w13_64, w2_64, weights.to(F64), ids, p["activation"])
-    dev = [h.up(a) for a in (x, w13, w2, weights, ids)]
-    got = h.backend.moe_experts(*dev, activation=p["activation"])
+    dx, d13, d2, dw, dids = (h.up(a) for a in (x, w13, w2, weights, ids))
+    act = p["activation"]
+    got = h.backend.moe_experts(dx, d13, d2, dw, dids, act)
     h.expect_dtype("output", got, h.dtype)
     h.close("output", got, want)
-    h.with_out(lambda out: h.backend.moe_experts(*dev, activation=p["activation"], out=out), want)
+    h.with_out(lambda out: h.backend.moe_experts(dx, d13, d2, dw, dids, act, out=out), want)

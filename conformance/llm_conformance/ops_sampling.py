@@ -55,15 +55,26 @@ PENALTIES: list[Params] = [
 def _apply_penalties(h: Harness, p: Params) -> None:
     rows, vocab = p["rows"], p["vocab"]
     logits = _logits(h, rows, vocab)
-    choices = torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.0, 1.0], [0.0, 0.3, 1.0], [0.0, 0.0, 1.3],
-                            [0.2, 0.1, 0.8], [1.5, 2.0, 1.1]])  # fmt: skip
+    choices = torch.tensor(
+        [
+            [0.0, 0.0, 1.0],
+            [0.5, 0.0, 1.0],
+            [0.0, 0.3, 1.0],
+            [0.0, 0.0, 1.3],
+            [0.2, 0.1, 0.8],
+            [1.5, 2.0, 1.1],
+        ]
+    )
     pick = choices[torch.arange(rows) % len(choices)]
 
     def meta() -> PenaltyMetadata:
         return PenaltyMetadata(
-            prompt_ids=_prompt, output_ids=_output, presence=pick[:, 0].numpy(),
-            frequency=pick[:, 1].numpy(), repetition=pick[:, 2].numpy(),
-        )  # fmt: skip
+            prompt_ids=_prompt,
+            output_ids=_output,
+            presence=pick[:, 0].numpy(),
+            frequency=pick[:, 1].numpy(),
+            repetition=pick[:, 2].numpy(),
+        )
 
     _prompt = _padded_ids(h, rows, p["prompt"], vocab)
     _output = _padded_ids(h, rows, p["output"], vocab)
@@ -102,10 +113,16 @@ SAMPLE: list[Params] = [
     {"kind": "distribution", "vocab": 64, "temperature": 1.0, "top_p_keeps": 4},
     {"kind": "distribution", "vocab": 64, "temperature": 0.7, "top_k": 8},
     {"kind": "distribution", "vocab": 1000, "temperature": 1.0, "min_p_keeps": 7},
-    {"kind": "distribution", "vocab": 64, "temperature": 1.5, "top_k": 12, "top_p_keeps": 9,
-     "min_p_keeps": 5},
+    {
+        "kind": "distribution",
+        "vocab": 64,
+        "temperature": 1.5,
+        "top_k": 12,
+        "top_p_keeps": 9,
+        "min_p_keeps": 5,
+    },
     {"kind": "greedy", "rows": 3, "vocab": 32000},
-]  # fmt: skip
+]
 
 
 def _sampling_meta(
@@ -146,9 +163,12 @@ def _mixed(h: Harness, p: Params) -> None:
     seeds = h.randint(0, 2**62, (rows,)).numpy()
     temperature = np.where(np.arange(rows) % 2 == 0, 0.0, 0.9)
     meta = SamplingMetadata(
-        temperature=temperature, top_k=np.where(np.arange(rows) % 3 == 0, 0, 40),
-        top_p=np.full(rows, 0.95), min_p=np.full(rows, 0.0), seeds=seeds,
-    )  # fmt: skip
+        temperature=temperature,
+        top_k=np.where(np.arange(rows) % 3 == 0, 0, 40),
+        top_p=np.full(rows, 0.95),
+        min_p=np.full(rows, 0.0),
+        seeds=seeds,
+    )
     dev = h.up(logits)
     first = h.down(h.backend.sample(dev, meta))
     again = h.down(h.backend.sample(dev, meta))
@@ -161,9 +181,12 @@ def _mixed(h: Harness, p: Params) -> None:
     alone = []
     for r in range(rows):
         row_meta = SamplingMetadata(
-            temperature=temperature[r : r + 1], top_k=meta.top_k[r : r + 1],
-            top_p=meta.top_p[r : r + 1], min_p=meta.min_p[r : r + 1], seeds=seeds[r : r + 1],
-        )  # fmt: skip
+            temperature=temperature[r : r + 1],
+            top_k=meta.top_k[r : r + 1],
+            top_p=meta.top_p[r : r + 1],
+            min_p=meta.min_p[r : r + 1],
+            seeds=seeds[r : r + 1],
+        )
         alone.append(int(h.down(h.backend.sample(h.up(logits[r : r + 1]), row_meta))[0]))
     h.add(_exact("a row alone draws what it draws in the batch", torch.tensor(alone), first))
 
@@ -210,12 +233,22 @@ def _distribution(h: Harness, p: Params) -> None:
         drawn += rows
     observed = counts / drawn
     outside = int(counts[exact == 0].sum())
-    h.add(Check("draws inside the filtered support", outside == 0,
-                "" if not outside else f"{outside} of {drawn} draws have probability 0"))  # fmt: skip
+    h.add(
+        Check(
+            "draws inside the filtered support",
+            outside == 0,
+            "" if not outside else f"{outside} of {drawn} draws have probability 0",
+        )
+    )
     tv = float((observed - exact).abs().sum() / 2)
-    h.add(Check(f"total variation over {drawn} draws", tv <= SAMPLING_TV_MAX,
-                f"TV {tv:.4f}" + ("" if tv <= SAMPLING_TV_MAX else f" > {SAMPLING_TV_MAX}"),
-                {"tv": tv}))  # fmt: skip
+    h.add(
+        Check(
+            f"total variation over {drawn} draws",
+            tv <= SAMPLING_TV_MAX,
+            f"TV {tv:.4f}" + ("" if tv <= SAMPLING_TV_MAX else f" > {SAMPLING_TV_MAX}"),
+            {"tv": tv},
+        )
+    )
 
 
 # -------------------------------------------------------------------------------------------

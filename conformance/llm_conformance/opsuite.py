@@ -127,8 +127,9 @@ def run_case(
     """Run one case. With ``expect_unsupported`` the backend declared it unsupported, and it
     passes only by raising UnsupportedOpError."""
     params = spec.cases[index]
-    harness = Harness(backend, spec.op, spec.op_class, dtype, case_seed(seed, spec.op, index, dtype),
-                      waivers)  # fmt: skip
+    harness = Harness(
+        backend, spec.op, spec.op_class, dtype, case_seed(seed, spec.op, index, dtype), waivers
+    )
     result = CaseResult(spec.op, index, dtype, params, PASSED)
     start = time.perf_counter()
     try:
@@ -180,9 +181,15 @@ class OpSuite:
 
     def keys(self, ops: Iterable[str] | None = None) -> list[tuple[str, DType]]:
         """(op, dtype) pairs this suite runs: logits operators only in fp32."""
+        return self.keys_for(self.dtypes, ops)
+
+    @staticmethod
+    def keys_for(
+        dtypes: Sequence[DType], ops: Iterable[str] | None = None
+    ) -> list[tuple[str, DType]]:
         keys: list[tuple[str, DType]] = []
         for op in ops or checked_ops():
-            for dtype in self.dtypes:
+            for dtype in dtypes:
                 key = (op, dtype_key(op, dtype))
                 if key not in keys:
                     keys.append(key)
@@ -208,8 +215,15 @@ class OpSuite:
             case = run_case(self.backend, spec, 0, dtype, self.seed, self.waivers, True)
             return OpResult(op, dtype, [case], declared_supported=False)
         cases = [
-            run_case(self.backend, spec, i, dtype, self.seed, self.waivers,
-                     not declared(self.backend, spec, i, dtype))
+            run_case(
+                self.backend,
+                spec,
+                i,
+                dtype,
+                self.seed,
+                self.waivers,
+                not declared(self.backend, spec, i, dtype),
+            )
             for i in indices
-        ]  # fmt: skip
+        ]
         return OpResult(op, dtype, cases)

@@ -8,11 +8,24 @@ import pathlib
 import xml.etree.ElementTree as ET
 from typing import Any
 
-_MARK = {"CERTIFIED": "✅", "FAILED": "❌", "UNSUPPORTED": "🟧", "NOT RUN": "⬜",
-         "passed": "✅", "failed": "❌", "unsupported": "🟧"}  # fmt: skip
-_COLOR = {"CERTIFIED": "#1a7f37", "FAILED": "#cf222e", "UNSUPPORTED": "#bc4c00",
-          "NOT RUN": "#6e7781", "passed": "#1a7f37", "failed": "#cf222e",
-          "unsupported": "#bc4c00"}  # fmt: skip
+_MARK = {
+    "CERTIFIED": "✅",
+    "FAILED": "❌",
+    "UNSUPPORTED": "🟧",
+    "NOT RUN": "⬜",
+    "passed": "✅",
+    "failed": "❌",
+    "unsupported": "🟧",
+}
+_COLOR = {
+    "CERTIFIED": "#1a7f37",
+    "FAILED": "#cf222e",
+    "UNSUPPORTED": "#bc4c00",
+    "NOT RUN": "#6e7781",
+    "passed": "#1a7f37",
+    "failed": "#cf222e",
+    "unsupported": "#bc4c00",
+}
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 
@@ -76,22 +89,28 @@ def _failures(cert: dict[str, Any]) -> list[dict[str, Any]]:
         for op in backend.get("ops", []):
             for case in op["cases"]:
                 if case["status"] == "failed":
-                    out.append({
-                        "what": f"{backend['name']} · {op['op']} · {op['dtype']} · case {case['case']}",
-                        "detail": "; ".join(case.get("failures", [])) or case.get("error", ""),
-                        "params": case["params"],
-                        "error": case.get("error", ""),
-                        "replay": case["replay"],
-                    })  # fmt: skip
+                    out.append(
+                        {
+                            "what": f"{backend['name']} · {op['op']} · {op['dtype']} · "
+                            f"case {case['case']}",
+                            "detail": "; ".join(case.get("failures", [])) or case.get("error", ""),
+                            "params": case["params"],
+                            "error": case.get("error", ""),
+                            "replay": case["replay"],
+                        }
+                    )
     for cell in cert["cells"]:
         if cell["status"] in ("FAILED", "UNSUPPORTED"):
-            out.append({
-                "what": f"{cell['model']} × {cell['backend']} × {cell['dtype']}: {cell['status']}",
-                "detail": "; ".join(cell["reasons"]),
-                "params": "",
-                "error": "",
-                "replay": cell["replay"],
-            })  # fmt: skip
+            out.append(
+                {
+                    "what": f"{cell['model']} × {cell['backend']} × {cell['dtype']}: "
+                    f"{cell['status']}",
+                    "detail": "; ".join(cell["reasons"]),
+                    "params": "",
+                    "error": "",
+                    "replay": cell["replay"],
+                }
+            )
     return out
 
 
@@ -111,22 +130,37 @@ def _model_rows(cert: dict[str, Any]) -> list[list[str]]:
         audit_text = ", ".join(
             f"{name} {'ok' if a.get('passed') else 'FAILED'}" for name, a in audits.items()
         )
-        rows.append([
-            c["model"], c["backend"], c["dtype"], f"{_MARK[c['status']]} {c['status']}",
-            f"{_fmt(m['kld_mean'])} / {_fmt(m['kld_p999'])}",
-            f"{m['top1_decisive']:.4f} ({m['top1_same']:.4f})",
-            f"{m['cosine_mean']:.6f}",
-            _fmt(m["logprob_diff_mean"]),
-            f"{_fmt(n.get('kld_mean', float('nan')))} / {n.get('top1_same', float('nan')):.4f}",
-            f"{g.get('exact_match', 0):.2f}",
-            audit_text or "-",
-        ])  # fmt: skip
+        rows.append(
+            [
+                c["model"],
+                c["backend"],
+                c["dtype"],
+                f"{_MARK[c['status']]} {c['status']}",
+                f"{_fmt(m['kld_mean'])} / {_fmt(m['kld_p999'])}",
+                f"{m['top1_decisive']:.4f} ({m['top1_same']:.4f})",
+                f"{m['cosine_mean']:.6f}",
+                _fmt(m["logprob_diff_mean"]),
+                f"{_fmt(n.get('kld_mean', float('nan')))} / {n.get('top1_same', float('nan')):.4f}",
+                f"{g.get('exact_match', 0):.2f}",
+                audit_text or "-",
+            ]
+        )
     return rows
 
 
-_MODEL_HEAD = ["model", "backend", "dtype", "status", "KLD mean / p99.9", "top-1 (raw)",
-               "cosine", "top-5 |Δlogprob|", "reference noise KLD / top-1", "greedy exact",
-               "audits"]  # fmt: skip
+_MODEL_HEAD = [
+    "model",
+    "backend",
+    "dtype",
+    "status",
+    "KLD mean / p99.9",
+    "top-1 (raw)",
+    "cosine",
+    "top-5 |Δlogprob|",
+    "reference noise KLD / top-1",
+    "greedy exact",
+    "audits",
+]
 
 
 # -------------------------------------------------------------------------------------------
@@ -147,7 +181,7 @@ def markdown(cert: dict[str, Any]) -> str:
     cells = _cell_index(cert)
     cols = _columns(cert)
     lines = ["# llm-core conformance: model × backend support matrix", ""]
-    lines += _header(cert) + ["", f"**{_summary_line(cert)}**", ""]
+    lines += [*_header(cert), "", f"**{_summary_line(cert)}**", ""]
     lines += ["## Matrix", ""]
     head = ["model"] + [f"{b} {_SHORT.get(d, d)}" for b, d in cols]
     rows = []
@@ -158,34 +192,62 @@ def markdown(cert: dict[str, Any]) -> str:
             row.append(f"{_MARK[cell['status']]} {cell['status']}" if cell else "")
         rows.append(row)
     lines += _md_table(head, rows)
-    lines += ["", "✅ CERTIFIED · ❌ FAILED · 🟧 UNSUPPORTED (the backend lacks an operator the "
-              "model needs) · ⬜ NOT RUN (see the reason below)", ""]  # fmt: skip
+    lines += [
+        "",
+        "✅ CERTIFIED · ❌ FAILED · 🟧 UNSUPPORTED (the backend lacks an operator the "
+        "model needs) · ⬜ NOT RUN (see the reason below)",
+        "",
+    ]
     lines += ["## Backends", ""]
     lines += _md_table(
         ["backend", "ran", "version", "device", "driver", "reason"],
-        [[b["name"], b["status"], b.get("version", "?"), b.get("device", {}).get("name", "-"),
-          b.get("device", {}).get("driver", "-"), b.get("reason", "")]
-         for b in cert["backends"]],
-    )  # fmt: skip
+        [
+            [
+                b["name"],
+                b["status"],
+                b.get("version", "?"),
+                b.get("device", {}).get("name", "-"),
+                b.get("device", {}).get("driver", "-"),
+                b.get("reason", ""),
+            ]
+            for b in cert["backends"]
+        ],
+    )
     lines += ["", "## Waivers", ""]
     if cert["waivers"]:
         lines += _md_table(
             ["name", "backend", "op class", "op", "dtype", "tolerance", "reason"],
-            [[w["name"], w["backend"], w["op_class"], w["op"] or "all", w["dtype"] or "all",
-              w["tolerance"], w["reason"]] for w in cert["waivers"]],
-        )  # fmt: skip
+            [
+                [
+                    w["name"],
+                    w["backend"],
+                    w["op_class"],
+                    w["op"] or "all",
+                    w["dtype"] or "all",
+                    w["tolerance"],
+                    w["reason"],
+                ]
+                for w in cert["waivers"]
+            ],
+        )
     else:
         lines.append("None: every result below is held to the global tolerance table.")
-    lines += ["", "## Model level", "",
-              "Against Hugging Face transformers in float32 on the same weights; the reference "
-              "noise is transformers in the cell's dtype (float64 for float32 cells) against "
-              "the same float32 reference. Top-1 counts near-ties (within the dtype's "
-              "tie margin) as agreement; the raw rate is in parentheses.", ""]  # fmt: skip
+    lines += [
+        "",
+        "## Model level",
+        "",
+        "Against Hugging Face transformers in float32 on the same weights; the reference "
+        "noise is transformers in the cell's dtype (float64 for float32 cells) against "
+        "the same float32 reference. Top-1 counts near-ties (within the dtype's "
+        "tie margin) as agreement; the raw rate is in parentheses.",
+        "",
+    ]
     lines += _md_table(_MODEL_HEAD, _model_rows(cert))
     lines += ["", "## Operators", ""]
     op_cols = _op_columns(cert)
-    op_index = {(b["name"], o["op"], o["dtype"]): o for b in cert["backends"]
-                for o in b.get("ops", [])}  # fmt: skip
+    op_index = {
+        (b["name"], o["op"], o["dtype"]): o for b in cert["backends"] for o in b.get("ops", [])
+    }
     rows = []
     for op in cert["mandatory"]["ops"]:
         row = [op]
@@ -195,8 +257,11 @@ def markdown(cert: dict[str, Any]) -> str:
                 row.append("")
                 continue
             total = o["passed"] + o["failed"]
-            row.append(f"{_MARK[o['status']]} {o['passed']}/{total}" if total else
-                       f"{_MARK[o['status']]} {o['status']}")  # fmt: skip
+            row.append(
+                f"{_MARK[o['status']]} {o['passed']}/{total}"
+                if total
+                else f"{_MARK[o['status']]} {o['status']}"
+            )
         rows.append(row)
     lines += _md_table(["operator"] + [f"{b} {_SHORT.get(d, d)}" for b, d in op_cols], rows)
     lines += ["", "Cells give cases passed / run. Logits operators run in float32 only.", ""]
@@ -215,8 +280,12 @@ def markdown(cert: dict[str, Any]) -> str:
         ["class", "fp32", "fp16", "bf16"],
         [[k, v["float32"], v["float16"], v["bfloat16"]] for k, v in cert["tolerances"].items()],
     )
-    lines += ["", f"Sampling: total variation ≤ {cert['sampling']['tv_max']} over "
-              f"{cert['sampling']['draws']} seeded draws. Model gates per dtype:", ""]  # fmt: skip
+    lines += [
+        "",
+        f"Sampling: total variation ≤ {cert['sampling']['tv_max']} over "
+        f"{cert['sampling']['draws']} seeded draws. Model gates per dtype:",
+        "",
+    ]
     gate_keys = list(next(iter(cert["model_thresholds"].values())))
     lines += _md_table(
         ["dtype", *gate_keys],
@@ -231,9 +300,10 @@ def markdown(cert: dict[str, Any]) -> str:
 # -------------------------------------------------------------------------------------------
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#1f2328;max-width:80rem}
-table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #d0d7de;padding:.3rem .6rem;
-text-align:left;font-size:.9rem}th{background:#f6f8fa}.s{color:#fff;font-weight:600;text-align:center}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#1f2328;
+max-width:80rem}table{border-collapse:collapse;margin:.5rem 0 1.5rem}
+td,th{border:1px solid #d0d7de;padding:.3rem .6rem;text-align:left;font-size:.9rem}
+th{background:#f6f8fa}.s{color:#fff;font-weight:600;text-align:center}
 code,pre{background:#f6f8fa;padding:.2rem .4rem;border-radius:4px}pre{padding:.6rem;overflow-x:auto}
 .muted{color:#57606a}
 """
@@ -253,16 +323,18 @@ def _html_table(head: list[str], rows: list[list[str]], raw: bool = False) -> st
 
 def _status_td(status: str, text: str | None = None, title: str = "") -> str:
     color = _COLOR.get(status, "#6e7781")
-    return (f'<td class="s" style="background:{color}" title="{_h(title)}">'
-            f"{_h(text or status)}</td>")  # fmt: skip
+    return f'<td class="s" style="background:{color}" title="{_h(title)}">{_h(text or status)}</td>'
 
 
 def to_html(cert: dict[str, Any]) -> str:
     cells = _cell_index(cert)
     cols = _columns(cert)
-    parts = ["<!doctype html><html><head><meta charset='utf-8'>",
-             "<title>llm-core conformance</title>", f"<style>{_CSS}</style></head><body>",
-             "<h1>llm-core conformance: model × backend support matrix</h1>"]  # fmt: skip
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<title>llm-core conformance</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>llm-core conformance: model × backend support matrix</h1>",
+    ]
     parts += [f"<p class='muted'>{_h(line)}</p>" for line in _header(cert)]
     parts.append(f"<p><strong>{_h(_summary_line(cert))}</strong></p><h2>Matrix</h2>")
     rows = []
@@ -278,25 +350,49 @@ def to_html(cert: dict[str, Any]) -> str:
     head = ["model"] + [f"{b} {_SHORT.get(d, d)}" for b, d in cols]
     parts.append(_html_table(head, rows, raw=True))
     parts.append("<h2>Backends</h2>")
-    parts.append(_html_table(
-        ["backend", "ran", "version", "device", "driver", "reason"],
-        [[b["name"], b["status"], b.get("version", "?"), b.get("device", {}).get("name", "-"),
-          b.get("device", {}).get("driver", "-"), b.get("reason", "")] for b in cert["backends"]],
-    ))  # fmt: skip
+    parts.append(
+        _html_table(
+            ["backend", "ran", "version", "device", "driver", "reason"],
+            [
+                [
+                    b["name"],
+                    b["status"],
+                    b.get("version", "?"),
+                    b.get("device", {}).get("name", "-"),
+                    b.get("device", {}).get("driver", "-"),
+                    b.get("reason", ""),
+                ]
+                for b in cert["backends"]
+            ],
+        )
+    )
     parts.append("<h2>Waivers</h2>")
     if cert["waivers"]:
-        parts.append(_html_table(
-            ["name", "backend", "op class", "op", "dtype", "tolerance", "reason"],
-            [[w["name"], w["backend"], w["op_class"], w["op"] or "all", w["dtype"] or "all",
-              w["tolerance"], w["reason"]] for w in cert["waivers"]],
-        ))  # fmt: skip
+        parts.append(
+            _html_table(
+                ["name", "backend", "op class", "op", "dtype", "tolerance", "reason"],
+                [
+                    [
+                        w["name"],
+                        w["backend"],
+                        w["op_class"],
+                        w["op"] or "all",
+                        w["dtype"] or "all",
+                        w["tolerance"],
+                        w["reason"],
+                    ]
+                    for w in cert["waivers"]
+                ],
+            )
+        )
     else:
         parts.append("<p>None: every result is held to the global tolerance table.</p>")
     parts.append("<h2>Model level</h2>")
     parts.append(_html_table(_MODEL_HEAD, _model_rows(cert)))
     parts.append("<h2>Operators</h2>")
-    op_index = {(b["name"], o["op"], o["dtype"]): o for b in cert["backends"]
-                for o in b.get("ops", [])}  # fmt: skip
+    op_index = {
+        (b["name"], o["op"], o["dtype"]): o for b in cert["backends"] for o in b.get("ops", [])
+    }
     op_cols = _op_columns(cert)
     rows = []
     for op in cert["mandatory"]["ops"]:
@@ -307,10 +403,13 @@ def to_html(cert: dict[str, Any]) -> str:
                 row.append("<td></td>")
             else:
                 total = o["passed"] + o["failed"]
-                row.append(_status_td(o["status"], f"{o['passed']}/{total}" if total else o["status"]))
+                row.append(
+                    _status_td(o["status"], f"{o['passed']}/{total}" if total else o["status"])
+                )
         rows.append(row)
-    parts.append(_html_table(["operator"] + [f"{b} {_SHORT.get(d, d)}" for b, d in op_cols],
-                             rows, raw=True))  # fmt: skip
+    parts.append(
+        _html_table(["operator"] + [f"{b} {_SHORT.get(d, d)}" for b, d in op_cols], rows, raw=True)
+    )
     parts.append("<h2>Failures</h2>")
     failures = _failures(cert)
     if not failures:
@@ -321,10 +420,12 @@ def to_html(cert: dict[str, Any]) -> str:
             parts.append(f"<p>Case: <code>{_h(f['params'])}</code></p>")
         parts.append(f"<p>{_h(f['detail'])}</p><pre>{_h(f['replay'])}</pre>")
     parts.append(f"<h2>Tolerances (suite {_h(cert['suite_version'])})</h2>")
-    parts.append(_html_table(
-        ["class", "fp32", "fp16", "bf16"],
-        [[k, v["float32"], v["float16"], v["bfloat16"]] for k, v in cert["tolerances"].items()],
-    ))  # fmt: skip
+    parts.append(
+        _html_table(
+            ["class", "fp32", "fp16", "bf16"],
+            [[k, v["float32"], v["float16"], v["bfloat16"]] for k, v in cert["tolerances"].items()],
+        )
+    )
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -342,8 +443,12 @@ def junit(cert: dict[str, Any]) -> str:
         tests = failures = skipped = 0
         for op in backend.get("ops", []):
             tests += 1
-            case = ET.SubElement(suite, "testcase", classname=f"ops.{backend['name']}",
-                                 name=f"{op['op']}[{op['dtype']}]")  # fmt: skip
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"ops.{backend['name']}",
+                name=f"{op['op']}[{op['dtype']}]",
+            )
             if op["status"] == "failed":
                 failures += 1
                 bad = [c for c in op["cases"] if c["status"] == "failed"]
@@ -360,17 +465,21 @@ def junit(cert: dict[str, Any]) -> str:
             if cell["backend"] != backend["name"]:
                 continue
             tests += 1
-            case = ET.SubElement(suite, "testcase", classname=f"models.{backend['name']}",
-                                 name=f"{cell['model']}[{cell['dtype']}]")  # fmt: skip
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"models.{backend['name']}",
+                name=f"{cell['model']}[{cell['dtype']}]",
+            )
             reasons = "; ".join(cell["reasons"])
             if cell["status"] == "NOT RUN":
                 skipped += 1
                 ET.SubElement(case, "skipped", message=reasons or "not run")
             elif cell["status"] != "CERTIFIED":
                 failures += 1
-                ET.SubElement(case, "failure", message=f"{cell['status']}: {reasons}").text = (
-                    cell["replay"]
-                )
+                ET.SubElement(case, "failure", message=f"{cell['status']}: {reasons}").text = cell[
+                    "replay"
+                ]
         suite.set("tests", str(tests))
         suite.set("failures", str(failures))
         suite.set("skipped", str(skipped))
@@ -384,9 +493,11 @@ def junit(cert: dict[str, Any]) -> str:
 
 
 def write_reports(
-    cert: dict[str, Any], directory: pathlib.Path, name: str = "conformance",
+    cert: dict[str, Any],
+    directory: pathlib.Path,
+    name: str = "conformance",
     junit_path: pathlib.Path | None = None,
-) -> list[pathlib.Path]:  # fmt: skip
+) -> list[pathlib.Path]:
     """Write NAME.json, NAME.md, NAME.html and the JUnit XML; returns the paths."""
     import json
 
@@ -421,8 +532,14 @@ def console(cert: dict[str, Any]) -> str:
         if backend["status"] != "ran":
             lines.append(f"\n{backend['name']}: NOT RUN: {backend['reason']}")
     waivers = cert["waivers"]
-    lines.append("\nwaivers: " + (", ".join(f"{w['name']} ({w['backend']}: {w['reason']})"
-                                          for w in waivers) if waivers else "none"))  # fmt: skip
+    lines.append(
+        "\nwaivers: "
+        + (
+            ", ".join(f"{w['name']} ({w['backend']}: {w['reason']})" for w in waivers)
+            if waivers
+            else "none"
+        )
+    )
     for f in _failures(cert):
         lines += ["", f"FAILED {f['what']}", f"  {f['detail'][:500]}", f"  replay: {f['replay']}"]
     lines += ["", _summary_line(cert)]

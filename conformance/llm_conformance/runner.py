@@ -37,7 +37,14 @@ from llm_conformance.models import (
     reference_logits,
     tiny_model_under_test,
 )
-from llm_conformance.opsuite import FAILED, UNSUPPORTED, OpSuite, checked_ops, dtype_key
+from llm_conformance.opsuite import (
+    FAILED,
+    UNSUPPORTED,
+    OpResult,
+    OpSuite,
+    checked_ops,
+    dtype_key,
+)
 from llm_conformance.serving import engine_on
 from llm_conformance.tolerances import (
     GREEDY_TOKENS,
@@ -45,6 +52,7 @@ from llm_conformance.tolerances import (
     MODEL_THRESHOLDS,
     WAIVERS,
     Waiver,
+    effective_thresholds,
 )
 from llm_conformance.tracing import RecordingBackend
 
@@ -86,6 +94,7 @@ class Cell:
     noise: dict[str, Any] = field(default_factory=dict)
     greedy: dict[str, Any] = field(default_factory=dict)
     audits: dict[str, Any] = field(default_factory=dict)
+    effective_thresholds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     replay: str = ""
 
@@ -103,6 +112,7 @@ class Cell:
             "thresholds": MODEL_THRESHOLDS[self.dtype].as_dict()
             if self.dtype in MODEL_THRESHOLDS
             else {},
+            "effective_thresholds": self.effective_thresholds,
             "reference_noise": self.noise,
             "greedy": self.greedy,
             "audits": self.audits,
@@ -176,7 +186,9 @@ class Conformance:
         registry = get_registry()
         if isinstance(requested, Backend):
             backend = requested
-            return BackendUnderTest(backend.name, backend, record=registry.records.get(backend.name))
+            return BackendUnderTest(
+                backend.name, backend, record=registry.records.get(backend.name)
+            )
         record = registry.records.get(requested)
         try:
             instance = registry.create(requested)
@@ -226,7 +238,8 @@ class Conformance:
             if name in (arch, arch.lower()) or name.lower() == _model_type(arch):
                 return arch
         raise ValueError(
-            f"unknown model {name!r}: give an architecture ({', '.join(self.mandatory_architectures())}), "
+            f"unknown model {name!r}: give an architecture "
+            f"({', '.join(self.mandatory_architectures())}), "
             f"{' or '.join(REAL_MODEL_ALIASES)} for the demo model, or a checkpoint path"
         )
 
@@ -241,27 +254,35 @@ class Conformance:
             if backend.instance is None:
                 self.progress(f"{backend.name}: NOT RUN ({backend.reason})")
                 continue
-            self.op_suite(backend)
+            for op, dtype in self.op_suite(backend).keys(self.ops):
+                self.op_result(backend, op, dtype)
             for model in self.models():
                 for dtype in self.dtypes:
                     self.cell(backend, model, dtype)
         return build_certificate(self, time.time() - start)
 
     def op_suite(self, backend: BackendUnderTest) -> OpSuite:
-        """The backend's operator level, run in full on first use."""
+        """The backend's operator level; each operator runs when first asked for."""
         assert backend.instance is not None
         if backend.ops is None:
-            backend.ops = OpSuite(backend.instance, self.dtypes, self.seed, self.quick,
-                                  self.waivers)  # fmt: skip
-            for op, dtype in backend.ops.keys(self.ops):
-                started = time.perf_counter()
-                result = backend.ops.result(op, dtype)
-                self.progress(
-                    f"{backend.name} {op} {dtype.value}: {result.status} "
-                    f"({result.count('passed')} passed, {result.count('failed')} failed) "
-                    f"{time.perf_counter() - started:.1f}s"
-                )
+            backend.ops = OpSuite(
+                backend.instance, self.dtypes, self.seed, self.quick, self.waivers
+            )
         return backend.ops
+
+    def op_result(self, backend: BackendUnderTest, op: str, dtype: DType) -> OpResult:
+        """One operator in one dtype on one backend (run now if not yet), with progress."""
+        suite = self.op_suite(backend)
+        fresh = (op, dtype) not in suite.results
+        started = time.perf_counter()
+        result = suite.result(op, dtype)
+        if fresh:
+            self.progress(
+                f"{backend.name} {op} {dtype.value}: {result.status} "
+                f"({result.count('passed')} passed, {result.count('failed')} failed) "
+                f"{time.perf_counter() - started:.1f}s"
+            )
+        return result
 
     def cells(self) -> list[Cell]:
         return list(self._cells.values())
@@ -292,7 +313,9 @@ class Conformance:
         return self._cells[key]
 
     def _replay(self, backend: str, model: ModelUnderTest, dtype: DType) -> str:
-        which = "smollm2" if model.kind == "real" and model.name.startswith("SmolLM2") else model.name
+        which = (
+            "smollm2" if model.kind == "real" and model.name.startswith("SmolLM2") else model.name
+        )
         if model.kind == "real" and not model.name.startswith("SmolLM2"):
             which = str(model.path)
         return (
@@ -339,9 +362,10 @@ class Conformance:
         elif self.run_audits:
             cell.audits = self._audits_of_same_architecture(backend, model, dtype)
         cell.reasons += [
-            f"audit {name}: {audit['detail']}" for name, audit in cell.audits.items()
+            f"audit {name}: {audit['detail']}"
+            for name, audit in cell.audits.items()
             if not audit.get("passed", True)
-        ]  # fmt: skip
+        ]
         unsupported = [r for r in cell.reasons if r.startswith("operator") and "unsupported" in r]
         if unsupported and len(unsupported) == len(cell.reasons):
             cell.status = CELL_UNSUPPORTED
@@ -351,27 +375,36 @@ class Conformance:
     def _trace(self, recorder: RecordingBackend, model: ModelUnderTest, dtype: DType) -> Any:
         """Serve the model on the recording backend: one greedy and one fully-featured sampled
         request through prefill and decode, so every operator serving needs is called."""
-        from llm_core.loaders import open_checkpoint
-
-        config = open_checkpoint(model.path).config
+        config = model.checkpoint.config
         blocks = 256 if model.kind == "tiny" else 128
         llm = engine_on(
-            recorder, str(model.path), dtype.value, seed=self.seed,
+            recorder,
+            str(model.path),
+            dtype.value,
+            seed=self.seed,
             kv_cache_memory=blocks * kv_block_bytes(config, dtype.itemsize, 16),
-        )  # fmt: skip
+        )
         prompt = model.prompts[0]
         llm.generate(
             [prompt, prompt],
             [
                 SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=2),
                 SamplingParams(
-                    temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
-                    presence_penalty=0.1, frequency_penalty=0.1, min_tokens=2, max_tokens=2,
-                    seed=self.seed % 2**31, logprobs=1,
+                    temperature=0.8,
+                    top_k=20,
+                    top_p=0.9,
+                    min_p=0.05,
+                    repetition_penalty=1.1,
+                    presence_penalty=0.1,
+                    frequency_penalty=0.1,
+                    min_tokens=2,
+                    max_tokens=2,
+                    seed=self.seed % 2**31,
+                    logprobs=1,
                 ),
             ],
             use_tqdm=False,
-        )  # fmt: skip
+        )
         return llm
 
     def _model_level(
@@ -383,16 +416,17 @@ class Conformance:
         dtype: DType,
     ) -> None:
         gates = MODEL_THRESHOLDS[dtype]
-        candidate = backend_logits(llm.llm_engine.model, recorder, dtype, model.sequences)
         reference = self._reference_logits(model, torch.float32)
-        cell.metrics = compare_logits(candidate, reference, model.sequences, gates)
-        cell.reasons += [f"teacher-forced: {p}" for p in gate_logits(cell.metrics, gates)]
         noise_dtype = torch.float64 if dtype is DType.FP32 else _torch(dtype)
-        noise = self._reference_logits(model, noise_dtype)
-        cell.noise = {
-            "reference": f"transformers {_name(noise_dtype)} vs transformers float32",
-            **compare_logits(noise, reference, model.sequences, gates),
-        }
+        noise = compare_logits(
+            self._reference_logits(model, noise_dtype), reference, model.sequences, gates
+        )
+        cell.noise = {"reference": f"transformers {_name(noise_dtype)} vs float32", **noise}
+        effective = effective_thresholds(gates, noise)
+        cell.effective_thresholds = effective.as_dict()
+        candidate = backend_logits(llm.llm_engine.model, recorder, dtype, model.sequences)
+        cell.metrics = compare_logits(candidate, reference, model.sequences, gates)
+        cell.reasons += [f"teacher-forced: {p}" for p in gate_logits(cell.metrics, effective)]
         params = SamplingParams(
             temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True, logprobs=GREEDY_TOP_K
         )
@@ -410,10 +444,9 @@ class Conformance:
         return self._logit_refs[key]
 
     def _op_verdicts(self, backend: BackendUnderTest, traced: list[str], dtype: DType) -> list[str]:
-        suite = self.op_suite(backend)
         reasons = []
         for op in traced:
-            result = suite.result(op, dtype_key(op, dtype))
+            result = self.op_result(backend, op, dtype_key(op, dtype))
             if result.status == FAILED:
                 reasons.append(
                     f"operator {op} failed at the operator level in "
@@ -502,5 +535,12 @@ def _model_type(architecture: str) -> str:
         return architecture.lower()
 
 
-__all__ = ["CERTIFIED", "CELL_FAILED", "CELL_UNSUPPORTED", "NOT_RUN", "Cell", "Conformance",
-           "checked_ops"]  # fmt: skip
+__all__ = [
+    "CELL_FAILED",
+    "CELL_UNSUPPORTED",
+    "CERTIFIED",
+    "NOT_RUN",
+    "Cell",
+    "Conformance",
+    "checked_ops",
+]

@@ -56,41 +56,72 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     keygen = sub.add_parser("keygen", help="create an Ed25519 key pair for signing certificates")
     keygen.add_argument("directory", type=pathlib.Path, help="where NAME.key and NAME.pub go")
-    keygen.add_argument("--name", default="conformance", help="file name stem (default conformance)")
+    keygen.add_argument(
+        "--name", default="conformance", help="file name stem (default conformance)"
+    )
     keygen.set_defaults(func=run_keygen)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--backend", action="append", metavar="NAME",
+        "--backend",
+        action="append",
+        metavar="NAME",
         help="backend to certify (repeat or comma-separate; default: every installed backend)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--model", action="append", metavar="NAME",
+        "--model",
+        action="append",
+        metavar="NAME",
         help="architecture (LlamaForCausalLM or llama), smollm2 for the demo model, or a "
         "checkpoint path (repeat or comma-separate; default: every supported architecture and "
         "the demo model)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--dtype", action="append", metavar="D",
+        "--dtype",
+        action="append",
+        metavar="D",
         help="float32, bfloat16, float16 (repeat or comma-separate; default: all three)",
-    )  # fmt: skip
+    )
     parser.add_argument("--seed", type=int, default=1234, help="seed of every input (default 1234)")
-    parser.add_argument("--report", type=pathlib.Path, metavar="DIR",
-                        help="write the certificate, Markdown, HTML and JUnit reports here")  # fmt: skip
-    parser.add_argument("--report-name", default="conformance", metavar="NAME",
-                        help="file name stem of the reports (default conformance)")  # fmt: skip
-    parser.add_argument("--junit", type=pathlib.Path, metavar="FILE",
-                        help="JUnit XML path (default DIR/NAME-junit.xml)")  # fmt: skip
-    parser.add_argument("--sign-key", type=pathlib.Path, metavar="FILE",
-                        help=f"Ed25519 private key (PEM) to sign the certificate (or ${ENV_SIGN_KEY})")  # fmt: skip
-    parser.add_argument("--quick", action="store_true",
-                        help="a subset of the operator cases, no demo model, one audit: for "
-                        "development, never a certification")  # fmt: skip
+    parser.add_argument(
+        "--report",
+        type=pathlib.Path,
+        metavar="DIR",
+        help="write the certificate, Markdown, HTML and JUnit reports here",
+    )
+    parser.add_argument(
+        "--report-name",
+        default="conformance",
+        metavar="NAME",
+        help="file name stem of the reports (default conformance)",
+    )
+    parser.add_argument(
+        "--junit",
+        type=pathlib.Path,
+        metavar="FILE",
+        help="JUnit XML path (default DIR/NAME-junit.xml)",
+    )
+    parser.add_argument(
+        "--sign-key",
+        type=pathlib.Path,
+        metavar="FILE",
+        help=f"Ed25519 private key (PEM) to sign the certificate (or ${ENV_SIGN_KEY})",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a subset of the operator cases, no demo model, one audit: for "
+        "development, never a certification",
+    )
     parser.add_argument("--no-real-model", action="store_true", help="skip the demo model")
     parser.add_argument("--no-audits", action="store_true", help="skip the engine audits")
-    parser.add_argument("--op", action="append", metavar="OP",
-                        help="only these operators at the operator level (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--op",
+        action="append",
+        metavar="OP",
+        help="only these operators at the operator level (repeatable)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
 
@@ -119,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
     ) as conformance:
         certificate = conformance.run()
-    key_path = args.sign_key or (pathlib.Path(os.environ[ENV_SIGN_KEY]) if os.environ.get(ENV_SIGN_KEY) else None)
+    key_path = args.sign_key or (
+        pathlib.Path(os.environ[ENV_SIGN_KEY]) if os.environ.get(ENV_SIGN_KEY) else None
+    )
     if key_path is not None:
         certificate = sign(certificate, key_path.read_bytes())
     print(console(certificate))

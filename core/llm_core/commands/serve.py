@@ -7,7 +7,6 @@ import ipaddress
 import logging
 import os
 import pathlib
-import sys
 from typing import Any
 
 from llm_core.commands.generate import add_engine_arguments, engine_args_from
@@ -103,12 +102,14 @@ def run_serve(args: argparse.Namespace) -> int:
         max_request_bytes=parse_bytes(args.max_request_bytes),
         chat_template=chat_template,
     )
-    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
-    print(
-        f"llm-core: loading {name}, then serving it at http://{_url_host(args.host)}:{args.port}"
-        f"/v1 (API key {'required' if config.api_key else 'not required'})",
-        file=sys.stderr,
-        flush=True,
+    # uvicorn follows llm-core's own level (--log-level): INFO shows its startup and access log.
+    level = logging.getLevelName(logging.getLogger("llm_core").getEffectiveLevel()).lower()
+    log.info(
+        "loading %s, then serving it at http://%s:%d/v1 (API key %s)",
+        name,
+        _url_host(args.host),
+        args.port,
+        "required" if config.api_key else "not required",
     )
     run_server(
         engine_args,

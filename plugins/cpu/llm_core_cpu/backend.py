@@ -145,7 +145,8 @@ class CpuBackend(TorchBackend):
             elif bias is not None:
                 return prepared
             bias_ptr = None if prepared.bias is None else prepared.bias.data_ptr()
-            prepared.packed = _NativeLinear(prepared.weight.data_ptr(), bias_ptr, weight.dtype, code)
+            weight_ptr = prepared.weight.data_ptr()
+            prepared.packed = _NativeLinear(weight_ptr, bias_ptr, weight.dtype, code)
         return prepared
 
     # ------------------------------------------------------------------------------------------
@@ -522,8 +523,9 @@ def _causal_mask(q_len: int, kv_len: int, sliding_window: int | None) -> torch.T
 # ----------------------------------------------------------------------------------------------
 
 #: Methods that record a kernel while capturing (or fail the capture themselves).
-_RECORDING = frozenset({"embedding", "linear", "rms_norm", "rotary_embedding", "reshape_and_cache",
-                        "paged_attention_decode", "silu_and_mul", "gather_rows", "copy_"})  # fmt: skip
+_RECORDING = frozenset({"embedding", "linear", "rms_norm", "rotary_embedding",
+                        "reshape_and_cache", "paged_attention_decode", "silu_and_mul",
+                        "gather_rows", "copy_"})  # fmt: skip
 #: Everything else that computes or moves data: it cannot be replayed, so it fails a capture.
 _GUARDED: tuple[str, ...] = (*OPS, "from_host", "to_host", "allocate_kv_cache", "prepare_linear")
 _capturing_classes: dict[type, type] = {}

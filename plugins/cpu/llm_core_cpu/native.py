@@ -55,7 +55,7 @@ KINDS: dict[str, int] = {name: i + 1 for i, name in enumerate(SIGNATURES)}
 class Record(ctypes.Structure):
     """One recorded kernel call (``llm_record`` in the C source)."""
 
-    _fields_ = [  # noqa: RUF012 - the ctypes layout, not a mutable default
+    _fields_ = [
         ("kind", c_int64),
         ("p", c_void_p * 8),
         ("i", c_int64 * 12),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from llm_hal import AttentionMetadata
 
@@ -26,8 +27,8 @@ class AttentionInputs:
 
     @classmethod
     def upload(cls, meta: AttentionMetadata, device: torch.device) -> AttentionInputs:
-        def dev(a: object) -> torch.Tensor:
-            return torch.from_numpy(a).to(device, non_blocking=True)  # type: ignore[arg-type]
+        def dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(device, non_blocking=True)
 
         return cls(
             query_start_loc=dev(meta.query_start_loc),

@@ -80,7 +80,9 @@ class CudaBackend(TritonBackend):
         value_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> None:
-        if self.cupy is not None and self.cupy.can_reshape_and_cache(key, value, key_cache, value_cache):
+        if self.cupy is not None and self.cupy.can_reshape_and_cache(
+            key, value, key_cache, value_cache
+        ):
             slots = self.attention_inputs(meta).slot_mapping
             self.cupy.reshape_and_cache(key, value, key_cache, value_cache, slots)
             return

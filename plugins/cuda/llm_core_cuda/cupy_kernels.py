@@ -39,7 +39,9 @@ class CupyKernels:
         self.device_index = device_index
         with cupy.cuda.Device(device_index):
             self._module = cupy.RawModule(code=RESHAPE_AND_CACHE_SOURCE, options=NVRTC_OPTIONS)
-            self._kernels = {w: self._module.get_function(n) for w, n in RESHAPE_AND_CACHE_KERNELS.items()}
+            self._kernels = {
+                w: self._module.get_function(n) for w, n in RESHAPE_AND_CACHE_KERNELS.items()
+            }
 
     def _as_cupy(self, t: torch.Tensor) -> Any:
         return self._cupy.from_dlpack(t.detach())
@@ -61,10 +63,17 @@ class CupyKernels:
         return (
             key.stride(-1) == 1
             and value.stride(-1) == 1
-            and word_size(row_bytes, key.stride(0) * item, value.stride(0) * item,
-                          key.data_ptr(), value.data_ptr(), key_cache.data_ptr(),
-                          value_cache.data_ptr()) is not None
-        )  # fmt: skip
+            and word_size(
+                row_bytes,
+                key.stride(0) * item,
+                value.stride(0) * item,
+                key.data_ptr(),
+                value.data_ptr(),
+                key_cache.data_ptr(),
+                value_cache.data_ptr(),
+            )
+            is not None
+        )
 
     def reshape_and_cache(
         self,
@@ -82,9 +91,14 @@ class CupyKernels:
         item = key.element_size()
         row_bytes = key_cache.shape[2] * key_cache.shape[3] * item
         word = word_size(
-            row_bytes, key.stride(0) * item, value.stride(0) * item,
-            key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
-        )  # fmt: skip
+            row_bytes,
+            key.stride(0) * item,
+            value.stride(0) * item,
+            key.data_ptr(),
+            value.data_ptr(),
+            key_cache.data_ptr(),
+            value_cache.data_ptr(),
+        )
         if word is None:
             raise ValueError("reshape_and_cache: rows are not 2-byte aligned")
         cp = self._cupy

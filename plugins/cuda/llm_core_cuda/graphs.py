@@ -86,10 +86,11 @@ class DecodeGraph:
         backend.set_attention_inputs(self.meta, self.inputs)
         pinned = dev.type == "cuda"
         self._host = {
-            name: torch.zeros(t.shape, dtype=t.dtype).pin_memory() if pinned else
-            torch.zeros(t.shape, dtype=t.dtype)
+            name: torch.zeros(t.shape, dtype=t.dtype).pin_memory()
+            if pinned
+            else torch.zeros(t.shape, dtype=t.dtype)
             for name, t in self._static().items()
-        }  # fmt: skip
+        }
         self._copied: torch.cuda.Event | None = None
         self._step = step
         self._graph: torch.cuda.CUDAGraph | None = None

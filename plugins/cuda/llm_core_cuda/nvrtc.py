@@ -30,7 +30,9 @@ def _candidates() -> list[str]:
             found.extend(sorted(glob.glob(os.path.join(root, pattern)), reverse=True))
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home:
-            found.extend(sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")), reverse=True))
+            found.extend(
+                sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")), reverse=True)
+            )
     system = ctypes.util.find_library("nvrtc")
     if system:
         found.append(system)
@@ -85,9 +87,7 @@ def compile_to_ptx(
     prog = ctypes.c_void_p()
     _check(
         lib,
-        lib.nvrtcCreateProgram(
-            ctypes.byref(prog), source.encode(), name.encode(), 0, None, None
-        ),
+        lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None),
         "nvrtcCreateProgram",
     )
     try:

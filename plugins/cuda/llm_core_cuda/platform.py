@@ -52,8 +52,8 @@ def gpu_platform(cuda: str | None, hip: str | None) -> Platform:
 
 
 def _version_tuple(text: str) -> tuple[int, int]:
-    parts = [int(p) for p in text.split(".")[:2] if p.isdigit()]
-    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+    parts = [*(int(p) for p in text.split(".")[:2] if p.isdigit()), 0, 0]
+    return parts[0], parts[1]
 
 
 def driver_cuda_version(driver_version: int) -> tuple[int, int]:
@@ -104,8 +104,9 @@ def cuda_availability(facts: GpuFacts) -> Availability:
         )
     usable = [d for d in facts.devices if _capability(d) >= MIN_COMPUTE_CAPABILITY]
     if not usable:
-        cc = ", ".join(f"{d.name} (sm_{d.properties.get('compute_capability', '?')})"
-                       for d in facts.devices)  # fmt: skip
+        cc = ", ".join(
+            f"{d.name} (sm_{d.properties.get('compute_capability', '?')})" for d in facts.devices
+        )
         lo = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
         return Availability.no(f"no GPU with compute capability {lo} or newer: {cc}")
     missing = _missing(facts, ("triton", "cupy"))

@@ -11,6 +11,7 @@ is ``llm-core conformance --backend cuda``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -29,7 +30,7 @@ TOLERANCES: dict[str, dict[torch.dtype, tuple[float, float, float]]] = {
     "elementwise": {F32: (1.3e-6, 1e-5, 1e-7), F16: (1e-3, 1e-3, 1e-7), BF16: (1.6e-2, 1e-3, 1e-7)},
     "norm": {F32: (1e-5, 1e-5, 1e-6), F16: (1.1e-3, 1.1e-3, 1e-6), BF16: (7.9e-3, 7.9e-3, 1e-6)},
     "attention": {F32: (1e-4, 1e-4, 5e-4), F16: (1e-3, 3e-3, 5e-4), BF16: (1e-2, 2e-2, 5e-4)},
-}  # fmt: skip
+}
 #: Rounding the output alone costs up to u/2 relative; NMSE caps are floored at u^2.
 NMSE_FLOOR = {F32: 0.0, F16: 2.0**-22, BF16: 2.0**-16}
 
@@ -42,8 +43,11 @@ class Comparison:
     detail: str = ""
 
 
-def compare(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, op_class: str) -> Comparison:
-    """Pass if NaN/Inf match, ``|x-g| <= atol + rtol*|g|`` everywhere and NMSE is capped."""
+def compare(
+    out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, op_class: str, slack: float = 1.0
+) -> Comparison:
+    """Pass if NaN/Inf match, ``|x-g| <= atol + rtol*|g|`` everywhere and NMSE is capped.
+    ``slack`` widens the bounds (NMSE by its square) for a declared waiver."""
     x = out.detach().to("cpu", torch.float64)
     g = ref.detach().to("cpu", torch.float64)
     if x.shape != g.shape:
@@ -54,12 +58,12 @@ def compare(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, op_class: 
         return Comparison(False, math.inf, math.inf, "NaN/Inf mismatch")
     finite = torch.isfinite(g)
     x, g = x[finite], g[finite]
-    rtol, atol, cap = TOLERANCES[op_class][dtype]
+    rtol, atol, cap = (v * f for v, f in zip(TOLERANCES[op_class][dtype], (slack, slack, slack**2)))
     diff = (x - g).abs()
     max_abs = float(diff.max()) if diff.numel() else 0.0
     nmse = float((diff**2).sum() / (g**2).sum().clamp_min(1e-300)) if diff.numel() else 0.0
     within = bool(torch.all(diff <= atol + rtol * g.abs()))
-    capped = nmse <= max(cap, NMSE_FLOOR[dtype])
+    capped = nmse <= max(cap, NMSE_FLOOR[dtype] * slack**2)
     detail = "" if within else f"worst excess {float((diff - atol - rtol * g.abs()).max()):.3g}"
     return Comparison(within and capped, max_abs, nmse, detail)
 
@@ -161,8 +165,9 @@ class ToyDecoder:
         q, k, v = be.split(qkv, [self.num_heads * self.head_size, kv, kv])
         q, k = be.rotary_embedding(positions, q, k, w["cos_sin"], self.head_size, True)
         be.reshape_and_cache(k, v, self.key_cache, self.value_cache, meta)
-        o = be.paged_attention_decode(q, self.key_cache, self.value_cache, meta,
-                                      self.head_size**-0.5)  # fmt: skip
+        o = be.paged_attention_decode(
+            q, self.key_cache, self.value_cache, meta, self.head_size**-0.5
+        )
         return be.linear(o, w["wo"])  # (B, hidden)
 
 
@@ -203,23 +208,29 @@ def _checks(backend: Any) -> list[tuple[str, Callable[[], Comparison]]]:
             return compare(got, want, dt, "attention")
 
         def norm(dt: torch.dtype = dt) -> Comparison:
-            x, r, w = (torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dt)
-                       for i, s in enumerate([(7, 4096), (7, 4096), (4096,)]))  # fmt: skip
+            x, r, w = (
+                torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dt)
+                for i, s in enumerate([(7, 4096), (7, 4096), (4096,)])
+            )
             want, _ = ref.rms_norm(x.double(), w.double(), 1e-6, r.double())
             got, _ = backend.rms_norm(x.to(dev), w.to(dev), 1e-6, r.to(dev))
             return compare(got, want, dt, "norm")
 
         def act(dt: torch.dtype = dt) -> Comparison:
             x = torch.randn((9, 2 * 1000), generator=torch.Generator().manual_seed(3)).to(dt)
-            return compare(backend.silu_and_mul(x.to(dev)), ref.silu_and_mul(x.double()), dt,
-                           "elementwise")  # fmt: skip
+            return compare(
+                backend.silu_and_mul(x.to(dev)), ref.silu_and_mul(x.double()), dt, "elementwise"
+            )
 
-        checks += [(f"paged_attention_prefill[{dt}]", lambda f=attn: f(False)),
-                   (f"paged_attention_decode[{dt}]", lambda f=attn: f(True)),
-                   (f"rms_norm[{dt}]", norm), (f"silu_and_mul[{dt}]", act)]  # fmt: skip
+        checks += [
+            (f"paged_attention_prefill[{dt}]", functools.partial(attn, False)),
+            (f"paged_attention_decode[{dt}]", functools.partial(attn, True)),
+            (f"rms_norm[{dt}]", norm),
+            (f"silu_and_mul[{dt}]", act),
+        ]
 
     def kv_write() -> Comparison:
-        q, kc, vc, meta = attention_case([3, 1], [9, 20], 4, 2, 64, 16, BF16, seed=4)
+        _, kc, vc, meta = attention_case([3, 1], [9, 20], 4, 2, 64, 16, BF16, seed=4)
         kv = torch.randn((4, 2 * 2 * 64)).to(BF16)
         k, v = kv[:, :128], kv[:, 128:]
         kc_ref, vc_ref = kc.clone(), vc.clone()
@@ -271,8 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, check in _checks(backend):
         try:
             result = check()
-            record = {"check": name, "ok": result.ok, "max_abs": result.max_abs,
-                      "nmse": result.nmse, "detail": result.detail}  # fmt: skip
+            record = {
+                "check": name,
+                "ok": result.ok,
+                "max_abs": result.max_abs,
+                "nmse": result.nmse,
+                "detail": result.detail,
+            }
         except Exception as exc:
             record = {"check": name, "ok": False, "detail": f"{type(exc).__name__}: {exc}"}
         failed += not record["ok"]

@@ -61,7 +61,7 @@ class TritonBackend(TorchBackend):
         if inputs is None:
             inputs = AttentionInputs.upload(meta, self.device)
             meta.device_cache[self._meta_key] = inputs
-        return inputs  # type: ignore[no-any-return]
+        return inputs
 
     def set_attention_inputs(self, meta: AttentionMetadata, inputs: AttentionInputs) -> None:
         meta.device_cache[self._meta_key] = inputs
@@ -84,8 +84,7 @@ class TritonBackend(TorchBackend):
             return None
         if self.device.type == "cuda" and self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        return DecodeGraph(self, step, batch_size, max_blocks_per_seq, block_size,
-                           self._graph_pool)  # fmt: skip
+        return DecodeGraph(self, step, batch_size, max_blocks_per_seq, block_size, self._graph_pool)
 
     # ------------------------------------------------------------------------------------------
     # capability
@@ -97,9 +96,12 @@ class TritonBackend(TorchBackend):
         if op.startswith("paged_attention") and shape.get("head_size", 0) > MAX_HEAD_SIZE:
             return False
         kv = shape.get("kv_dtype")
-        if kv is not None and op in ("reshape_and_cache", "paged_attention_prefill",
-                                     "paged_attention_decode"):  # fmt: skip
-            kv_dtype = DType.parse(kv) if not isinstance(kv, DType) else kv
+        if kv is not None and op in (
+            "reshape_and_cache",
+            "paged_attention_prefill",
+            "paged_attention_decode",
+        ):
+            kv_dtype = kv if isinstance(kv, DType) else DType.parse(str(kv))
             return kv_dtype in self.float_dtypes or kv_dtype is self.fp8_dtype
         return True
 
@@ -140,10 +142,12 @@ class TritonBackend(TorchBackend):
         is_neox_style: bool,
     ) -> tuple[Tensor, Tensor]:
         if q.dtype not in _GPU_FLOATS or q.stride(-1) != 1 or k.stride(-1) != 1:
-            return super().rotary_embedding(positions, q, k, cos_sin_cache, head_size,
-                                            is_neox_style)  # fmt: skip
-        return kernels.rotary_embedding(positions, q, k, cos_sin_cache.contiguous(), head_size,
-                                        is_neox_style, self.config)  # fmt: skip
+            return super().rotary_embedding(
+                positions, q, k, cos_sin_cache, head_size, is_neox_style
+            )
+        return kernels.rotary_embedding(
+            positions, q, k, cos_sin_cache.contiguous(), head_size, is_neox_style, self.config
+        )
 
     def silu_and_mul(self, x: torch.Tensor, out: Tensor | None = None) -> Tensor:
         if x.dtype not in _GPU_FLOATS or x.stride(-1) != 1:
@@ -168,8 +172,9 @@ class TritonBackend(TorchBackend):
         if key.dtype not in _GPU_FLOATS or not key_cache.is_contiguous():
             return super().reshape_and_cache(key, value, key_cache, value_cache, meta)
         inputs = self.attention_inputs(meta)
-        kernels.reshape_and_cache(key, value, key_cache, value_cache, inputs.slot_mapping,
-                                  self.config)  # fmt: skip
+        kernels.reshape_and_cache(
+            key, value, key_cache, value_cache, inputs.slot_mapping, self.config
+        )
 
     def _attention_ok(self, query: torch.Tensor, key_cache: torch.Tensor) -> bool:
         return (
@@ -192,13 +197,24 @@ class TritonBackend(TorchBackend):
         out: Tensor | None = None,
     ) -> Tensor:
         if not self._attention_ok(query, key_cache):
-            return super().paged_attention_prefill(query, key_cache, value_cache, meta, scale,
-                                                   sliding_window, logits_soft_cap, out)  # fmt: skip
+            return super().paged_attention_prefill(
+                query, key_cache, value_cache, meta, scale, sliding_window, logits_soft_cap, out
+            )
         a = self.attention_inputs(meta)
         return kernels.paged_attention_prefill(
-            query, key_cache, value_cache, a.block_tables, a.query_start_loc, a.seq_lens,
-            scale, a.max_query_len, sliding_window, logits_soft_cap, out, self.config,
-        )  # fmt: skip
+            query,
+            key_cache,
+            value_cache,
+            a.block_tables,
+            a.query_start_loc,
+            a.seq_lens,
+            scale,
+            a.max_query_len,
+            sliding_window,
+            logits_soft_cap,
+            out,
+            self.config,
+        )
 
     def paged_attention_decode(
         self,
@@ -214,13 +230,23 @@ class TritonBackend(TorchBackend):
         if not meta.is_decode:
             raise ValueError("paged_attention_decode needs exactly one new token per sequence")
         if not self._attention_ok(query, key_cache):
-            return super().paged_attention_decode(query, key_cache, value_cache, meta, scale,
-                                                  sliding_window, logits_soft_cap, out)  # fmt: skip
+            return super().paged_attention_decode(
+                query, key_cache, value_cache, meta, scale, sliding_window, logits_soft_cap, out
+            )
         a = self.attention_inputs(meta)
         return kernels.paged_attention_decode(
-            query, key_cache, value_cache, a.block_tables, a.seq_lens, scale, a.max_seq_len,
-            sliding_window, logits_soft_cap, out, self.config,
-        )  # fmt: skip
+            query,
+            key_cache,
+            value_cache,
+            a.block_tables,
+            a.seq_lens,
+            scale,
+            a.max_seq_len,
+            sliding_window,
+            logits_soft_cap,
+            out,
+            self.config,
+        )
 
     def sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> Tensor:
         if logits.dtype == torch.float64:

@@ -86,7 +86,10 @@ class OpenCLBackend(Backend):
     name: ClassVar[str] = "opencl"
     float_dtypes: ClassVar[frozenset[DType]] = frozenset({DType.FP32, DType.FP16, DType.BF16})
 
-    def __init__(self, selector: str = "", index: int = 0):
+    def __init__(self, selector: str = "", index: int = 0, flavour: str | None = None):
+        """Run on the device ``selector`` and ``index`` pick (see :mod:`llm_core_opencl.device`).
+        ``flavour`` picks the kernel family, ``"cpu"`` or ``"gpu"``; by default the device
+        type decides (see ``kernels/linear.cl``)."""
         self.candidate: Candidate = select_device(selector, index)
         self.device = self.candidate.device
         self.context = cl.Context([self.device])
@@ -94,6 +97,9 @@ class OpenCLBackend(Backend):
         self.pool = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(self.queue))
         self.programs = ProgramCache(self.context, self.device)
         self.native_fp16 = "cl_khr_fp16" in self.device.extensions
+        self.flavour = flavour or ("cpu" if self.candidate.kind == "CPU" else "gpu")
+        if self.flavour not in ("cpu", "gpu"):
+            raise ValueError(f"flavour must be 'cpu' or 'gpu', not {flavour!r}")
         limit = int(self.device.max_work_group_size)
         self.row_wg = _pow2_at_most(min(256, limit))  # norms, sampling: one group per row
         self.attn_wg = _pow2_at_most(min(64, limit))
@@ -133,10 +139,14 @@ class OpenCLBackend(Backend):
         self.queue.finish()
 
     def empty(self, shape: Sequence[int], dtype: DType) -> Array:
-        return cla.empty(self.queue, tuple(int(s) for s in shape), self._np(dtype), allocator=self.pool)
+        return cla.empty(
+            self.queue, tuple(int(s) for s in shape), self._np(dtype), allocator=self.pool
+        )
 
     def _zeros(self, shape: Sequence[int], dtype: DType) -> Array:
-        return cla.zeros(self.queue, tuple(int(s) for s in shape), self._np(dtype), allocator=self.pool)
+        return cla.zeros(
+            self.queue, tuple(int(s) for s in shape), self._np(dtype), allocator=self.pool
+        )
 
     def from_host(self, data: Any, dtype: DType | None = None) -> Array:
         if isinstance(data, torch.Tensor):
@@ -145,7 +155,11 @@ class OpenCLBackend(Backend):
         else:
             arr = np.ascontiguousarray(data)
             target = dtype or self._from_np(arr.dtype)
-            t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16) if arr.dtype == np.uint16 else torch.from_numpy(arr)
+            t = (
+                torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+                if arr.dtype == np.uint16
+                else torch.from_numpy(arr)
+            )
         if target not in _NUMPY:
             raise UnsupportedOpError(self.name, "from_host", f"dtype {target.value}")
         # Conversion happens here on the host: this is load-time or per-step input, not compute.
@@ -167,16 +181,24 @@ class OpenCLBackend(Backend):
         if not (dst.flags.forc and src.flags.forc):
             raise ValueError("copy_ needs contiguous tensors")
         if dst.dtype == src.dtype:
+            dst_buf: Any = dst.base_data  # pyopencl's stubs allow None for empty arrays
+            src_buf: Any = src.base_data
             cl.enqueue_copy(
-                self.queue, dst.base_data, src.base_data, byte_count=src.nbytes,
-                src_offset=src.offset, dst_offset=dst.offset,
-            )  # fmt: skip
+                self.queue,
+                dst_buf,
+                src_buf,
+                byte_count=src.nbytes,
+                src_offset=src.offset,
+                dst_offset=dst.offset,
+            )
             return dst
         sd, dd = self.dtype_of(src), self.dtype_of(dst)
         if sd in _STORAGE and dd in _STORAGE:
             src_c = self._contig(src)
             target, pending = self._target(dst, dst.shape, dd)
-            kernel = self.programs.kernel("convert.cl", "convert", SRC=_STORAGE[sd], DST=_STORAGE[dd])
+            kernel = self.programs.kernel(
+                "convert.cl", "convert", SRC=_STORAGE[sd], DST=_STORAGE[dd]
+            )
             self._run(kernel, (src.size,), None, src_c.data, target.data)
             return self._deliver(target, pending)
         if {sd, dd}.isdisjoint({DType.FP16, DType.BF16}):  # pyopencl's own kernels know these
@@ -202,7 +224,9 @@ class OpenCLBackend(Backend):
         parts, col = [], 0
         for size in sizes:
             part = self.empty((*tensor.shape[:-1], size), dtype)
-            self._run(kernel, (size, rows), None, src.data, _i32(width), _i32(col), part.data, _i32(size))
+            self._run(
+                kernel, (size, rows), None, src.data, _i32(width), _i32(col), part.data, _i32(size)
+            )
             parts.append(part)
             col += size
         return parts
@@ -254,7 +278,9 @@ class OpenCLBackend(Backend):
         name = "embedding_i32" if ids.dtype == np.int32 else "embedding_i64"
         ids = self._contig(ids if ids.dtype in (np.int32, np.int64) else ids.astype(np.int64))
         kernel = self._kernel("elementwise.cl", name, dtype)
-        self._run(kernel, (hidden, t), None, self._contig(table).data, ids.data, target.data, _i32(hidden))
+        self._run(
+            kernel, (hidden, t), None, self._contig(table).data, ids.data, target.data, _i32(hidden)
+        )
         return self._deliver(target, pending)
 
     def linear(self, x: Array, weight: LinearWeight, out: Tensor | None = None) -> Tensor:
@@ -269,15 +295,19 @@ class OpenCLBackend(Backend):
         target, pending = self._target(out, (m, n), dtype)
         args = (x.data, w.data, None if bias is None else bias.data, _i32(bias is not None),
                 target.data, _i32(m), _i32(n), _i32(k))  # fmt: skip
-        defines = {**GEMM_TILE, "GWG": self.gemv_wg, "GEMV_MAX_M": GEMV_MAX_ROWS}
-        if m <= GEMV_MAX_ROWS:
-            kernel = self._kernel("linear.cl", "gemv", dtype, **defines)
+        defines = {**GEMM_TILE, "GWG": self.gemv_wg, "GEMV_MAX_M": GEMV_MAX_ROWS, "RN": 4}
+        if self.flavour == "cpu":
+            rm = 1 if m == 1 else 4
+            kernel = self._kernel("linear.cl", "blocked_gemm", dtype, **defines, RM=rm)
+            self._run(kernel, (-(-n // 4), -(-m // rm)), None, *args)
+        elif m <= GEMV_MAX_ROWS:
+            kernel = self._kernel("linear.cl", "gemv", dtype, **defines, RM=4)
             self._run(kernel, (self.gemv_wg * n,), (self.gemv_wg,), *args)
         else:
             tile = GEMM_TILE
             rx, ry = tile["TN"] // tile["WN"], tile["TM"] // tile["WM"]
             groups = (-(-n // tile["TN"]), -(-m // tile["TM"]))
-            kernel = self._kernel("linear.cl", "gemm", dtype, **defines)
+            kernel = self._kernel("linear.cl", "gemm", dtype, **defines, RM=4)
             self._run(kernel, (groups[0] * rx, groups[1] * ry), (rx, ry), *args)
         return self._deliver(target, pending)
 
@@ -388,7 +418,11 @@ class OpenCLBackend(Backend):
             starts = np.repeat(meta.query_start_loc[:-1], qlens)
             first = np.repeat(meta.seq_lens - qlens, qlens)
             token_pos = (first + np.arange(meta.num_tokens) - starts).astype(np.int32)
-            tables = meta.block_tables if meta.block_tables.shape[1] else np.zeros((meta.num_seqs, 1), np.int32)
+            tables = (
+                meta.block_tables
+                if meta.block_tables.shape[1]
+                else np.zeros((meta.num_seqs, 1), np.int32)
+            )
             cached = (self._upload(token_seq), self._upload(token_pos), self._upload(tables))
             meta.device_cache["opencl.attn"] = cached
         return cached
@@ -417,7 +451,9 @@ class OpenCLBackend(Backend):
         token_seq, token_pos, tables = self._attention_meta(meta)
         wg = self.attn_wg
         max_head = max(64, 1 << (head_size - 1).bit_length())
-        kernel = self._kernel("paged_attention.cl", "paged_attention", dtype, WG=wg, MAX_HEAD=max_head)
+        kernel = self._kernel(
+            "paged_attention.cl", "paged_attention", dtype, WG=wg, MAX_HEAD=max_head
+        )
         self._run(
             kernel, (wg * hq, tokens), (wg, 1), query.data, self._as(key_cache, dtype).data,
             self._as(value_cache, dtype).data, token_seq.data, token_pos.data, tables.data,
@@ -460,7 +496,9 @@ class OpenCLBackend(Backend):
     def silu_and_mul(self, x: Array, out: Tensor | None = None) -> Tensor:
         return self._gated("silu_and_mul", x, out)
 
-    def gelu_and_mul(self, x: Array, approximate: str = "none", out: Tensor | None = None) -> Tensor:
+    def gelu_and_mul(
+        self, x: Array, approximate: str = "none", out: Tensor | None = None
+    ) -> Tensor:
         return self._gated("gelu_and_mul", x, out, _i32(_tanh_approximation(approximate)))
 
     def gelu(self, x: Array, approximate: str = "none", out: Tensor | None = None) -> Tensor:
@@ -468,7 +506,9 @@ class OpenCLBackend(Backend):
         x = self._contig(x)
         target, pending = self._target(out, x.shape, dtype)
         kernel = self._kernel("elementwise.cl", "gelu", dtype)
-        self._run(kernel, (x.size,), None, x.data, target.data, _i32(_tanh_approximation(approximate)))
+        self._run(
+            kernel, (x.size,), None, x.data, target.data, _i32(_tanh_approximation(approximate))
+        )
         return self._deliver(target, pending)
 
     def add(self, a: Array, b: Array, out: Tensor | None = None) -> Tensor:
@@ -487,7 +527,9 @@ class OpenCLBackend(Backend):
         idx = self._contig(indices if indices.dtype == np.int64 else indices.astype(np.int64))
         target, pending = self._target(out, (rows, hidden), dtype)
         kernel = self._kernel("elementwise.cl", "gather_rows", dtype)
-        self._run(kernel, (hidden, rows), None, self._contig(x).data, idx.data, target.data, _i32(hidden))
+        self._run(
+            kernel, (hidden, rows), None, self._contig(x).data, idx.data, target.data, _i32(hidden)
+        )
         return self._deliver(target, pending)
 
     # ------------------------------------------------------------------------------------------
@@ -516,7 +558,16 @@ class OpenCLBackend(Backend):
         count, _ = self._sampling_kernel("count_tokens")
         for ids, is_prompt in ((prompt, 1), (output, 0)):
             width = int(ids.shape[1])
-            self._run(count, (width, rows), None, ids.data, _i32(width), counts.data, _i32(vocab), _i32(is_prompt))
+            self._run(
+                count,
+                (width, rows),
+                None,
+                ids.data,
+                _i32(width),
+                counts.data,
+                _i32(vocab),
+                _i32(is_prompt),
+            )
         self._run(
             self._sampling_kernel("apply_penalties")[0], (vocab, rows), None, logits.data,
             counts.data, _i32(vocab), presence.data, frequency.data, repetition.data,
@@ -592,7 +643,13 @@ class OpenCLBackend(Backend):
     def _kernel(self, source: str, name: str, dtype: DType, **defines: int) -> Any:
         return self.programs.kernel(source, name, STORAGE=_STORAGE[dtype], **defines)
 
-    def _run(self, kernel: Any, global_size: tuple[int, ...], local_size: tuple[int, ...] | None, *args: Any) -> None:
+    def _run(
+        self,
+        kernel: Any,
+        global_size: tuple[int, ...],
+        local_size: tuple[int, ...] | None,
+        *args: Any,
+    ) -> None:
         if math.prod(global_size) == 0:
             return
         kernel.set_args(*args)
@@ -618,7 +675,9 @@ class OpenCLBackend(Backend):
         if self._plain(a):
             return a
         if not a.flags.forc:
-            raise ValueError("the OpenCL backend takes contiguous tensors (strided views are not made here)")
+            raise ValueError(
+                "the OpenCL backend takes contiguous tensors (strided views are not made here)"
+            )
         return self.copy_(cla.empty(self.queue, a.shape, a.dtype, allocator=self.pool), a)
 
     def _as(self, a: Array, dtype: DType, copy: bool = False) -> Array:
@@ -630,13 +689,17 @@ class OpenCLBackend(Backend):
     def _upload(self, host: np.ndarray) -> Array:
         return cla.to_device(self.queue, np.ascontiguousarray(host), allocator=self.pool)
 
-    def _target(self, out: Array | None, shape: Sequence[int], dtype: DType) -> tuple[Array, Array | None]:
+    def _target(
+        self, out: Array | None, shape: Sequence[int], dtype: DType
+    ) -> tuple[Array, Array | None]:
         """Where a kernel writes its result, and the ``out`` to copy it into afterwards
         (kernels write only to plain arrays; an ``out`` view at an offset gets a copy)."""
         if out is None:
             return self.empty(shape, dtype), None
         if tuple(out.shape) != tuple(int(s) for s in shape) or self.dtype_of(out) is not dtype:
-            raise ValueError(f"out is {out.shape} {out.dtype}; expected {tuple(shape)} {dtype.value}")
+            raise ValueError(
+                f"out is {out.shape} {out.dtype}; expected {tuple(shape)} {dtype.value}"
+            )
         if self._plain(out):
             return out, None
         return self.empty(shape, dtype), out

@@ -35,7 +35,9 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return f"{self.platform_index}:{self.device_index} {self.platform_name} / {self.device.name}"
+        return (
+            f"{self.platform_index}:{self.device_index} {self.platform_name} / {self.device.name}"
+        )
 
     @property
     def haystack(self) -> str:
@@ -68,7 +70,7 @@ def import_pyopencl() -> Any:
         import pyopencl
     except ImportError as exc:
         raise DeviceSelectionError(
-            f"pyopencl is not installed ({exc}); install it with `pip install \"llm-core[opencl]\"`"
+            f'pyopencl is not installed ({exc}); install it with `pip install "llm-core[opencl]"`'
         ) from None
     return pyopencl
 

@@ -29,8 +29,9 @@ DISTRIBUTED_BACKEND = "nccl"
 class RocmBackend(TritonBackend):
     name: ClassVar[str] = "rocm"
 
-    def __init__(self, device_index: int = 0, config: KernelConfig | None = None,
-                 graphs: bool = True):  # fmt: skip
+    def __init__(
+        self, device_index: int = 0, config: KernelConfig | None = None, graphs: bool = True
+    ):
         device = torch.device("cuda", device_index)
         torch.cuda.set_device(device)
         props = torch.cuda.get_device_properties(device)
@@ -42,8 +43,9 @@ class RocmBackend(TritonBackend):
     def device_info(self) -> DeviceInfo:
         info = describe_device(self.device.index or 0)
         props = dict(info.properties)
-        props.update(hip=str(torch.version.hip), fp8=self.fp8_dtype.value if self.fp8_dtype
-                     else "none")  # fmt: skip
+        props.update(
+            hip=str(torch.version.hip), fp8=self.fp8_dtype.value if self.fp8_dtype else "none"
+        )
         return DeviceInfo(info.index, info.name, info.total_memory, props)
 
     def memory_info(self) -> MemoryInfo:

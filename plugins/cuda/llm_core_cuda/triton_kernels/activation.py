@@ -47,9 +47,15 @@ def act_and_mul(
         return y
     block = min(next_power_of_2(n), config.elementwise_block)
     act_and_mul_kernel[(rows, triton.cdiv(n, block))](
-        x, y, x.stride(0), y.stride(0), n,
-        ACTIVATION=activation, BLOCK=block, num_warps=config.elementwise_num_warps,
-    )  # fmt: skip
+        x,
+        y,
+        x.stride(0),
+        y.stride(0),
+        n,
+        ACTIVATION=activation,
+        BLOCK=block,
+        num_warps=config.elementwise_num_warps,
+    )
     return y
 
 

@@ -60,32 +60,56 @@ def variants(target: GPUTarget) -> Iterator[Variant]:
             yield Variant(
                 f"rms_norm[{dt},residual={residual}]",
                 norm.rms_norm_kernel,
-                {"x_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}", "y_ptr": f"*{dt}",
-                 "s_ptr": f"*{dt}", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
-                 "stride_s": "i32", "n_cols": "i32", "eps": "fp32"},
+                {
+                    "x_ptr": f"*{dt}",
+                    "res_ptr": f"*{dt}",
+                    "w_ptr": f"*{dt}",
+                    "y_ptr": f"*{dt}",
+                    "s_ptr": f"*{dt}",
+                    "stride_x": "i32",
+                    "stride_r": "i32",
+                    "stride_y": "i32",
+                    "stride_s": "i32",
+                    "n_cols": "i32",
+                    "eps": "fp32",
+                },
                 {"HAS_RESIDUAL": residual, "BLOCK": 4096},
                 ew,
-            )  # fmt: skip
+            )
         for neox in (True, False):
             yield Variant(
                 f"rotary[{dt},neox={neox}]",
                 rotary.rotary_kernel,
-                {"pos_ptr": "*i64", "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "cs_ptr": "*fp32",
-                 "stride_qt": "i32", "stride_kt": "i32", "stride_cs": "i32",
-                 "num_q_heads": "i32", "num_kv_heads": "i32", "head_size": "i32",
-                 "half_rot": "i32"},
+                {
+                    "pos_ptr": "*i64",
+                    "q_ptr": f"*{dt}",
+                    "k_ptr": f"*{dt}",
+                    "cs_ptr": "*fp32",
+                    "stride_qt": "i32",
+                    "stride_kt": "i32",
+                    "stride_cs": "i32",
+                    "num_q_heads": "i32",
+                    "num_kv_heads": "i32",
+                    "head_size": "i32",
+                    "half_rot": "i32",
+                },
                 {"IS_NEOX": neox, "BLOCK_H": 32, "BLOCK_R": 64},
                 ew,
-            )  # fmt: skip
+            )
         for act in (activation.SILU, activation.GELU, activation.GELU_TANH):
             yield Variant(
                 f"act_and_mul[{dt},activation={act}]",
                 activation.act_and_mul_kernel,
-                {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "stride_x": "i32", "stride_y": "i32",
-                 "n_cols": "i32"},
+                {
+                    "x_ptr": f"*{dt}",
+                    "y_ptr": f"*{dt}",
+                    "stride_x": "i32",
+                    "stride_y": "i32",
+                    "n_cols": "i32",
+                },
                 {"ACTIVATION": act, "BLOCK": 1024},
                 ew,
-            )  # fmt: skip
+            )
     caches = [("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32")]
     fp8 = _fp8(target)
     if fp8:
@@ -94,58 +118,111 @@ def variants(target: GPUTarget) -> Iterator[Variant]:
         yield Variant(
             f"reshape_and_cache[{act_dt}->{cache_dt}]",
             kv_cache.reshape_and_cache_kernel,
-            {"k_ptr": f"*{act_dt}", "v_ptr": f"*{act_dt}", "kc_ptr": f"*{cache_dt}",
-             "vc_ptr": f"*{cache_dt}", "slot_ptr": "*i64", "stride_kt": "i32",
-             "stride_vt": "i32", "row_size": "i32"},
+            {
+                "k_ptr": f"*{act_dt}",
+                "v_ptr": f"*{act_dt}",
+                "kc_ptr": f"*{cache_dt}",
+                "vc_ptr": f"*{cache_dt}",
+                "slot_ptr": "*i64",
+                "stride_kt": "i32",
+                "stride_vt": "i32",
+                "row_size": "i32",
+            },
             {"BLOCK": 1024},
             ew,
-        )  # fmt: skip
-        for head_size, group in ((128, 4), (80, 1), (256, 8)) if cache_dt == act_dt else ((128, 4),):
+        )
+        for head_size, group in (
+            ((128, 4), (80, 1), (256, 8)) if cache_dt == act_dt else ((128, 4),)
+        ):
             block_d = max(16, 1 << (head_size - 1).bit_length())
             common = {
-                "q_ptr": f"*{act_dt}", "k_cache": f"*{cache_dt}", "v_cache": f"*{cache_dt}",
-                "block_tables": "*i32", "seq_lens": "*i32", "out_ptr": f"*{act_dt}",
-                "scale": "fp32", "soft_cap": "fp32", "window": "i32", "stride_qt": "i32",
-                "stride_ot": "i32", "stride_cb": "i32", "stride_cs": "i32", "stride_ch": "i32",
-                "stride_bt": "i32", "block_size": "i32", "head_size": "i32",
-            }  # fmt: skip
+                "q_ptr": f"*{act_dt}",
+                "k_cache": f"*{cache_dt}",
+                "v_cache": f"*{cache_dt}",
+                "block_tables": "*i32",
+                "seq_lens": "*i32",
+                "out_ptr": f"*{act_dt}",
+                "scale": "fp32",
+                "soft_cap": "fp32",
+                "window": "i32",
+                "stride_qt": "i32",
+                "stride_ot": "i32",
+                "stride_cb": "i32",
+                "stride_cs": "i32",
+                "stride_ch": "i32",
+                "stride_bt": "i32",
+                "block_size": "i32",
+                "head_size": "i32",
+            }
             fp32_dot = act_dt == "fp32"
             for direct in (True, False):
                 yield Variant(
                     f"decode[{act_dt}/{cache_dt},D={head_size},G={group},direct={direct}]",
                     attention_decode.decode_split_kernel,
-                    {**common, "part_out": "*fp32", "part_lse": "*fp32",
-                     "num_q_heads": "i32", "split_len": "i32", "num_splits": "i32"},
-                    {"GROUP": group, "BLOCK_G": max(16, group), "BLOCK_N": 64,
-                     "BLOCK_D": block_d, "DIRECT": direct, "USE_SOFT_CAP": not direct,
-                     "USE_WINDOW": not direct, "FP32_DOT": fp32_dot},
+                    {
+                        **common,
+                        "part_out": "*fp32",
+                        "part_lse": "*fp32",
+                        "num_q_heads": "i32",
+                        "split_len": "i32",
+                        "num_splits": "i32",
+                    },
+                    {
+                        "GROUP": group,
+                        "BLOCK_G": max(16, group),
+                        "BLOCK_N": 64,
+                        "BLOCK_D": block_d,
+                        "DIRECT": direct,
+                        "USE_SOFT_CAP": not direct,
+                        "USE_WINDOW": not direct,
+                        "FP32_DOT": fp32_dot,
+                    },
                     attn,
-                )  # fmt: skip
+                )
             yield Variant(
                 f"prefill[{act_dt}/{cache_dt},D={head_size},G={group}]",
                 attention_prefill.prefill_kernel,
                 {**common, "query_start_loc": "*i32"},
-                {"GROUP": group, "BLOCK_M": 64, "BLOCK_N": 64 if head_size <= 128 else 32,
-                 "BLOCK_D": block_d, "USE_SOFT_CAP": head_size == 256, "USE_WINDOW": True,
-                 "FP32_DOT": fp32_dot},
+                {
+                    "GROUP": group,
+                    "BLOCK_M": 64,
+                    "BLOCK_N": 64 if head_size <= 128 else 32,
+                    "BLOCK_D": block_d,
+                    "USE_SOFT_CAP": head_size == 256,
+                    "USE_WINDOW": True,
+                    "FP32_DOT": fp32_dot,
+                },
                 attn,
-            )  # fmt: skip
+            )
     yield Variant(
         "decode_reduce",
         attention_decode.decode_reduce_kernel,
-        {"part_out": "*fp32", "part_lse": "*fp32", "out_ptr": "*bf16", "stride_ot": "i32",
-         "num_q_heads": "i32", "head_size": "i32", "num_splits": "i32"},
+        {
+            "part_out": "*fp32",
+            "part_lse": "*fp32",
+            "out_ptr": "*bf16",
+            "stride_ot": "i32",
+            "num_q_heads": "i32",
+            "head_size": "i32",
+            "num_splits": "i32",
+        },
         {"BLOCK_S": 32, "BLOCK_D": 128},
         ew,
-    )  # fmt: skip
+    )
     yield Variant(
         "exponential_race",
         sampling.exponential_race_kernel,
-        {"probs_ptr": "*fp32", "seeds_ptr": "*i64", "out_ptr": "*i64", "n_rows": "i32",
-         "vocab": "i32", "stride_p": "i32"},
+        {
+            "probs_ptr": "*fp32",
+            "seeds_ptr": "*i64",
+            "out_ptr": "*i64",
+            "n_rows": "i32",
+            "vocab": "i32",
+            "stride_p": "i32",
+        },
         {"BLOCK_B": 4, "BLOCK_V": 1024},
         ew,
-    )  # fmt: skip
+    )
 
 
 #: A representative variant of every kernel: what CI compiles for each target (the full set
@@ -198,12 +275,14 @@ def compile_variant(variant: Variant, target: GPUTarget) -> dict[str, Any]:
     asm = compiled.asm
     text = asm.get("ptx") if target.backend == "cuda" else asm.get("amdgcn")
     return _record(
-        variant, target, ok=True,
+        variant,
+        target,
+        ok=True,
         binary_bytes=len(asm.get(binary) or b""),
         target_line=_target_line(text or "", target),
         shared_bytes=int(getattr(compiled.metadata, "shared", 0)),
         seconds=round(time.perf_counter() - started, 3),
-    )  # fmt: skip
+    )
 
 
 def _target_line(text: str, target: GPUTarget) -> str:
@@ -216,7 +295,8 @@ def _record(variant: Variant, target: GPUTarget, **fields: Any) -> dict[str, Any
 
 
 def parse_target(text: str) -> GPUTarget:
-    """``cuda:90`` -> GPUTarget("cuda", 90, 32); ``hip:gfx942`` -> GPUTarget("hip", "gfx942", 64)."""
+    """``cuda:90`` -> ``GPUTarget("cuda", 90, 32)``; ``hip:gfx942`` -> the gfx942 target
+    with wavefront 64."""
     backend, _, arch = text.partition(":")
     if backend == "cuda" and arch.isdigit():
         return GPUTarget("cuda", int(arch), 32)

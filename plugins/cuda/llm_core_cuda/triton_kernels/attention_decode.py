@@ -138,8 +138,9 @@ def decode_reduce_kernel(
         other=0.0,
     )
     res = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + b * stride_ot + h * head_size + d, res.to(out_ptr.dtype.element_ty),
-             mask=d_mask)  # fmt: skip
+    tl.store(
+        out_ptr + b * stride_ot + h * head_size + d, res.to(out_ptr.dtype.element_ty), mask=d_mask
+    )
 
 
 def choose_num_splits(
@@ -190,11 +191,28 @@ def paged_attention_decode(
         part_lse = torch.empty((b, hq, splits), dtype=torch.float32, device=query.device)
     block_d = max(16, next_power_of_2(d))
     decode_split_kernel[(b, hkv, splits)](
-        query, key_cache, value_cache, block_tables, seq_lens, o, part_out, part_lse,
-        scale, float(logits_soft_cap or 0.0), int(sliding_window or 0),
-        query.stride(0), o.stride(0),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-        hq, block_size, d, split_len, splits,
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        o,
+        part_out,
+        part_lse,
+        scale,
+        float(logits_soft_cap or 0.0),
+        int(sliding_window or 0),
+        query.stride(0),
+        o.stride(0),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        block_tables.stride(0),
+        hq,
+        block_size,
+        d,
+        split_len,
+        splits,
         GROUP=group,
         BLOCK_G=max(16, next_power_of_2(group)),
         BLOCK_N=block_n,
@@ -205,11 +223,18 @@ def paged_attention_decode(
         FP32_DOT=fp32_dot(query.dtype),
         num_warps=config.attention_num_warps,
         num_stages=config.attention_num_stages,
-    )  # fmt: skip
+    )
     if not direct:
         decode_reduce_kernel[(b, hq)](
-            part_out, part_lse, o, o.stride(0), hq, d, splits,
-            BLOCK_S=next_power_of_2(splits), BLOCK_D=block_d,
+            part_out,
+            part_lse,
+            o,
+            o.stride(0),
+            hq,
+            d,
+            splits,
+            BLOCK_S=next_power_of_2(splits),
+            BLOCK_D=block_d,
             num_warps=config.elementwise_num_warps,
-        )  # fmt: skip
+        )
     return o

@@ -132,11 +132,24 @@ def paged_attention_prefill(
     block_m = config.prefill_block_m
     grid = (num_seqs, hq, triton.cdiv(max_query_len, block_m))
     prefill_kernel[grid](
-        query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, o,
-        scale, float(logits_soft_cap or 0.0), int(sliding_window or 0),
-        query.stride(0), o.stride(0),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-        block_size, d,
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        o,
+        scale,
+        float(logits_soft_cap or 0.0),
+        int(sliding_window or 0),
+        query.stride(0),
+        o.stride(0),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        block_tables.stride(0),
+        block_size,
+        d,
         GROUP=hq // hkv,
         BLOCK_M=block_m,
         BLOCK_N=config.prefill_block_n,
@@ -146,5 +159,5 @@ def paged_attention_prefill(
         FP32_DOT=fp32_dot(query.dtype),
         num_warps=config.attention_num_warps,
         num_stages=config.attention_num_stages,
-    )  # fmt: skip
+    )
     return o

@@ -54,7 +54,14 @@ def reshape_and_cache(
     row = key_cache.shape[2] * key_cache.shape[3]
     block = min(next_power_of_2(row), config.elementwise_block)
     reshape_and_cache_kernel[(tokens,)](
-        key, value, key_cache, value_cache, slot_mapping,
-        key.stride(0), value.stride(0), row,
-        BLOCK=block, num_warps=config.elementwise_num_warps,
-    )  # fmt: skip
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        key.stride(0),
+        value.stride(0),
+        row,
+        BLOCK=block,
+        num_warps=config.elementwise_num_warps,
+    )

@@ -77,11 +77,19 @@ def rms_norm(
     res = residual if residual is not None else x
     block = min(next_power_of_2(cols), config.elementwise_block * 8)
     rms_norm_kernel[(rows,)](
-        x, res, weight, y, res,
-        x.stride(0), res.stride(0), y.stride(0), res.stride(0),
-        cols, eps,
+        x,
+        res,
+        weight,
+        y,
+        res,
+        x.stride(0),
+        res.stride(0),
+        y.stride(0),
+        res.stride(0),
+        cols,
+        eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
         num_warps=config.elementwise_num_warps,
-    )  # fmt: skip
+    )
     return y, residual

@@ -13,7 +13,9 @@ from llm_core_cuda.triton_kernels.config import KernelConfig, next_power_of_2
 
 
 @triton.jit
-def _rotate_heads(base, n_heads, head_size, first, second, pair_mask, cos, sin, BLOCK_H: tl.constexpr):
+def _rotate_heads(
+    base, n_heads, head_size, first, second, pair_mask, cos, sin, BLOCK_H: tl.constexpr
+):
     heads = tl.arange(0, BLOCK_H)
     for h0 in range(0, n_heads, BLOCK_H):
         h = h0 + heads
@@ -51,19 +53,19 @@ def rotary_kernel(
     i = tl.arange(0, BLOCK_R)
     pair_mask = i < half_rot
     cos = tl.load(cs_ptr + pos * stride_cs + i, mask=pair_mask, other=0.0).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * stride_cs + half_rot + i, mask=pair_mask, other=0.0).to(
-        tl.float32
-    )
+    sin = tl.load(cs_ptr + pos * stride_cs + half_rot + i, mask=pair_mask, other=0.0).to(tl.float32)
     if IS_NEOX:
         first = i
         second = i + half_rot
     else:
         first = 2 * i
         second = 2 * i + 1
-    _rotate_heads(q_ptr + t * stride_qt, num_q_heads, head_size, first, second, pair_mask,
-                  cos, sin, BLOCK_H)  # fmt: skip
-    _rotate_heads(k_ptr + t * stride_kt, num_kv_heads, head_size, first, second, pair_mask,
-                  cos, sin, BLOCK_H)  # fmt: skip
+    _rotate_heads(
+        q_ptr + t * stride_qt, num_q_heads, head_size, first, second, pair_mask, cos, sin, BLOCK_H
+    )
+    _rotate_heads(
+        k_ptr + t * stride_kt, num_kv_heads, head_size, first, second, pair_mask, cos, sin, BLOCK_H
+    )
 
 
 def rotary_embedding(
@@ -84,12 +86,20 @@ def rotary_embedding(
     block_r = next_power_of_2(rot // 2)
     block_h = max(1, min(next_power_of_2(max(hq, hkv)), max(1, 4096 // block_r)))
     rotary_kernel[(tokens,)](
-        positions, q, k, cos_sin_cache,
-        q.stride(0), k.stride(0), cos_sin_cache.stride(0),
-        hq, hkv, head_size, rot // 2,
+        positions,
+        q,
+        k,
+        cos_sin_cache,
+        q.stride(0),
+        k.stride(0),
+        cos_sin_cache.stride(0),
+        hq,
+        hkv,
+        head_size,
+        rot // 2,
         IS_NEOX=is_neox_style,
         BLOCK_H=block_h,
         BLOCK_R=block_r,
         num_warps=config.elementwise_num_warps,
-    )  # fmt: skip
+    )
     return q, k

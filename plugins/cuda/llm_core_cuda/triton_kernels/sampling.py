@@ -35,8 +35,9 @@ def exponential_race_kernel(
     for v0 in range(0, vocab, BLOCK_V):
         c = v0 + cols
         m = r_mask[:, None] & (c < vocab)[None, :]
-        p = tl.load(probs_ptr + rows[:, None].to(tl.int64) * stride_p + c[None, :], mask=m,
-                    other=0.0).to(tl.float32)  # fmt: skip
+        p = tl.load(
+            probs_ptr + rows[:, None].to(tl.int64) * stride_p + c[None, :], mask=m, other=0.0
+        ).to(tl.float32)
         bits = tl.randint(seeds[:, None], c[None, :]).to(tl.uint32, bitcast=True)
         # 23 random bits, centred: u in [2^-24, 1 - 2^-24], so -log(u) is finite and > 0.
         u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
@@ -49,7 +50,9 @@ def exponential_race_kernel(
     tl.store(out_ptr + rows, best_id, mask=r_mask)
 
 
-def exponential_race(probs: torch.Tensor, seeds: torch.Tensor, config: KernelConfig) -> torch.Tensor:
+def exponential_race(
+    probs: torch.Tensor, seeds: torch.Tensor, config: KernelConfig
+) -> torch.Tensor:
     """probs: (B, V) float, rows summing to 1 (zeros allowed), contiguous last dimension;
     seeds: (B,) int64 on the device. Returns (B,) int64 token ids."""
     rows, vocab = probs.shape
@@ -59,7 +62,14 @@ def exponential_race(probs: torch.Tensor, seeds: torch.Tensor, config: KernelCon
     block_v = min(next_power_of_2(vocab), config.elementwise_block)
     block_b = max(1, min(next_power_of_2(rows), 4096 // block_v))
     exponential_race_kernel[(triton.cdiv(rows, block_b),)](
-        probs, seeds, out, rows, vocab, probs.stride(0),
-        BLOCK_B=block_b, BLOCK_V=block_v, num_warps=config.elementwise_num_warps,
-    )  # fmt: skip
+        probs,
+        seeds,
+        out,
+        rows,
+        vocab,
+        probs.stride(0),
+        BLOCK_B=block_b,
+        BLOCK_V=block_v,
+        num_warps=config.elementwise_num_warps,
+    )
     return out

@@ -54,6 +54,11 @@ inline float round_half(float v) {
 #define LOAD4_1(p, i) vload_half4((i), (p))
 #define LOAD4_2(p, i) as_float4(convert_uint4(vload4((i), (p))) << 16)
 
+/* Eight consecutive elements p[8i .. 8i+7] as a float8. */
+#define LOAD8_0(p, i) vload8((i), (p))
+#define LOAD8_1(p, i) vload_half8((i), (p))
+#define LOAD8_2(p, i) as_float8(convert_uint8(vload8((i), (p))) << 16)
+
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 
@@ -63,5 +68,6 @@ inline float round_half(float v) {
 #define RAW CAT(RAW_, STORAGE)
 #define LOAD(p, i) CAT(LOAD_, STORAGE)(p, i)
 #define LOAD4(p, i) CAT(LOAD4_, STORAGE)(p, i)
+#define LOAD8(p, i) CAT(LOAD8_, STORAGE)(p, i)
 #define STORE(p, i, v) CAT(STORE_, STORAGE)(p, i, v)
 #define ROUND(v) CAT(ROUND_, STORAGE)(v)

@@ -1,5 +1,10 @@
 /* y = x @ W.T + bias for x (M, K) and W (N, K), both row-major with K contiguous.
  *
+ * Two flavours. For CPU devices (PoCL), where work-items are loop iterations and local memory
+ * is ordinary cache, blocked_gemm has no local memory and no barrier: each work-item computes
+ * an RM x RN block of y as float8 dot products along K, which compiles to SIMD FMAs over
+ * contiguous rows. For GPUs, the classic tiled kernels below:
+ *
  * gemm: a TM x TN tile of y per work-group, K in slices of TK staged in local memory; each
  * work-item owns a WM x WN block of the tile, strided by the work-group's extent so that
  * neighbouring work-items touch neighbouring addresses. Global (ceil(N/TN) * TN/WN,
@@ -88,5 +93,41 @@ void gemv(global const T* x, global const T* w, global const T* bias, int has_bi
     if (lid < M) {
         float v = scratch[lid][0] + (has_bias ? LOAD(bias, n) : 0.0f);
         STORE(y, (size_t)lid * N + n, v);
+    }
+}
+
+/* CPU flavour. Global (ceil(N / RN), ceil(M / RM)); rows past M or N are clamped on load and
+ * skipped on store. */
+kernel __attribute__((vec_type_hint(float8)))
+void blocked_gemm(global const T* x, global const T* w, global const T* bias,
+                         int has_bias, global T* y, int M, int N, int K) {
+    int n0 = get_global_id(0) * RN, m0 = get_global_id(1) * RM;
+    global const T* xr[RM];
+    global const T* wr[RN];
+    for (int r = 0; r < RM; ++r) xr[r] = x + (size_t)min(m0 + r, M - 1) * K;
+    for (int c = 0; c < RN; ++c) wr[c] = w + (size_t)min(n0 + c, N - 1) * K;
+    float8 acc[RM][RN];
+    for (int r = 0; r < RM; ++r)
+        for (int c = 0; c < RN; ++c) acc[r][c] = (float8)(0.0f);
+    int k8 = K / 8;
+    for (int i = 0; i < k8; ++i) {
+        float8 xv[RM];
+        for (int r = 0; r < RM; ++r) xv[r] = LOAD8(xr[r], i);
+        for (int c = 0; c < RN; ++c) {
+            float8 wv = LOAD8(wr[c], i);
+            for (int r = 0; r < RM; ++r) acc[r][c] = fma(xv[r], wv, acc[r][c]);
+        }
+    }
+    for (int r = 0; r < RM; ++r) {
+        if (m0 + r >= M) break;
+        for (int c = 0; c < RN; ++c) {
+            if (n0 + c >= N) break;
+            float8 a = acc[r][c];
+            float4 h = a.lo + a.hi;
+            float s = (h.x + h.y) + (h.z + h.w);
+            for (int k = k8 * 8; k < K; ++k) s = fma(LOAD(xr[r], k), LOAD(wr[c], k), s);
+            if (has_bias) s += LOAD(bias, n0 + c);
+            STORE(y, (size_t)(m0 + r) * N + n0 + c, s);
+        }
     }
 }

@@ -1,0 +1,308 @@
+"""The conformance suite's machinery: comparisons, the tolerance table, certificates (digest,
+signature, coverage), NOT RUN backends, reports, the CLI and the pytest plugin.
+
+The faulty-backend tests that show the suite catches real bugs are in
+``test_conformance_faults.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import pytest
+import torch
+from llm_conformance import (
+    CertificateError,
+    Conformance,
+    Tolerance,
+    Waiver,
+    generate_keypair,
+    junit,
+    markdown,
+    seal,
+    sign,
+    to_html,
+    verify,
+)
+from llm_conformance.compare import compare
+from llm_conformance.tolerances import NMSE_FLOOR, tolerance
+from llm_hal import DType
+
+SEED = 1234
+
+
+def run_cli(*args: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "llm_core.cli", "conformance", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=cwd,
+    )
+
+
+# -------------------------------------------------------------------------------------------
+# comparisons and the table
+# -------------------------------------------------------------------------------------------
+
+
+def test_nmse_floor_is_part_of_the_table() -> None:
+    assert tolerance("elementwise", DType.BF16).nmse == NMSE_FLOOR[DType.BF16] == 2.0**-16
+    assert tolerance("elementwise", DType.FP32).nmse == 1e-7
+    assert tolerance("linear", DType.BF16).nmse == 5e-4  # already above the floor
+
+
+def test_compare_checks_nan_parity_bounds_and_nmse() -> None:
+    want = torch.tensor([1.0, 2.0, float("nan"), float("inf")], dtype=torch.float64)
+    tol = tolerance("elementwise", DType.FP32)
+    assert compare("x", want.float(), want, tol, DType.FP32).passed
+    lost_nan = want.clone()
+    lost_nan[2] = 0.0
+    assert "NaN parity" in compare("x", lost_nan, want, tol, DType.FP32).detail
+    flipped = want.clone()
+    flipped[3] = -float("inf")
+    assert "Inf parity" in compare("x", flipped, want, tol, DType.FP32).detail
+    off = want.clone()
+    off[0] = 1.001
+    detail = compare("x", off, want, tol, DType.FP32).detail
+    assert "out of bounds" in detail and "NMSE" in detail
+    assert "not bit-exact" in compare("x", off, want, Tolerance(exact=True), DType.FP32).detail
+
+
+def test_truncation_passes_the_bounds_but_not_the_bias_check() -> None:
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rounded = g.to(torch.bfloat16)
+    truncated = (g.float().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    tol = tolerance("elementwise", DType.BF16)
+    assert compare("x", rounded, g, tol, DType.BF16).passed
+    check = compare("x", truncated, g, tol, DType.BF16)
+    assert not check.passed and check.detail.startswith("rounding bias")
+
+
+# -------------------------------------------------------------------------------------------
+# a small run, shared by the certificate tests
+# -------------------------------------------------------------------------------------------
+
+WAIVER = Waiver(
+    name="test-gelu-fp32",
+    backend="cpu",
+    op_class="elementwise",
+    op="gelu",
+    dtype=DType.FP32,
+    tolerance=Tolerance(1e-5, 1e-5, 1e-6),
+    reason="a test of how waivers are reported",
+)
+
+
+@pytest.fixture(scope="module")
+def small_run() -> dict[str, Any]:
+    with Conformance(
+        ["cpu"],
+        ["llama"],
+        ["float32"],
+        seed=SEED,
+        quick=True,
+        audits=False,
+        ops=["gelu"],
+        waivers=[WAIVER],
+    ) as run:
+        return run.run()
+
+
+def test_a_correct_backend_is_certified(small_run: dict[str, Any]) -> None:
+    (cell,) = small_run["cells"]
+    assert cell["status"] == "CERTIFIED", cell["reasons"]
+    assert {"embedding", "rms_norm", "linear", "paged_attention_decode", "sample"} <= set(
+        cell["traced_ops"]
+    )
+    assert cell["metrics"]["kld_mean"] < 1e-9 and cell["greedy"]["exact_match"] == 1.0
+    assert cell["reference_noise"]["reference"].startswith("transformers float64")
+    assert small_run["summary"]["exit_status"] == 0
+
+
+def test_the_environment_and_the_waivers_are_recorded(small_run: dict[str, Any]) -> None:
+    env = small_run["environment"]
+    assert env["packages"]["torch"] == torch.__version__
+    assert env["git"]["commit"] != ""
+    (backend,) = small_run["backends"]
+    assert backend["device"]["name"] and backend["version"]
+    assert small_run["waivers"][0]["name"] == "test-gelu-fp32"
+    gelu = next(o for o in backend["ops"] if o["op"] == "gelu")
+    assert all(c.get("waivers") == ["test-gelu-fp32"] for c in gelu["cases"])
+    assert "test-gelu-fp32" in markdown(small_run) and "test-gelu-fp32" in to_html(small_run)
+
+
+def test_verify_accepts_a_good_certificate(small_run: dict[str, Any]) -> None:
+    lines = verify(small_run, require_complete=False)
+    assert any("digest" in line for line in lines)
+    assert any("not signed" in line for line in lines)
+
+
+def test_verify_rejects_a_partial_run_as_a_certification(small_run: dict[str, Any]) -> None:
+    with pytest.raises(CertificateError, match="mandatory set was not run"):
+        verify(small_run)
+
+
+def test_verify_rejects_a_tampered_certificate(small_run: dict[str, Any]) -> None:
+    tampered = copy.deepcopy(small_run)
+    tampered["cells"][0]["metrics"]["kld_mean"] = 0.0
+    with pytest.raises(CertificateError, match="digest mismatch"):
+        verify(tampered, require_complete=False)
+
+
+def test_verify_rejects_a_certified_cell_whose_operator_failed(small_run: dict[str, Any]) -> None:
+    forged = copy.deepcopy(small_run)
+    op = next(o for o in forged["backends"][0]["ops"] if o["op"] == "rms_norm")
+    op["status"] = "failed"
+    seal(forged)  # a forger can recompute the digest; the content still contradicts itself
+    with pytest.raises(CertificateError, match="operator rms_norm"):
+        verify(forged, require_complete=False)
+
+
+def test_signatures(small_run: dict[str, Any], tmp_path: pathlib.Path) -> None:
+    private, public = generate_keypair(tmp_path / "vendor")
+    _, other_public = generate_keypair(tmp_path / "other")
+    signed = sign(copy.deepcopy(small_run), private.read_bytes())
+    assert any(
+        "signature valid" in line
+        for line in verify(signed, public.read_bytes(), require_complete=False)
+    )
+    with pytest.raises(CertificateError, match="bad signature"):
+        verify(signed, other_public.read_bytes(), require_complete=False)
+    resealed = copy.deepcopy(signed)
+    resealed["cells"][0]["status"] = "CERTIFIED"
+    resealed["summary"]["exit_status"] = 0
+    resealed["integrity"]["digest"] = seal(copy.deepcopy(resealed))["integrity"]["digest"]
+    with pytest.raises(CertificateError, match="bad signature"):
+        verify(resealed, public.read_bytes(), require_complete=False)
+    with pytest.raises(CertificateError, match="not signed"):
+        verify(small_run, public.read_bytes(), require_complete=False)
+
+
+def test_reports_render_the_matrix(small_run: dict[str, Any]) -> None:
+    text = markdown(small_run)
+    assert "| LlamaForCausalLM | ✅ CERTIFIED |" in text
+    page = to_html(small_run)
+    assert page.startswith("<!doctype html>") and "<style>" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    suite = ET.fromstring(junit(small_run)).find("testsuite")
+    assert suite is not None and suite.get("failures") == "0"
+    assert int(suite.get("tests", "0")) > 1
+
+
+# -------------------------------------------------------------------------------------------
+# unavailable backends, the CLI, pytest
+# -------------------------------------------------------------------------------------------
+
+
+def test_an_unavailable_backend_is_not_run_and_never_certified() -> None:
+    with Conformance(["nosuchbackend"], ["llama"], ["float32", "bfloat16"], seed=SEED) as run:
+        certificate = run.run()
+    assert [c["status"] for c in certificate["cells"]] == ["NOT RUN", "NOT RUN"]
+    assert "no such backend is installed" in certificate["cells"][0]["reasons"][0]
+    assert certificate["backends"][0]["status"] == "NOT RUN"
+    assert certificate["summary"]["exit_status"] == 2
+    with pytest.raises(CertificateError, match="no backend ran"):
+        verify(certificate)
+
+
+def test_cli_runs_writes_reports_and_verifies(tmp_path: pathlib.Path) -> None:
+    done = run_cli(
+        "--backend",
+        "nosuchbackend",
+        "--model",
+        "qwen2",
+        "--dtype",
+        "float32",
+        "--report",
+        str(tmp_path),
+        "-q",
+    )
+    assert done.returncode == 2, done.stderr
+    assert "NOT RUN" in done.stdout
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "conformance-junit.xml",
+        "conformance.html",
+        "conformance.json",
+        "conformance.md",
+    ]
+    good = run_cli("verify", str(tmp_path / "conformance.json"), "--allow-partial")
+    assert good.returncode == 0 and "digest" in good.stdout, good.stderr
+    document = json.loads((tmp_path / "conformance.json").read_text())
+    document["cells"][0]["status"] = "CERTIFIED"
+    (tmp_path / "forged.json").write_text(json.dumps(document))
+    bad = run_cli("verify", str(tmp_path / "forged.json"), "--allow-partial")
+    assert bad.returncode == 1 and "digest mismatch" in bad.stderr
+
+
+def test_cli_replays_one_case() -> None:
+    done = run_cli(
+        "replay",
+        "--backend",
+        "cpu",
+        "--op",
+        "rms_norm",
+        "--case",
+        "13",
+        "--dtype",
+        "bfloat16",
+        "--seed",
+        str(SEED),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "rms_norm case 13 in bfloat16: PASSED" in done.stdout
+    assert "out= guard: ok" in done.stdout
+
+
+def _has_entry_point() -> bool:
+    return any(
+        ep.value.startswith("llm_conformance")
+        for ep in importlib.metadata.entry_points(group="pytest11")
+    )
+
+
+def test_pytest_plugin(tmp_path: pathlib.Path) -> None:
+    plugin = [] if _has_entry_point() else ["-p", "llm_conformance.pytest_plugin"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            *plugin,
+            "--pyargs",
+            "llm_conformance",
+            "--backend",
+            "cpu",
+            "--backend",
+            "nosuchbackend",
+            "--conformance-dtype",
+            "float32",
+            "--conformance-model",
+            "llama",
+            "--conformance-quick",
+            "-k",
+            "rms_norm",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rs",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed, 1 skipped" in done.stdout
+    assert "backend nosuchbackend unavailable" in done.stdout
