@@ -152,8 +152,14 @@ def _load_reference(model: ModelUnderTest) -> Any:
 
     if model.kind == "tiny":
         return AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32).eval()
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef]
+
     checkpoint = model.checkpoint
-    hf = AutoModelForCausalLM.from_config(checkpoint.config, dtype=torch.float32)
+    with no_init_weights():  # every weight is loaded below: random init would take 20 s
+        hf = AutoModelForCausalLM.from_config(checkpoint.config, dtype=torch.float32)
     missing, unexpected = hf.load_state_dict(dict(checkpoint.tensors()), strict=False)
     tied = bool(getattr(checkpoint.config, "tie_word_embeddings", False))
     if unexpected or [m for m in missing if not (tied and m == "lm_head.weight")]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llm_hal import DType
 
@@ -33,7 +33,9 @@ class EngineArgs:
     (``"2GiB"``); None: half of the device memory left free after the weights, at most 4 GiB
     (and never more than max_num_seqs x max_model_len tokens need). ``fallback_backend``:
     route operators the backend lacks to this one (off by default; every fallen-back op is
-    logged and counted).
+    logged and counted). ``block_size``: tokens per KV-cache block; None takes the backend's
+    preferred size (16 on CPU). ``backend_options``: backend-specific settings (see each
+    backend's docs), e.g. ``{"device": "pocl"}`` for OpenCL.
     """
 
     model: str | None = None
@@ -41,7 +43,7 @@ class EngineArgs:
     backend: str | None = None
     dtype: str = "auto"
     max_model_len: int | None = None
-    block_size: int = 16
+    block_size: int | None = None
     kv_cache_memory: int | str | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -50,11 +52,14 @@ class EngineArgs:
     seed: int = 0
     trust_remote_code: bool = False
     fallback_backend: str | None = None
+    backend_options: dict[str, str] = field(default_factory=dict)
     device_index: int = 0
     load_progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+        if self.block_size is not None and (
+            self.block_size < 1 or self.block_size & (self.block_size - 1)
+        ):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")

@@ -4,6 +4,13 @@ The contract (:class:`Backend` and its operators), the plugin hooks, the referen
 implementation of every operator, and discovery and selection of backends.
 """
 
+import os
+
+# Installed device extensions (torch-npu, ...) would otherwise load at `import torch` and can
+# break it when their vendor runtime is missing. Backends import their SDK themselves, lazily,
+# and report a clear reason when it fails. A user's explicit setting wins.
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+
 from llm_hal.backend import OPS, Backend, LogprobsResult, MemoryInfo, Tensor
 from llm_hal.dtypes import DType
 from llm_hal.errors import (

@@ -89,6 +89,9 @@ class Backend:
     #: For ``dtype="auto"``: a checkpoint dtype the backend computes poorly, and the one it
     #: recommends instead (e.g. fp16 -> bf16 on CPUs). An explicit dtype is never replaced.
     auto_dtype_substitutes: ClassVar[dict[DType, DType]] = {}
+    #: KV-cache block size (tokens) the engine uses unless the user sets one: the size the
+    #: backend's attention kernels run best with (a power of two).
+    preferred_block_size: ClassVar[int] = 16
 
     # ------------------------------------------------------------------------------------------
     # device and memory

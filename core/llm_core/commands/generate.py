@@ -26,6 +26,19 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="tokens per KV-cache block (default: the backend's preference)",
+    )
+    g.add_argument(
+        "--backend-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend-specific setting (repeatable), e.g. device=pocl",
+    )
+    g.add_argument(
         "--fallback-backend",
         default=None,
         help="run operators the backend lacks on this backend (logged and counted)",
@@ -43,7 +56,19 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
         fallback_backend=args.fallback_backend,
+        block_size=args.block_size,
+        backend_options=_key_values(args.backend_option),
     )
+
+
+def _key_values(items: list[str]) -> dict[str, str]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--backend-option expects KEY=VALUE, got {item!r}")
+        options[key.strip()] = value.strip()
+    return options
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:

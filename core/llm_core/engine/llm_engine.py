@@ -100,6 +100,7 @@ class LLMEngine:
     def __init__(self, args: EngineArgs):
         self.args = args
         self.backend = _create_backend(args)
+        self.block_size = args.block_size or self.backend.preferred_block_size
         checkpoint = open_checkpoint(args.model)
         self.checkpoint = checkpoint
         self.model_config = checkpoint.config
@@ -130,7 +131,7 @@ class LLMEngine:
         kv_caches = [
             self.backend.allocate_kv_cache(
                 num_blocks,
-                args.block_size,
+                self.block_size,
                 self.model.num_kv_heads,
                 self.model.head_size,
                 self.dtype,
@@ -142,7 +143,7 @@ class LLMEngine:
             "weights_bytes": self.weight_bytes,
             "kv_cache_bytes": self.kv_cache_bytes,
             "kv_cache_blocks": num_blocks,
-            "kv_cache_tokens": num_blocks * args.block_size,
+            "kv_cache_tokens": num_blocks * self.block_size,
             "load_seconds": round(load_seconds, 3),
         }
         log.info(
@@ -152,10 +153,10 @@ class LLMEngine:
             self.dtype.value,
             self.weight_bytes / 2**20,
             self.kv_cache_bytes / 2**20,
-            num_blocks * args.block_size,
+            num_blocks * self.block_size,
             load_seconds,
         )
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, self.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=args.max_num_seqs,
@@ -165,7 +166,7 @@ class LLMEngine:
             ),
             self.block_manager,
         )
-        self.runner = ModelRunner(self.model, self.backend, kv_caches, args.block_size)
+        self.runner = ModelRunner(self.model, self.backend, kv_caches, self.block_size)
         self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)
         self._rng = random.Random(args.seed)
         self._requests: dict[str, _Request] = {}
@@ -183,7 +184,7 @@ class LLMEngine:
     def _bytes_per_block(self) -> int:
         m = self.model
         per_token = 2 * m.num_layers * m.num_kv_heads * m.head_size * self.dtype.itemsize
-        return int(per_token * self.args.block_size)
+        return int(per_token * self.block_size)
 
     def _num_kv_blocks(self) -> int:
         args = self.args
@@ -192,13 +193,13 @@ class LLMEngine:
             budget = int(args.kv_cache_memory)
         else:
             free = self.backend.memory_info().free
-            blocks_needed = args.max_num_seqs * -(-self.max_model_len // args.block_size)
+            blocks_needed = args.max_num_seqs * -(-self.max_model_len // self.block_size)
             budget = min(free // 2, _DEFAULT_KV_CAP, blocks_needed * per_block)
         blocks = budget // per_block
         if blocks < 1:
             raise ValueError(
                 f"kv_cache_memory of {budget} bytes holds no block ({per_block} bytes per block "
-                f"of {args.block_size} tokens); give the KV cache more memory"
+                f"of {self.block_size} tokens); give the KV cache more memory"
             )
         return int(blocks)
 
@@ -400,7 +401,7 @@ class LLMEngine:
 
 def _create_backend(args: EngineArgs) -> Backend:
     registry = get_registry()
-    config = BackendConfig(device_index=args.device_index)
+    config = BackendConfig(device_index=args.device_index, options=dict(args.backend_options))
     backend = registry.create(args.backend, config)
     fallback = args.fallback_backend or os.environ.get(ENV_FALLBACK)
     if fallback:

@@ -3,14 +3,23 @@
 Everything here is host bookkeeping (numpy) plus calls of HAL operators: the step's token ids,
 positions, slot mapping and block tables are built on the host once per step; the forward
 pass, logits processing, sampling and logprobs run on the backend.
+
+Decode steps (one new token per sequence) of up to ``MAX_CAPTURE_BATCH`` sequences run as a
+captured graph where the backend offers one (``Backend.capture_graph``): the batch is padded to
+a capture size, its inputs live in persistent buffers updated in place, and the whole forward
+pass replays as one backend call. At small batches the per-operator host work of an eager
+step costs as much as the arithmetic, so this is most of the batch-1 decode speed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 from llm_hal import AttentionMetadata, Backend, DType, PenaltyMetadata, SamplingMetadata, Tensor
+from llm_hal.backend import CapturedGraph
 
 from llm_core.engine.scheduler import SchedulerOutput
 from llm_core.engine.sequence import Sequence
@@ -18,6 +27,13 @@ from llm_core.models.base import CausalLM, ForwardBatch
 from llm_core.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
+log = logging.getLogger("llm_core.engine")
+
+#: Set to 1 to never capture decode steps (vLLM's ``enforce_eager``).
+ENV_ENFORCE_EAGER = "LLM_CORE_ENFORCE_EAGER"
+#: Batch sizes decode graphs are captured for; a decode batch runs in the smallest that fits.
+CAPTURE_SIZES: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 40, 48, 56, 64)
+MAX_CAPTURE_BATCH = CAPTURE_SIZES[-1]
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -46,6 +62,24 @@ class SeqSampling:
     banned: list[int]  # token ids that may not be drawn yet (EOS before min_tokens)
 
 
+@dataclass(slots=True)
+class _DecodeGraph:
+    """The persistent inputs of one capture size and, once captured, its graph.
+
+    Rows past the step's real batch are padding: token 0 at position 0, slot -1 (no cache
+    write), length 1 over block 0; their logits are computed and dropped.
+    """
+
+    size: int
+    ids: np.ndarray  # (size,) int64, host staging of batch.input_ids
+    positions: np.ndarray  # (size,) int64, host staging of batch.positions
+    batch: ForwardBatch
+    graph: CapturedGraph | None = None
+    logits: Tensor | None = None  # (size, V) fp32, rewritten by every replay
+    tried: bool = False  # capture attempted (graph None afterwards: not capturable)
+    first_rows: dict[int, Tensor] = field(default_factory=dict)  # n -> arange(n) on device
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -53,22 +87,104 @@ class ModelRunner:
         backend: Backend,
         kv_caches: list[tuple[Tensor, Tensor]],
         block_size: int,
+        capture: bool | None = None,
     ):
         self.model = model
         self.backend = backend
         self.kv_caches = kv_caches
         self.block_size = block_size
+        if capture is None:
+            capture = os.environ.get(ENV_ENFORCE_EAGER, "0").strip().lower() in ("", "0", "false")
+        self.capture = capture
+        self._graphs: dict[int, _DecodeGraph] = {}
 
     def execute(
         self, output: SchedulerOutput, sampling: dict[int, SeqSampling]
     ) -> dict[int, SampledToken]:
         """Run one step; returns the sampled token of every sequence whose chunk produced
         logits (keyed by seq_id)."""
-        batch, sampled_seqs = self._prepare(output)
-        logits = self.model.forward(batch, self.kv_caches)  # (B', V) fp32
+        if self.capture and _is_decode(output) and len(output.scheduled) <= MAX_CAPTURE_BATCH:
+            logits, sampled_seqs = self._run_decode_graph(output)
+        else:
+            batch, sampled_seqs = self._prepare(output)
+            logits = self.model.forward(batch, self.kv_caches)  # (B', V) fp32
         if not sampled_seqs:
             return {}
         return self._sample(logits, sampled_seqs, sampling)
+
+    # ------------------------------------------------------------------------------------------
+    # captured decode
+    # ------------------------------------------------------------------------------------------
+
+    def _run_decode_graph(self, output: SchedulerOutput) -> tuple[Tensor, list[Sequence]]:
+        seqs = [item.seq for item in output.scheduled]
+        n = len(seqs)
+        size = next(s for s in CAPTURE_SIZES if s >= n)
+        g = self._graphs.get(size) or self._new_decode_graph(size)
+        attn, bs = g.batch.attn, self.block_size
+        tables = attn.block_tables
+        for row, seq in enumerate(seqs):
+            pos = seq.num_computed_tokens
+            table = seq.block_table
+            g.ids[row] = seq.token_ids[pos]
+            g.positions[row] = pos
+            attn.seq_lens[row] = pos + 1
+            attn.slot_mapping[row] = table[pos // bs] * bs + pos % bs
+            tables[row, : len(table)] = table
+        # Padding rows (a smaller batch may follow a larger one in the same graph).
+        g.ids[n:] = 0
+        g.positions[n:] = 0
+        attn.seq_lens[n:] = 1
+        attn.slot_mapping[n:] = -1
+        tables[n:, 0] = 0
+        be = self.backend
+        be.copy_(g.batch.input_ids, be.from_host(g.ids, DType.INT64))
+        be.copy_(g.batch.positions, be.from_host(g.positions, DType.INT64))
+        if g.graph is not None:
+            g.graph.replay()
+            logits = g.logits
+        elif not g.tried:
+            g.tried = True
+            result: list[Tensor] = []
+            g.graph = be.capture_graph(
+                lambda: result.append(self.model.forward(g.batch, self.kv_caches))
+            )
+            logits = g.logits = result[0]
+            if g.graph is None:
+                log.info("decode batch %d runs eagerly: the backend did not capture it", size)
+        else:
+            logits = self.model.forward(g.batch, self.kv_caches)
+        if n < size:
+            rows = g.first_rows.get(n)
+            if rows is None:
+                rows = g.first_rows[n] = be.from_host(np.arange(n, dtype=np.int64), DType.INT64)
+            logits = be.gather_rows(logits, rows)
+        return logits, seqs
+
+    def _new_decode_graph(self, size: int) -> _DecodeGraph:
+        be = self.backend
+        width = -(-self.model.max_position // self.block_size)
+        attn = AttentionMetadata(
+            query_start_loc=np.arange(size + 1, dtype=np.int32),
+            seq_lens=np.ones(size, dtype=np.int32),
+            block_tables=np.zeros((size, width), dtype=np.int32),
+            slot_mapping=np.full(size, -1, dtype=np.int64),
+            block_size=self.block_size,
+        )
+        zeros = np.zeros(size, dtype=np.int64)
+        batch = ForwardBatch(
+            input_ids=be.from_host(zeros, DType.INT64),
+            positions=be.from_host(zeros, DType.INT64),
+            attn=attn,
+            logits_indices=be.from_host(np.arange(size, dtype=np.int64), DType.INT64),
+        )
+        g = _DecodeGraph(size, zeros.copy(), zeros.copy(), batch)
+        self._graphs[size] = g
+        return g
+
+    # ------------------------------------------------------------------------------------------
+    # eager steps
+    # ------------------------------------------------------------------------------------------
 
     def _prepare(self, output: SchedulerOutput) -> tuple[ForwardBatch, list[Sequence]]:
         ids: list[int] = []
@@ -168,6 +284,14 @@ class ModelRunner:
             r.logprob, r.rank = float(token_lp[row]), int(ranks[row])
             k = p.logprobs
             r.top = [(int(i), float(v)) for i, v in zip(top_ids[row][:k], top_lp[row][:k])]
+
+
+def _is_decode(output: SchedulerOutput) -> bool:
+    """Every scheduled sequence computes exactly its one last token."""
+    return all(
+        item.num_new_tokens == 1 and item.seq.num_computed_tokens == item.seq.num_tokens - 1
+        for item in output.scheduled
+    )
 
 
 def _penalty_meta(seqs: list[Sequence], params: list[SamplingParams]) -> PenaltyMetadata:

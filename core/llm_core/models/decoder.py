@@ -7,7 +7,7 @@ Every computation is a HAL operator; this file only decides which operator runs 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,13 +143,15 @@ class DecoderLM(CausalLM):
 
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
         ops = self.backend
+        # Computed once per step, not per layer: this Python runs for every eager step.
+        attend = ops.paged_attention_decode if batch.attn.is_decode else ops.paged_attention_prefill
         h = ops.embedding(batch.input_ids, self.embed)  # (T, H)
         residual: Tensor | None = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             x, residual = ops.rms_norm(h, layer.attn_norm, self.eps, residual)
             if residual is None:
                 residual = h
-            h = self._attention(layer, x, batch, k_cache, v_cache)
+            h = self._attention(layer, x, batch, k_cache, v_cache, attend)
             x, residual = ops.rms_norm(h, layer.mlp_norm, self.eps, residual)
             gate_up = ops.linear(x, layer.w13)  # (T, 2I)
             h = ops.linear(ops.silu_and_mul(gate_up), layer.w2)  # (T, H)
@@ -163,7 +165,13 @@ class DecoderLM(CausalLM):
         return logits
 
     def _attention(
-        self, layer: _Layer, x: Tensor, batch: ForwardBatch, k_cache: Tensor, v_cache: Tensor
+        self,
+        layer: _Layer,
+        x: Tensor,
+        batch: ForwardBatch,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        attend: Callable[..., Tensor],
     ) -> Tensor:
         ops = self.backend
         t = ops.shape(x)[0]
@@ -180,7 +188,6 @@ class DecoderLM(CausalLM):
             k = ops.reshape(k, (t, self.kv_size))
         q, k = ops.rotary_embedding(batch.positions, q, k, self.cos_sin, self.head_size, True)
         ops.reshape_and_cache(k, v, k_cache, v_cache, batch.attn)
-        attend = ops.paged_attention_decode if batch.attn.is_decode else ops.paged_attention_prefill
         o = attend(q, k_cache, v_cache, batch.attn, self.scale, self.options.sliding_window)
         return ops.linear(o, layer.wo)  # (T, H)
 

@@ -13,7 +13,7 @@ torch's fused scaled-dot-product attention for prefill.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -126,6 +126,14 @@ class CpuBackend(TorchBackend):
             return dst
         self._eager("copy_")
         return dst.copy_(src)
+
+    def reshape(self, tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        y = tensor.reshape(tuple(shape))
+        if self._graph is not None and (
+            y.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr()
+        ):
+            self._eager("reshape (a copy, not a view)")
+        return y
 
     def prepare_linear(
         self,

@@ -37,7 +37,7 @@ from llm_hal import (
 from llm_hal.backend import Tensor
 from llm_hal.dtypes import from_torch, to_torch
 
-from llm_core_opencl.device import Candidate, select_device
+from llm_core_opencl.device import Candidate, select_device, selector_from_env
 from llm_core_opencl.programs import ProgramCache
 
 Array = cla.Array
@@ -86,15 +86,20 @@ class OpenCLBackend(Backend):
     name: ClassVar[str] = "opencl"
     float_dtypes: ClassVar[frozenset[DType]] = frozenset({DType.FP32, DType.FP16, DType.BF16})
 
-    def __init__(self, selector: str = "", index: int = 0, flavour: str | None = None):
-        """Run on the device ``selector`` and ``index`` pick (see :mod:`llm_core_opencl.device`).
+    def __init__(self, selector: str | None = None, index: int = 0, flavour: str | None = None):
+        """Run on the device ``selector`` and ``index`` pick (see :mod:`llm_core_opencl.device`;
+        no selector: the ``LLM_CORE_OPENCL_DEVICE`` environment variable, else automatic).
         ``flavour`` picks the kernel family, ``"cpu"`` or ``"gpu"``; by default the device
         type decides (see ``kernels/linear.cl``)."""
-        self.candidate: Candidate = select_device(selector, index)
+        self.candidate: Candidate = select_device(selector_from_env(selector), index)
         self.device = self.candidate.device
         self.context = cl.Context([self.device])
         self.queue = cl.CommandQueue(self.context)
-        self.pool = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(self.queue))
+        # A pool makes per-step temporaries cheap, but it rounds sizes up: on a simulator, whose
+        # point is to catch out-of-bounds accesses, every buffer has its exact size.
+        immediate = cl_tools.ImmediateAllocator(self.queue)
+        self.pool = None if self.candidate.is_simulator else cl_tools.MemoryPool(immediate)
+        self.allocator: Any = self.pool or immediate
         self.programs = ProgramCache(self.context, self.device)
         self.native_fp16 = "cl_khr_fp16" in self.device.extensions
         self.flavour = flavour or ("cpu" if self.candidate.kind == "CPU" else "gpu")
@@ -128,7 +133,7 @@ class OpenCLBackend(Backend):
     def memory_info(self) -> MemoryInfo:
         # OpenCL has no free-memory query: report what this backend's pool has not handed out.
         total = int(self.device.global_mem_size)
-        free = max(0, total - int(self.pool.active_bytes))
+        free = max(0, total - (int(self.pool.active_bytes) if self.pool else 0))
         if int(self.device.type) & int(cl.device_type.CPU):
             from llm_hal.reference import host_memory_info
 
@@ -140,12 +145,12 @@ class OpenCLBackend(Backend):
 
     def empty(self, shape: Sequence[int], dtype: DType) -> Array:
         return cla.empty(
-            self.queue, tuple(int(s) for s in shape), self._np(dtype), allocator=self.pool
+            self.queue, tuple(int(s) for s in shape), self._np(dtype), allocator=self.allocator
         )
 
     def _zeros(self, shape: Sequence[int], dtype: DType) -> Array:
         return cla.zeros(
-            self.queue, tuple(int(s) for s in shape), self._np(dtype), allocator=self.pool
+            self.queue, tuple(int(s) for s in shape), self._np(dtype), allocator=self.allocator
         )
 
     def from_host(self, data: Any, dtype: DType | None = None) -> Array:
@@ -165,7 +170,7 @@ class OpenCLBackend(Backend):
         # Conversion happens here on the host: this is load-time or per-step input, not compute.
         t = t.to(to_torch(target)).contiguous()
         host = t.view(torch.int16).numpy().view(np.uint16) if target is DType.BF16 else t.numpy()
-        return cla.to_device(self.queue, host, allocator=self.pool)
+        return cla.to_device(self.queue, host, allocator=self.allocator)
 
     def to_host(self, tensor: Array) -> torch.Tensor:
         host = np.ascontiguousarray(tensor.get(self.queue))
@@ -678,7 +683,7 @@ class OpenCLBackend(Backend):
             raise ValueError(
                 "the OpenCL backend takes contiguous tensors (strided views are not made here)"
             )
-        return self.copy_(cla.empty(self.queue, a.shape, a.dtype, allocator=self.pool), a)
+        return self.copy_(cla.empty(self.queue, a.shape, a.dtype, allocator=self.allocator), a)
 
     def _as(self, a: Array, dtype: DType, copy: bool = False) -> Array:
         """``a`` as a plain array of ``dtype`` (converted when it is another type)."""
@@ -687,7 +692,7 @@ class OpenCLBackend(Backend):
         return self.copy_(self.empty(a.shape, dtype), a)
 
     def _upload(self, host: np.ndarray) -> Array:
-        return cla.to_device(self.queue, np.ascontiguousarray(host), allocator=self.pool)
+        return cla.to_device(self.queue, np.ascontiguousarray(host), allocator=self.allocator)
 
     def _target(
         self, out: Array | None, shape: Sequence[int], dtype: DType

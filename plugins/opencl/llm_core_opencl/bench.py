@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     from llm_core_opencl.backend import OpenCLBackend
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="", help="device selector (default: automatic)")
+    parser.add_argument(
+        "--device", default=None, help="device selector (default: LLM_CORE_OPENCL_DEVICE, else automatic)"
+    )
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
     args = parser.parse_args(argv)
 

@@ -2,7 +2,7 @@
 
 A selector is ``"P:D"`` (platform index, device index, as ``clinfo -l`` and
 :func:`list_devices` number them) or a case-insensitive substring of ``"<platform> <device>
-<vendor>"`` (``"pocl"``, ``"nvidia"``, ``"gfx90a"``). Without one, the automatic choice ranks
+<vendor> <device version>"`` (``"pocl"``, ``"nvidia"``, ``"gfx90a"``). Without one, the automatic choice ranks
 GPUs first, then accelerators, then CPUs, and skips simulators (Oclgrind) unless named. When
 several devices match, ``index`` picks among them in that order.
 """
@@ -41,7 +41,10 @@ class Candidate:
 
     @property
     def haystack(self) -> str:
-        return f"{self.platform_name} {self.device.name} {self.device.vendor}".lower()
+        """What a name selector is matched against. PoCL's platform is "Portable Computing
+        Language": the device version ("OpenCL 3.0 PoCL ...") is what says "pocl"."""
+        d = self.device
+        return f"{self.platform_name} {d.name} {d.vendor} {d.version}".lower()
 
     @property
     def is_simulator(self) -> bool:
@@ -125,7 +128,7 @@ def select_device(selector: str = "", index: int = 0) -> Candidate:
     chosen = matching(selector, devices)
     available = "; ".join(c.label for c in devices)
     if not chosen:
-        what = f"{ENV_DEVICE}={selector!r}" if selector else "the automatic choice (no simulators)"
+        what = f"the selector {selector!r}" if selector else "the automatic choice (no simulators)"
         raise DeviceSelectionError(
             f"no OpenCL device matches {what}; devices here: {available}. "
             f"Set {ENV_DEVICE} to 'P:D' or to part of a platform or device name"

@@ -41,9 +41,8 @@ def _probe() -> Availability:
 
 def _factory(config: BackendConfig) -> Backend:
     from llm_core_opencl.backend import OpenCLBackend
-    from llm_core_opencl.device import selector_from_env
 
-    return OpenCLBackend(selector_from_env(config.options.get("device")), config.device_index)
+    return OpenCLBackend(config.options.get("device"), config.device_index)
 
 
 @hookimpl
