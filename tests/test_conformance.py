@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -34,21 +33,17 @@ from llm_conformance import (
 )
 from llm_conformance.compare import compare
 from llm_conformance.tolerances import NMSE_FLOOR, tolerance
+from llm_core.cli import main
 from llm_hal import DType
 
 SEED = 1234
 
 
-def run_cli(*args: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, "-m", "llm_core.cli", "conformance", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=cwd,
-    )
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``llm-core conformance ARGS`` in this process: (exit status, stdout, stderr)."""
+    status = main(["conformance", *args])
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 # -------------------------------------------------------------------------------------------
@@ -215,8 +210,11 @@ def test_an_unavailable_backend_is_not_run_and_never_certified() -> None:
         verify(certificate)
 
 
-def test_cli_runs_writes_reports_and_verifies(tmp_path: pathlib.Path) -> None:
-    done = run_cli(
+def test_cli_runs_writes_reports_and_verifies(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = run_cli(
+        capsys,
         "--backend",
         "nosuchbackend",
         "--model",
@@ -227,8 +225,8 @@ def test_cli_runs_writes_reports_and_verifies(tmp_path: pathlib.Path) -> None:
         str(tmp_path),
         "-q",
     )
-    assert done.returncode == 2, done.stderr
-    assert "NOT RUN" in done.stdout
+    assert status == 2
+    assert "NOT RUN" in out
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
         "conformance-junit.xml",
@@ -236,17 +234,46 @@ def test_cli_runs_writes_reports_and_verifies(tmp_path: pathlib.Path) -> None:
         "conformance.json",
         "conformance.md",
     ]
-    good = run_cli("verify", str(tmp_path / "conformance.json"), "--allow-partial")
-    assert good.returncode == 0 and "digest" in good.stdout, good.stderr
+    status, out, _ = run_cli(
+        capsys, "verify", str(tmp_path / "conformance.json"), "--allow-partial"
+    )
+    assert status == 0 and "digest" in out
     document = json.loads((tmp_path / "conformance.json").read_text())
     document["cells"][0]["status"] = "CERTIFIED"
     (tmp_path / "forged.json").write_text(json.dumps(document))
-    bad = run_cli("verify", str(tmp_path / "forged.json"), "--allow-partial")
-    assert bad.returncode == 1 and "digest mismatch" in bad.stderr
+    status, _, err = run_cli(capsys, "verify", str(tmp_path / "forged.json"), "--allow-partial")
+    assert status == 1 and "digest mismatch" in err
 
 
-def test_cli_replays_one_case() -> None:
-    done = run_cli(
+def test_cli_signs_with_a_generated_key(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(capsys, "keygen", str(tmp_path / "keys"))[0] == 0
+    key, pub = tmp_path / "keys" / "conformance.key", tmp_path / "keys" / "conformance.pub"
+    assert key.stat().st_mode & 0o777 == 0o600
+    run_cli(
+        capsys,
+        "--backend",
+        "nosuchbackend",
+        "--model",
+        "llama",
+        "--dtype",
+        "float32",
+        "--report",
+        str(tmp_path),
+        "--sign-key",
+        str(key),
+        "-q",
+    )
+    status, out, _ = run_cli(
+        capsys, "verify", str(tmp_path / "conformance.json"), "--key", str(pub), "--allow-partial"
+    )
+    assert status == 0 and "Ed25519 signature valid" in out
+
+
+def test_cli_replays_one_case(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run_cli(
+        capsys,
         "replay",
         "--backend",
         "cpu",
@@ -259,9 +286,9 @@ def test_cli_replays_one_case() -> None:
         "--seed",
         str(SEED),
     )
-    assert done.returncode == 0, done.stderr
-    assert "rms_norm case 13 in bfloat16: PASSED" in done.stdout
-    assert "out= guard: ok" in done.stdout
+    assert status == 0, out
+    assert "rms_norm case 13 in bfloat16: PASSED" in out
+    assert "out= guard: ok" in out
 
 
 def _has_entry_point() -> bool:

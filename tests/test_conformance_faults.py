@@ -210,6 +210,19 @@ class Bf16Truncation(CpuBackend):
         return out.copy_(y)
 
 
+class AddWritesOnePast(CpuBackend):
+    """add with ``out=`` also writes one element past the end of each row of ``out``."""
+
+    name: ClassVar[str] = "faulty-add"
+
+    def add(self, a, b, out=None):  # type: ignore[no-untyped-def]
+        y = super().add(a, b, out)
+        if out is not None:
+            rows, n = out.shape
+            torch.as_strided(out, (rows, n + 1), out.stride(), out.storage_offset())[:, n] = 0
+        return y
+
+
 class WithoutSilu(CpuBackend):
     """Lacks silu_and_mul, and says so."""
 
@@ -238,6 +251,7 @@ FAULTS = [
     pytest.param(EpsOutsideSqrt, "rms_norm", DType.FP32, id="eps-outside-sqrt"),
     pytest.param(CacheWritesOnePast, "reshape_and_cache", DType.BF16, id="cache-one-past"),
     pytest.param(Bf16Truncation, "silu_and_mul", DType.BF16, id="bf16-truncation"),
+    pytest.param(AddWritesOnePast, "add", DType.FP32, id="out-of-bounds-write"),
     pytest.param(ClaimsNoGeluButRuns, "gelu", DType.FP32, id="false-declaration"),
 ]
 
@@ -264,6 +278,13 @@ def test_the_truncation_fault_is_caught_by_the_bias_check() -> None:
     summaries = " ".join(c.summary() for c in result.failed_cases)
     assert "rounding bias" in summaries and "toward zero" in summaries
     assert "out of bounds" not in summaries  # the elementwise bound alone would let it pass
+
+
+def test_an_out_of_bounds_write_is_caught_by_the_guard() -> None:
+    result = OpSuite(AddWritesOnePast(), [DType.FP32], SEED).result("add", DType.FP32)
+    checks = [c for case in result.failed_cases for c in case.failures]
+    assert {c.name for c in checks} == {"out= guard"}
+    assert "sentinel values overwritten" in checks[0].detail
 
 
 def test_the_cache_fault_is_caught_bit_exactly() -> None:

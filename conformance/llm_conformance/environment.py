@@ -73,6 +73,11 @@ def describe_backend(backend: Backend | None, record: BackendRecord | None) -> d
         if record.spec is not None:
             out["version"] = record.spec.version
             out["api_version"] = record.spec.api_version
+        availability = record.availability()
+        out["probe_devices"] = [
+            {"name": d.name, "index": d.index, "total_memory": d.total_memory, **d.properties}
+            for d in availability.devices
+        ]
     if backend is not None:
         out["class"] = f"{type(backend).__module__}.{type(backend).__qualname__}"
         out["float_dtypes"] = sorted(d.value for d in backend.float_dtypes)

@@ -155,7 +155,7 @@ def _load_reference(model: ModelUnderTest) -> Any:
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef]
+        from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef,attr-defined]
 
     checkpoint = model.checkpoint
     with no_init_weights():  # every weight is loaded below: random init would take 20 s

@@ -114,6 +114,27 @@ def _failures(cert: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+_BACKEND_HEAD = ["backend", "ran", "version", "device", "driver", "reason"]
+
+
+def _backend_rows(cert: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for b in cert["backends"]:
+        device = b.get("device", {})
+        probed = b.get("probe_devices") or [{}]
+        rows.append(
+            [
+                b["name"],
+                b["status"],
+                b.get("version", "?"),
+                probed[0].get("name") or device.get("name", "-"),
+                device.get("driver", "-"),
+                b.get("reason", ""),
+            ]
+        )
+    return rows
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}"
@@ -199,20 +220,7 @@ def markdown(cert: dict[str, Any]) -> str:
         "",
     ]
     lines += ["## Backends", ""]
-    lines += _md_table(
-        ["backend", "ran", "version", "device", "driver", "reason"],
-        [
-            [
-                b["name"],
-                b["status"],
-                b.get("version", "?"),
-                b.get("device", {}).get("name", "-"),
-                b.get("device", {}).get("driver", "-"),
-                b.get("reason", ""),
-            ]
-            for b in cert["backends"]
-        ],
-    )
+    lines += _md_table(_BACKEND_HEAD, _backend_rows(cert))
     lines += ["", "## Waivers", ""]
     if cert["waivers"]:
         lines += _md_table(
@@ -350,22 +358,7 @@ def to_html(cert: dict[str, Any]) -> str:
     head = ["model"] + [f"{b} {_SHORT.get(d, d)}" for b, d in cols]
     parts.append(_html_table(head, rows, raw=True))
     parts.append("<h2>Backends</h2>")
-    parts.append(
-        _html_table(
-            ["backend", "ran", "version", "device", "driver", "reason"],
-            [
-                [
-                    b["name"],
-                    b["status"],
-                    b.get("version", "?"),
-                    b.get("device", {}).get("name", "-"),
-                    b.get("device", {}).get("driver", "-"),
-                    b.get("reason", ""),
-                ]
-                for b in cert["backends"]
-            ],
-        )
-    )
+    parts.append(_html_table(_BACKEND_HEAD, _backend_rows(cert)))
     parts.append("<h2>Waivers</h2>")
     if cert["waivers"]:
         parts.append(

@@ -97,6 +97,7 @@ class Cell:
     effective_thresholds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     replay: str = ""
+    ran: bool = True  # False for NOT RUN and for a dtype the backend does not compute in
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +107,7 @@ class Cell:
             "backend": self.backend,
             "dtype": self.dtype.value,
             "status": self.status,
+            "ran": self.ran,
             "reasons": self.reasons,
             "traced_ops": self.traced_ops,
             "metrics": self.metrics,
@@ -295,12 +297,13 @@ class Conformance:
         if key not in self._cells:
             started = time.perf_counter()
             if isinstance(model, tuple):
-                cell = Cell(name, name, "real", backend.name, dtype, NOT_RUN, [model[1]])
+                cell = Cell(name, name, "real", backend.name, dtype, NOT_RUN, [model[1]], ran=False)
             else:
                 cell = Cell(model.name, model.architecture, model.kind, backend.name, dtype)
                 cell.replay = self._replay(backend.name, model, dtype)
                 if backend.instance is None:
                     cell.reasons = [f"backend {backend.name} unavailable: {backend.reason}"]
+                    cell.ran = False
                 else:
                     self._certify(cell, backend, model, dtype)
             cell.seconds = time.perf_counter() - started
@@ -330,9 +333,10 @@ class Conformance:
     ) -> None:
         instance = backend.instance
         assert instance is not None
-        if not instance.supports("linear", dtype):
+        if dtype not in instance.float_dtypes:
             cell.status = CELL_UNSUPPORTED
             cell.reasons = [f"backend {backend.name} does not compute in {dtype.value}"]
+            cell.ran = False
             return
         if isinstance(instance, FallbackBackend):
             cell.status = CELL_FAILED
@@ -499,8 +503,8 @@ class Conformance:
 
     def exit_status(self) -> int:
         """0: every cell that ran is CERTIFIED and no operator failed; 1: otherwise; 2: nothing
-        ran at all."""
-        ran = [c for c in self.cells() if c.status != NOT_RUN]
+        ran at all. A cell in a dtype the backend does not compute in did not run."""
+        ran = [c for c in self.cells() if c.ran]
         if not ran and not any(b.ops for b in self.backends()):
             return 2
         if any(c.status != CERTIFIED for c in ran) or self.failed_ops():

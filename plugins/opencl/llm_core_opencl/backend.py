@@ -300,19 +300,19 @@ class OpenCLBackend(Backend):
         target, pending = self._target(out, (m, n), dtype)
         args = (x.data, w.data, None if bias is None else bias.data, _i32(bias is not None),
                 target.data, _i32(m), _i32(n), _i32(k))  # fmt: skip
-        defines = {**GEMM_TILE, "GWG": self.gemv_wg, "GEMV_MAX_M": GEMV_MAX_ROWS, "RN": 4}
+        defines = {**GEMM_TILE, "GWG": self.gemv_wg, "GEMV_MAX_M": GEMV_MAX_ROWS, "RN": 8}
         if self.flavour == "cpu":
-            rm = 1 if m == 1 else 4
-            kernel = self._kernel("linear.cl", "blocked_gemm", dtype, **defines, RM=rm)
-            self._run(kernel, (-(-n // 4), -(-m // rm)), None, *args)
+            rm = 1 if m == 1 else 4  # a lone row (decode) must not pay for four
+            kernel = self._kernel("linear.cl", "blocked_gemm", dtype, mad=True, **defines, RM=rm)
+            self._run(kernel, (-(-n // 8), -(-m // rm)), None, *args)
         elif m <= GEMV_MAX_ROWS:
-            kernel = self._kernel("linear.cl", "gemv", dtype, **defines, RM=4)
+            kernel = self._kernel("linear.cl", "gemv", dtype, mad=True, **defines, RM=4)
             self._run(kernel, (self.gemv_wg * n,), (self.gemv_wg,), *args)
         else:
             tile = GEMM_TILE
             rx, ry = tile["TN"] // tile["WN"], tile["TM"] // tile["WM"]
             groups = (-(-n // tile["TN"]), -(-m // tile["TM"]))
-            kernel = self._kernel("linear.cl", "gemm", dtype, **defines, RM=4)
+            kernel = self._kernel("linear.cl", "gemm", dtype, mad=True, **defines, RM=4)
             self._run(kernel, (groups[0] * rx, groups[1] * ry), (rx, ry), *args)
         return self._deliver(target, pending)
 
@@ -645,8 +645,10 @@ class OpenCLBackend(Backend):
         except KeyError:
             raise ValueError(f"numpy dtype {dtype} has no HAL equivalent") from None
 
-    def _kernel(self, source: str, name: str, dtype: DType, **defines: int) -> Any:
-        return self.programs.kernel(source, name, STORAGE=_STORAGE[dtype], **defines)
+    def _kernel(
+        self, source: str, name: str, dtype: DType, *, mad: bool = False, **defines: int
+    ) -> Any:
+        return self.programs.kernel(source, name, mad=mad, STORAGE=_STORAGE[dtype], **defines)
 
     def _run(
         self,

@@ -41,7 +41,7 @@ def device_ceilings(backend: object) -> tuple[float, float]:
     import pyopencl as cl
 
     be = backend
-    fma = be.programs.kernel("bench.cl", "fma_peak")  # type: ignore[attr-defined]
+    fma = be.programs.kernel("bench.cl", "fma_peak", mad=True)  # type: ignore[attr-defined]
     items, iterations = 4096 * int(be.device.max_compute_units), 2048  # type: ignore[attr-defined]
     out = be.empty((items,), _fp32())  # type: ignore[attr-defined]
 
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--device", default=None, help="device selector (default: LLM_CORE_OPENCL_DEVICE, else automatic)"
+        "--device",
+        default=None,
+        help="device selector (default: LLM_CORE_OPENCL_DEVICE, else automatic)",
     )
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
     args = parser.parse_args(argv)

@@ -28,13 +28,14 @@ class ProgramCache:
     def __init__(self, context: Any, device: Any):
         self.context = context
         self.device = device
-        self._programs: dict[tuple[str, tuple[tuple[str, int], ...]], Any] = {}
+        self._programs: dict[tuple[str, bool, tuple[tuple[str, int], ...]], Any] = {}
         self._kernels: dict[tuple[Any, str], Any] = {}
         self._header = kernel_source("common.h")
 
-    def kernel(self, source: str, name: str, **defines: int) -> Any:
-        """Kernel ``name`` of ``kernels/<source>`` built with ``-Dkey=value`` for defines."""
-        program = self.program(source, **defines)
+    def kernel(self, source: str, name: str, *, mad: bool = False, **defines: int) -> Any:
+        """Kernel ``name`` of ``kernels/<source>`` built with ``-Dkey=value`` for defines;
+        ``mad`` adds ``-cl-mad-enable`` (a * b + c may be fused)."""
+        program = self.program(source, mad=mad, **defines)
         key = (id(program), name)
         kernel = self._kernels.get(key)
         if kernel is None:
@@ -43,18 +44,18 @@ class ProgramCache:
             kernel = self._kernels[key] = cl.Kernel(program, name)
         return kernel
 
-    def program(self, source: str, **defines: int) -> Any:
-        key = (source, tuple(sorted(defines.items())))
+    def program(self, source: str, *, mad: bool = False, **defines: int) -> Any:
+        key = (source, mad, tuple(sorted(defines.items())))
         program = self._programs.get(key)
         if program is None:
-            program = self._programs[key] = self._build(source, key[1])
+            program = self._programs[key] = self._build(source, mad, key[2])
         return program
 
-    def _build(self, source: str, defines: tuple[tuple[str, int], ...]) -> Any:
+    def _build(self, source: str, mad: bool, defines: tuple[tuple[str, int], ...]) -> Any:
         import pyopencl as cl
 
         text = self._header + "\n" + kernel_source(source)
-        options = [f"-D{k}={v}" for k, v in defines]
+        options = [f"-D{k}={v}" for k, v in defines] + (["-cl-mad-enable"] if mad else [])
         program = cl.Program(self.context, text)
         try:
             return program.build(options=options, devices=[self.device])

@@ -5,6 +5,9 @@
  * an RM x RN block of y as float8 dot products along K, which compiles to SIMD FMAs over
  * contiguous rows. For GPUs, the classic tiled kernels below:
  *
+ * Products are written a * b + c, not fma(): PoCL computes fma() in software (about 10x
+ * slower); the program is built with -cl-mad-enable so the compiler may fuse them.
+ *
  * gemm: a TM x TN tile of y per work-group, K in slices of TK staged in local memory; each
  * work-item owns a WM x WN block of the tile, strided by the work-group's extent so that
  * neighbouring work-items touch neighbouring addresses. Global (ceil(N/TN) * TN/WN,
@@ -48,7 +51,7 @@ void gemm(global const T* x, global const T* w, global const T* bias, int has_bi
             for (int i = 0; i < WM; ++i) a[i] = xs[kk][ly + i * RY];
             for (int j = 0; j < WN; ++j) b[j] = ws[kk][lx + j * RX];
             for (int i = 0; i < WM; ++i)
-                for (int j = 0; j < WN; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+                for (int j = 0; j < WN; ++j) acc[i][j] += a[i] * b[j];
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
@@ -80,7 +83,7 @@ void gemv(global const T* x, global const T* w, global const T* bias, int has_bi
     } else {
         for (int k = lid; k < K; k += GWG) {
             float wv = LOAD(row, k);
-            for (int m = 0; m < M; ++m) acc[m] = fma(LOAD(x, (size_t)m * K + k), wv, acc[m]);
+            for (int m = 0; m < M; ++m) acc[m] += LOAD(x, (size_t)m * K + k) * wv;
         }
     }
     for (int m = 0; m < GEMV_MAX_M; ++m) scratch[m][lid] = acc[m];
@@ -115,7 +118,7 @@ void blocked_gemm(global const T* x, global const T* w, global const T* bias,
         for (int r = 0; r < RM; ++r) xv[r] = LOAD8(xr[r], i);
         for (int c = 0; c < RN; ++c) {
             float8 wv = LOAD8(wr[c], i);
-            for (int r = 0; r < RM; ++r) acc[r][c] = fma(xv[r], wv, acc[r][c]);
+            for (int r = 0; r < RM; ++r) acc[r][c] += xv[r] * wv;
         }
     }
     for (int r = 0; r < RM; ++r) {
@@ -125,7 +128,7 @@ void blocked_gemm(global const T* x, global const T* w, global const T* bias,
             float8 a = acc[r][c];
             float4 h = a.lo + a.hi;
             float s = (h.x + h.y) + (h.z + h.w);
-            for (int k = k8 * 8; k < K; ++k) s = fma(LOAD(xr[r], k), LOAD(wr[c], k), s);
+            for (int k = k8 * 8; k < K; ++k) s += LOAD(xr[r], k) * LOAD(wr[c], k);
             if (has_bias) s += LOAD(bias, n0 + c);
             STORE(y, (size_t)(m0 + r) * N + n0 + c, s);
         }

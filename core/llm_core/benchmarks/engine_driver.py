@@ -1,0 +1,97 @@
+"""EngineDriver: runs a benchmark's requests through an in-process LLMEngine and records when
+every token appears.
+
+Requests arrive all at once, at a Poisson ``request_rate``, and/or under a ``concurrency`` cap
+(at most that many in flight, a new one admitted as one finishes). The driver calls
+``engine.step()`` in a loop and timestamps each request's new tokens as the step returns them,
+which is what a streaming client of the same engine would see, minus the network.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+from llm_core.benchmarks.memory import MemoryMonitor
+from llm_core.benchmarks.results import RunResult
+from llm_core.benchmarks.timeline import RequestTimeline
+from llm_core.sampling_params import SamplingParams
+from tqdm.auto import tqdm
+
+
+def arrival_offsets(num: int, request_rate: float | None, seed: int) -> list[float]:
+    """Seconds after the start at which each request arrives: all at 0 for no rate, else a
+    Poisson process (exponential gaps of mean ``1 / request_rate``), seeded."""
+    if not request_rate or request_rate == float("inf"):
+        return [0.0] * num
+    gaps = np.random.default_rng(seed).exponential(1.0 / request_rate, size=num)
+    return np.concatenate([[0.0], np.cumsum(gaps[1:])]).tolist()
+
+
+class EngineDriver:
+    def __init__(self, engine: Any, detokenize: bool = True):
+        self.engine = engine
+        self.detokenize = detokenize
+        self._ids = 0
+
+    def params(self, output_len: int, temperature: float = 0.0) -> SamplingParams:
+        """Exactly ``output_len`` tokens (EOS ignored), greedy unless a temperature is given."""
+        return SamplingParams(
+            max_tokens=output_len,
+            ignore_eos=True,
+            temperature=temperature,
+            detokenize=self.detokenize,
+        )
+
+    def run(
+        self,
+        prompts: list[list[int]],
+        output_len: int,
+        concurrency: int | None = None,
+        request_rate: float | None = None,
+        seed: int = 0,
+        progress: bool = False,
+        desc: str = "requests",
+    ) -> RunResult:
+        engine = self.engine
+        params = self.params(output_len)
+        offsets = arrival_offsets(len(prompts), request_rate, seed)
+        pending = deque(range(len(prompts)))
+        timelines: dict[str, RequestTimeline] = {}
+        seen: dict[str, int] = {}
+        cap = concurrency or len(prompts)
+        in_flight = 0
+        bar = tqdm(total=len(prompts), desc=desc, unit="req", disable=not progress, leave=False)
+        with MemoryMonitor(engine.backend) as mem:
+            start = time.perf_counter()
+            while pending or in_flight:
+                now = time.perf_counter()
+                while pending and in_flight < cap and start + offsets[pending[0]] <= now:
+                    i = pending.popleft()
+                    rid = f"bench-{self._ids}"
+                    self._ids += 1
+                    arrival = start + offsets[i]
+                    timelines[rid] = RequestTimeline(len(prompts[i]), arrival)
+                    seen[rid] = 0
+                    engine.add_request(rid, prompts[i], params)
+                    in_flight += 1
+                if not in_flight:
+                    time.sleep(max(0.0, start + offsets[pending[0]] - time.perf_counter()))
+                    continue
+                outputs = engine.step()
+                when = time.perf_counter()
+                for out in outputs:
+                    timeline = timelines.get(out.request_id)
+                    if timeline is None:
+                        continue
+                    count = len(out.outputs[0].token_ids)
+                    timeline.add_tokens(count - seen[out.request_id], when)
+                    seen[out.request_id] = count
+                    if out.finished:
+                        in_flight -= 1
+                        bar.update(1)
+            duration = time.perf_counter() - start
+        bar.close()
+        return RunResult(list(timelines.values()), duration, mem.peak_rss, mem.peak_device_used)
