@@ -34,7 +34,15 @@ from llm_conformance import (
 from llm_conformance.compare import compare
 from llm_conformance.tolerances import NMSE_FLOOR, tolerance
 from llm_core.cli import main
-from llm_hal import DType
+from llm_core_cpu import CpuBackend
+from llm_hal import (
+    HAL_API_VERSION,
+    Availability,
+    BackendRecord,
+    BackendSpec,
+    DType,
+    get_registry,
+)
 
 SEED = 1234
 
@@ -208,6 +216,28 @@ def test_an_unavailable_backend_is_not_run_and_never_certified() -> None:
     assert certificate["summary"]["exit_status"] == 2
     with pytest.raises(CertificateError, match="no backend ran"):
         verify(certificate)
+
+
+def test_a_registered_backend_without_its_device_is_not_run_with_the_probes_reason() -> None:
+    registry = get_registry()
+    spec = BackendSpec(
+        name="gpu-test",
+        version="0.0",
+        api_version=HAL_API_VERSION,
+        priority=-100,
+        probe=lambda: Availability.no("no GPU device: nvidia-smi found none"),
+        factory=lambda _config: CpuBackend(),
+    )
+    registry.records["gpu-test"] = BackendRecord("gpu-test", "tests", "tests", "0.0", spec)
+    try:
+        with Conformance(["gpu-test"], ["qwen3"], ["bfloat16"], seed=SEED) as run:
+            certificate = run.run()
+    finally:
+        registry.records.pop("gpu-test")
+    (cell,) = certificate["cells"]
+    assert cell["status"] == "NOT RUN" and not cell["ran"]
+    assert cell["reasons"] == ["backend gpu-test unavailable: no GPU device: nvidia-smi found none"]
+    assert "nvidia-smi" in markdown(certificate)
 
 
 def test_cli_runs_writes_reports_and_verifies(

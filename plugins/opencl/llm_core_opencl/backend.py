@@ -7,13 +7,14 @@ bf16 tensor here. ``split`` copies each part into its own contiguous array (Open
 no cheap strided views), so rotary embedding and the KV-cache write see contiguous q, k, v.
 
 Nothing inside a forward pass goes through the host: the per-step metadata (block tables,
-slots, sampling settings) is uploaded once per step and cached in its ``device_cache``.
+slots, sampling settings) is uploaded once per step and cached in its ``device_cache``, with a
+copy of the host arrays it came from so that an object updated in place is uploaded again.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -402,9 +403,7 @@ class OpenCLBackend(Backend):
         meta: AttentionMetadata,
     ) -> None:
         dtype = self._float(key_cache, "reshape_and_cache")
-        slots = meta.device_cache.get("opencl.slots")
-        if slots is None:
-            slots = meta.device_cache["opencl.slots"] = self._upload(meta.slot_mapping)
+        (slots,) = self._uploaded(meta, "opencl.slots", (meta.slot_mapping,))
         width = int(key_cache.shape[2]) * int(key_cache.shape[3])
         tokens = int(slots.shape[0])
         kernel = self._kernel("rotary_cache.cl", "reshape_and_cache", dtype)
@@ -414,23 +413,17 @@ class OpenCLBackend(Backend):
             _i32(width),
         )  # fmt: skip
 
-    def _attention_meta(self, meta: AttentionMetadata) -> tuple[Array, Array, Array]:
+    def _attention_meta(self, meta: AttentionMetadata) -> tuple[Array, ...]:
         """(token_seq, token_pos, block_tables) on the device, built once per step."""
-        cached = meta.device_cache.get("opencl.attn")
-        if cached is None:
-            qlens = meta.query_lens
-            token_seq = np.repeat(np.arange(meta.num_seqs, dtype=np.int32), qlens)
-            starts = np.repeat(meta.query_start_loc[:-1], qlens)
-            first = np.repeat(meta.seq_lens - qlens, qlens)
-            token_pos = (first + np.arange(meta.num_tokens) - starts).astype(np.int32)
-            tables = (
-                meta.block_tables
-                if meta.block_tables.shape[1]
-                else np.zeros((meta.num_seqs, 1), np.int32)
-            )
-            cached = (self._upload(token_seq), self._upload(token_pos), self._upload(tables))
-            meta.device_cache["opencl.attn"] = cached
-        return cached
+        qlens = meta.query_lens
+        token_seq = np.repeat(np.arange(meta.num_seqs, dtype=np.int32), qlens)
+        starts = np.repeat(meta.query_start_loc[:-1], qlens)
+        first = np.repeat(meta.seq_lens - qlens, qlens)
+        token_pos = (first + np.arange(meta.num_tokens) - starts).astype(np.int32)
+        tables = meta.block_tables
+        if not tables.shape[1]:
+            tables = np.zeros((meta.num_seqs, 1), np.int32)
+        return (token_seq, token_pos, tables)
 
     def paged_attention_prefill(
         self,
@@ -453,7 +446,12 @@ class OpenCLBackend(Backend):
         target, pending = self._target(out, query.shape, dtype)
         if tokens == 0:
             return self._deliver(target, pending)
-        token_seq, token_pos, tables = self._attention_meta(meta)
+        token_seq, token_pos, tables = self._uploaded(
+            meta,
+            "opencl.attn",
+            (meta.query_start_loc, meta.seq_lens, meta.block_tables),
+            lambda: self._attention_meta(meta),
+        )
         wg = self.attn_wg
         max_head = max(64, 1 << (head_size - 1).bit_length())
         kernel = self._kernel(
@@ -551,13 +549,11 @@ class OpenCLBackend(Backend):
     def apply_penalties(self, logits: Array, meta: PenaltyMetadata) -> Tensor:
         self._logits(logits, "apply_penalties")
         rows, vocab = (int(s) for s in logits.shape)
-        uploaded = meta.device_cache.get("opencl.penalties")
-        if uploaded is None:
-            uploaded = tuple(
-                self._upload(a) for a in (meta.prompt_ids, meta.output_ids, meta.presence,
-                                          meta.frequency, meta.repetition)
-            )  # fmt: skip
-            meta.device_cache["opencl.penalties"] = uploaded
+        uploaded = self._uploaded(
+            meta,
+            "opencl.penalties",
+            (meta.prompt_ids, meta.output_ids, meta.presence, meta.frequency, meta.repetition),
+        )
         prompt, output, presence, frequency, repetition = uploaded
         counts = self._zeros((rows, vocab), DType.INT32)
         count, _ = self._sampling_kernel("count_tokens")
@@ -591,13 +587,11 @@ class OpenCLBackend(Backend):
     def sample(self, logits: Array, meta: SamplingMetadata) -> Tensor:
         self._logits(logits, "sample")
         rows, vocab = (int(s) for s in logits.shape)
-        uploaded = meta.device_cache.get("opencl.sampling")
-        if uploaded is None:
-            uploaded = tuple(
-                self._upload(a) for a in (meta.temperature, meta.top_k, meta.top_p, meta.min_p,
-                                          meta.seeds)
-            )  # fmt: skip
-            meta.device_cache["opencl.sampling"] = uploaded
+        uploaded = self._uploaded(
+            meta,
+            "opencl.sampling",
+            (meta.temperature, meta.top_k, meta.top_p, meta.min_p, meta.seeds),
+        )
         temperature, top_k, top_p, min_p, seeds = uploaded
         tokens = self.empty((rows,), DType.INT64)
         probs = self.empty((rows, vocab), DType.FP32)
@@ -692,6 +686,26 @@ class OpenCLBackend(Backend):
         if self.dtype_of(a) is dtype and not copy:
             return self._contig(a)
         return self.copy_(self.empty(a.shape, dtype), a)
+
+    def _uploaded(
+        self,
+        meta: AttentionMetadata | SamplingMetadata | PenaltyMetadata,
+        key: str,
+        sources: tuple[np.ndarray, ...],
+        derive: Callable[[], tuple[np.ndarray, ...]] | None = None,
+    ) -> tuple[Array, ...]:
+        """Device copies of ``derive()`` (default: of ``sources``), kept in
+        ``meta.device_cache[key]`` and remade when the host ``sources`` changed: a runner may
+        update one metadata object in place from step to step (captured decode batches)."""
+        entry = meta.device_cache.get(key)
+        if entry is not None and all(
+            a.shape == b.shape and np.array_equal(a, b) for a, b in zip(entry[0], sources)
+        ):
+            return entry[1]  # type: ignore[no-any-return]
+        arrays = derive() if derive is not None else sources
+        uploaded = tuple(self._upload(a) for a in arrays)
+        meta.device_cache[key] = (tuple(a.copy() for a in sources), uploaded)
+        return uploaded
 
     def _upload(self, host: np.ndarray) -> Array:
         return cla.to_device(self.queue, np.ascontiguousarray(host), allocator=self.allocator)
