@@ -402,6 +402,28 @@ def test_attention_fp16_storage(ocl: Any, ref: Reference, op: str) -> None:
     _run_attention(ocl, ref, op, case, "causal", F16)
 
 
+def test_metadata_updated_in_place_is_uploaded_again(ocl: Any, ref: Reference) -> None:
+    # A runner may keep one metadata object for every decode step and rewrite its arrays
+    # (captured decode batches): the device copies cached in it must follow.
+    case = Attn([(20, 1), (3, 1)], 8, 4, 2, 64, strided=False, pad=0)
+    inputs = _attention_inputs(ocl, case, F32, _seeded("in-place"))
+    meta = inputs["meta"]
+    kv = torch.randn((2, 2 * 64), generator=_seeded("in-place-kv"))
+    for _ in range(3):
+        key, value = ocl.split(ocl.from_host(kv), [2 * 64, 2 * 64])
+        ocl.reshape_and_cache(key, value, *inputs["ocl"][1:], meta)
+        ref.reshape_and_cache(*torch.split(kv.double(), [128, 128], -1), *inputs["ref"][1:], meta)
+        got = ocl.to_host(ocl.paged_attention_decode(*inputs["ocl"], meta, 0.125))
+        want = ref.paged_attention_decode(*inputs["ref"], meta, 0.125)
+        assert_close(got, want, "attention", F32)
+        assert_close(ocl.to_host(inputs["ocl"][1]), inputs["ref"][1], "exact", F32)
+        # next step: each sequence one token longer, written at its next slot
+        meta.seq_lens += 1
+        for b in range(2):
+            p = int(meta.seq_lens[b]) - 1
+            meta.slot_mapping[b] = meta.block_tables[b, p // 8] * 8 + p % 8
+
+
 def test_decode_refuses_multi_token(ocl: Any) -> None:
     inputs = _attention_inputs(ocl, Attn([(3, 2)], 4, 2, 2, 8), F32, _seeded("refuse"))
     with pytest.raises(ValueError, match="one new token"):

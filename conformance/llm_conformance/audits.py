@@ -8,6 +8,10 @@ the same tokens (greedy, and seeded sampling where the batch could matter).
 
 The reference configuration is the plain engine with the prefix cache off. Each audit also
 checks that it exercised what it audits (cache hits happened, a sequence was preempted).
+Tokens must match; the one divergence accepted is a near-tie: at the first differing position
+both runs saw the same context, and if their top log-probabilities there agree within the
+dtype's tie margin, a different batch shape has flipped two nearly equal tokens (low-precision
+kernels are rarely batch-invariant). It is reported, never hidden.
 """
 
 from __future__ import annotations

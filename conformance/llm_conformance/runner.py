@@ -30,6 +30,7 @@ from llm_hal import Backend, BackendRecord, DType, FallbackBackend, UnsupportedO
 from llm_conformance.audits import AUDITS, Auditor
 from llm_conformance.metrics import backend_logits, compare_greedy, compare_logits, gate_logits
 from llm_conformance.models import (
+    REAL_NAME,
     ModelUnderTest,
     kv_block_bytes,
     real_model_under_test,
@@ -225,7 +226,7 @@ class Conformance:
             try:
                 return real_model_under_test(default_model_path())
             except (CheckpointError, OSError) as exc:
-                return ("SmolLM2-135M-Instruct", f"demo model unavailable: {exc}")
+                return (REAL_NAME, f"demo model unavailable: {exc}")
         if pathlib.Path(name).exists():
             model = real_model_under_test(pathlib.Path(name))
             model.name = pathlib.Path(name).name
@@ -316,11 +317,10 @@ class Conformance:
         return self._cells[key]
 
     def _replay(self, backend: str, model: ModelUnderTest, dtype: DType) -> str:
-        which = (
-            "smollm2" if model.kind == "real" and model.name.startswith("SmolLM2") else model.name
-        )
-        if model.kind == "real" and not model.name.startswith("SmolLM2"):
-            which = str(model.path)
+        if model.kind == "tiny":
+            which = model.name
+        else:
+            which = "smollm2" if model.name == REAL_NAME else str(model.path)
         return (
             f"llm-core conformance --backend {backend} --model {which} --dtype {dtype.value} "
             f"--seed {self.seed}"

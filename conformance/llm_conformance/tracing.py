@@ -14,7 +14,6 @@ from typing import Any
 
 from llm_hal import Backend, FallbackBackend
 
-from llm_conformance.cases import MEMORY_OPS
 from llm_conformance.opsuite import checked_ops
 
 _RECORDED = frozenset(checked_ops())
@@ -60,7 +59,3 @@ def _counted(method: Callable[..., Any], name: str, calls: Counter[str]) -> Call
         return method(*args, **kwargs)
 
     return call
-
-
-def is_memory_op(op: str) -> bool:
-    return op in MEMORY_OPS

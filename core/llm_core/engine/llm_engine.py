@@ -61,7 +61,7 @@ class _Completion:
             text=self.text,
             token_ids=list(self.seq.output_token_ids),
             cumulative_logprob=self.cumulative_logprob,
-            logprobs=self.logprobs,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )

@@ -2,9 +2,9 @@
 
 A selector is ``"P:D"`` (platform index, device index, as ``clinfo -l`` and
 :func:`list_devices` number them) or a case-insensitive substring of ``"<platform> <device>
-<vendor> <device version>"`` (``"pocl"``, ``"nvidia"``, ``"gfx90a"``). Without one, the automatic choice ranks
-GPUs first, then accelerators, then CPUs, and skips simulators (Oclgrind) unless named. When
-several devices match, ``index`` picks among them in that order.
+<vendor> <device version>"`` (``"pocl"``, ``"nvidia"``, ``"gfx90a"``). Without one, the
+automatic choice ranks GPUs first, then accelerators, then CPUs, and skips simulators
+(Oclgrind) unless named. When several devices match, ``index`` picks among them in that order.
 """
 
 from __future__ import annotations

@@ -1,0 +1,115 @@
+"""HFBaseline: the same prompts through Hugging Face transformers' ``generate`` (greedy, same
+weights, same dtype), for the ``--baseline hf`` ratio.
+
+transformers has no continuous batching: requests run in static waves of ``concurrency``
+prompts (left-padded when their lengths differ), each wave generating exactly ``output_len``
+tokens. A streamer timestamps every generation step, so TTFT, TPOT and ITL are measured the
+same way as for llm-core. Request rates are not modelled: a wave starts when the previous ends.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from llm_core.benchmarks.memory import MemoryMonitor
+from llm_core.benchmarks.results import RunResult
+from llm_core.benchmarks.timeline import RequestTimeline
+
+
+class _StepClock:
+    """A transformers streamer that notes when each generation step's tokens exist."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompt itself
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        return None
+
+
+class HFBaseline:
+    name = "transformers"
+
+    def __init__(self, checkpoint: str | pathlib.Path, dtype: torch.dtype):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModelForCausalLM
+
+        path = pathlib.Path(checkpoint)
+        if path.suffix == ".gguf":
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=dtype
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        self.model = model.eval()
+        import transformers
+
+        self.description = f"transformers {transformers.__version__} generate(), {dtype}"
+        cfg = self.model.generation_config
+        eos = cfg.eos_token_id
+        self.pad_id = int(
+            cfg.pad_token_id
+            if cfg.pad_token_id is not None
+            else (eos[0] if isinstance(eos, list) else eos or 0)
+        )
+
+    def run(
+        self,
+        prompts: list[list[int]],
+        output_len: int,
+        concurrency: int | None = None,
+        progress: bool = False,
+        desc: str = "transformers",
+    ) -> RunResult:
+        wave = concurrency or len(prompts)
+        timelines: list[RequestTimeline] = []
+        bar = tqdm(total=len(prompts), desc=desc, unit="req", disable=not progress, leave=False)
+        with MemoryMonitor() as mem:
+            start = time.perf_counter()
+            for first in range(0, len(prompts), wave):
+                group = prompts[first : first + wave]
+                timelines += self._run_wave(group, output_len, start)
+                bar.update(len(group))
+            duration = time.perf_counter() - start
+        bar.close()
+        return RunResult(timelines, duration, mem.peak_rss, 0)
+
+    def _run_wave(
+        self, prompts: list[list[int]], output_len: int, arrival: float
+    ) -> list[RequestTimeline]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        clock = _StepClock()
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=output_len,
+                min_new_tokens=output_len,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+                streamer=clock,
+            )
+        timelines = []
+        for p in prompts:
+            t = RequestTimeline(len(p), arrival)
+            for when in clock.times:
+                t.add_tokens(1, when)
+            timelines.append(t)
+        return timelines
