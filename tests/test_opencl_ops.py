@@ -408,20 +408,70 @@ def test_metadata_updated_in_place_is_uploaded_again(ocl: Any, ref: Reference) -
     case = Attn([(20, 1), (3, 1)], 8, 4, 2, 64, strided=False, pad=0)
     inputs = _attention_inputs(ocl, case, F32, _seeded("in-place"))
     meta = inputs["meta"]
-    kv = torch.randn((2, 2 * 64), generator=_seeded("in-place-kv"))
+    kv = torch.randn((2, 2 * 128), generator=_seeded("in-place-kv"))  # (B, [k | v])
     for _ in range(3):
-        key, value = ocl.split(ocl.from_host(kv), [2 * 64, 2 * 64])
-        ocl.reshape_and_cache(key, value, *inputs["ocl"][1:], meta)
-        ref.reshape_and_cache(*torch.split(kv.double(), [128, 128], -1), *inputs["ref"][1:], meta)
-        got = ocl.to_host(ocl.paged_attention_decode(*inputs["ocl"], meta, 0.125))
-        want = ref.paged_attention_decode(*inputs["ref"], meta, 0.125)
-        assert_close(got, want, "attention", F32)
-        assert_close(ocl.to_host(inputs["ocl"][1]), inputs["ref"][1], "exact", F32)
+        key, value = ocl.split(ocl.from_host(kv), [128, 128])
+        q, kc, vc = inputs["ocl"]
+        q64, kc64, vc64 = inputs["ref"]
+        ocl.reshape_and_cache(key, value, kc, vc, meta)
+        key64, value64 = torch.split(kv.double(), [128, 128], -1)
+        ref.reshape_and_cache(key64, value64, kc64, vc64, meta)
+        got = ocl.to_host(ocl.paged_attention_decode(q, kc, vc, meta, 0.125))
+        assert_close(
+            got, ref.paged_attention_decode(q64, kc64, vc64, meta, 0.125), "attention", F32
+        )
+        assert_close(ocl.to_host(kc), kc64, "exact", F32)
         # next step: each sequence one token longer, written at its next slot
         meta.seq_lens += 1
         for b in range(2):
             p = int(meta.seq_lens[b]) - 1
             meta.slot_mapping[b] = meta.block_tables[b, p // 8] * 8 + p % 8
+
+
+def test_captured_decode_step_replays_with_new_inputs(ocl: Any, ref: Reference) -> None:
+    """capture_graph records a decode step; replays read the inputs' and the metadata's new
+    values (rewritten in place, as the engine's runner does) and rewrite the same output."""
+    case = Attn([(20, 1), (3, 1)], 8, 4, 2, 64, strided=False, pad=0)
+    inputs = _attention_inputs(ocl, case, F32, _seeded("capture"))
+    meta = inputs["meta"]
+    _, kc, vc = inputs["ocl"]
+    _, kc64, vc64 = inputs["ref"]
+    w64 = torch.randn((48, 4 * 64), generator=_seeded("capture-w"), dtype=F64) / 16
+    weight = ocl.prepare_linear(ocl.from_host(w64, DType.FP32))
+    q_in, kv_in = ocl.empty((2, 4 * 64), DType.FP32), ocl.empty((2, 2 * 128), DType.FP32)
+    result: list[Any] = []
+
+    def step() -> None:
+        key, value = ocl.split(kv_in, [128, 128])
+        ocl.reshape_and_cache(key, value, kc, vc, meta)
+        result.append(ocl.linear(ocl.paged_attention_decode(q_in, kc, vc, meta, 0.125), weight))
+
+    gen = _seeded("capture-inputs")
+    for i in range(4):
+        q, kv = torch.randn((2, 4 * 64), generator=gen), torch.randn((2, 256), generator=gen)
+        ocl.copy_(q_in, ocl.from_host(q))
+        ocl.copy_(kv_in, ocl.from_host(kv))
+        if i == 0:
+            graph = ocl.capture_graph(step)
+            assert graph is not None
+        else:
+            graph.replay()
+        key64, value64 = torch.split(kv.double(), [128, 128], -1)
+        ref.reshape_and_cache(key64, value64, kc64, vc64, meta)
+        attn = ref.paged_attention_decode(q.double(), kc64, vc64, meta, 0.125)
+        want = ref.linear(attn, ref.prepare_linear(w64.float().double()))
+        assert_close(ocl.to_host(result[0]), want, "attention", F32)
+        meta.seq_lens += 1  # the next step: one token more per sequence, at its next slot
+        for b in range(2):
+            p = int(meta.seq_lens[b]) - 1
+            meta.slot_mapping[b] = meta.block_tables[b, p // 8] * 8 + p % 8
+    assert len(result) == 1  # the Python of step() ran once
+
+
+def test_capture_refuses_host_round_trips(ocl: Any) -> None:
+    x = ocl.from_host(torch.ones(3, 8))
+    assert ocl.capture_graph(lambda: ocl.to_host(ocl.add(x, x))) is None
+    assert ocl.capture_graph(lambda: ocl.add(x, x)) is not None
 
 
 def test_decode_refuses_multi_token(ocl: Any) -> None:

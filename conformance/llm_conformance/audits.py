@@ -4,7 +4,9 @@ the same tokens (greedy, and seeded sampling where the batch could matter).
 - batch invariance: each prompt alone, and all prompts in one mixed batch;
 - prefix cache: prompts that share a long prefix, with the cache on (and hit) and off;
 - chunked prefill: prompts split into 8-token chunks, and whole;
-- preemption: a KV cache too small for the batch, so sequences are preempted and recomputed.
+- preemption: a KV cache too small for the batch, so sequences are preempted and recomputed;
+- graph capture: decode steps replayed from a captured graph (``Backend.capture_graph``, the
+  engine's default where the backend captures) against the same steps run operator by operator.
 
 The reference configuration is the plain engine with the prefix cache off. Each audit also
 checks that it exercised what it audits (cache hits happened, a sequence was preempted).
@@ -28,7 +30,13 @@ from llm_conformance.models import ModelUnderTest, kv_block_bytes
 from llm_conformance.serving import engine_on
 from llm_conformance.tolerances import MODEL_THRESHOLDS
 
-AUDITS: tuple[str, ...] = ("batch_invariance", "prefix_cache", "chunked_prefill", "preemption")
+AUDITS: tuple[str, ...] = (
+    "batch_invariance",
+    "prefix_cache",
+    "chunked_prefill",
+    "preemption",
+    "graph_capture",
+)
 BLOCK_SIZE = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
 LONG_GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=5)
@@ -113,6 +121,7 @@ class Auditor:
             "prefix_cache": self.prefix_cache,
             "chunked_prefill": self.chunked_prefill,
             "preemption": self.preemption,
+            "graph_capture": self.graph_capture,
         }
         results = []
         for name in names:
@@ -187,6 +196,13 @@ class Auditor:
         if not diff and preemptions == 0:
             diff = "no sequence was preempted: the audit proves nothing"
         return _result("preemption", diff, notes, {"preemptions": preemptions})
+
+    def graph_capture(self) -> AuditResult:
+        prompts = self.model.audit_prompts[:4]
+        want = _runs(self.engine(eager=True).generate(prompts, LONG_GREEDY, use_tqdm=False))
+        got = _runs(self.base.generate(prompts, LONG_GREEDY, use_tqdm=False))
+        diff, notes = _diff(got, want, self.tolerance)
+        return _result("graph_capture", diff, notes, {"reference": "eager decode"})
 
 
 def _result(name: str, diff: str, notes: list[str], metrics: dict[str, Any]) -> AuditResult:

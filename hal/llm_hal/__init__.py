@@ -11,7 +11,15 @@ import os
 # and report a clear reason when it fails. A user's explicit setting wins.
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
-from llm_hal.backend import OPS, Backend, LogprobsResult, MemoryInfo, Tensor
+from llm_hal.backend import (
+    OPS,
+    Backend,
+    DecodeGraph,
+    DecodeStep,
+    LogprobsResult,
+    MemoryInfo,
+    Tensor,
+)
 from llm_hal.dtypes import DType
 from llm_hal.errors import (
     APIVersionMismatchError,
@@ -43,6 +51,8 @@ __all__ = [
     "BackendSpec",
     "BackendUnavailableError",
     "DType",
+    "DecodeGraph",
+    "DecodeStep",
     "DeviceInfo",
     "FallbackBackend",
     "HALError",

@@ -42,11 +42,7 @@ class MachineCeilings:
     ) -> MachineCeilings:
         threads = torch.get_num_threads()
         n = buffer_mib * 2**20 // 4
-        a = torch.ones(n, dtype=torch.float32)
-        b = torch.empty_like(a)
-        read = best_time(lambda: a.sum(), repeats)
-        copy = best_time(lambda: b.copy_(a), repeats)
-        del a, b
+        read, copy = _stream_times(n, repeats)
         x = torch.randn(gemm_n, gemm_n)
         y = torch.randn(gemm_n, gemm_n)
         flops = 2.0 * gemm_n**3
@@ -78,3 +74,10 @@ class MachineCeilings:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+def _stream_times(n: int, repeats: int) -> tuple[float, float]:
+    """Best times to read (sum) and to copy ``n`` fp32 values; the buffers are freed after."""
+    a = torch.ones(n, dtype=torch.float32)
+    b = torch.empty_like(a)
+    return best_time(lambda: a.sum(), repeats), best_time(lambda: b.copy_(a), repeats)

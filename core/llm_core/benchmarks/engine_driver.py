@@ -9,16 +9,18 @@ which is what a streaming client of the same engine would see, minus the network
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
+
 from llm_core.benchmarks.memory import MemoryMonitor
 from llm_core.benchmarks.results import RunResult
 from llm_core.benchmarks.timeline import RequestTimeline
 from llm_core.sampling_params import SamplingParams
-from tqdm.auto import tqdm
 
 
 def arrival_offsets(num: int, request_rate: float | None, seed: int) -> list[float]:
@@ -66,13 +68,16 @@ class EngineDriver:
         bar = tqdm(total=len(prompts), desc=desc, unit="req", disable=not progress, leave=False)
         with MemoryMonitor(engine.backend) as mem:
             start = time.perf_counter()
+            # When each of the ``cap`` slots became free: a request held back by the cap is
+            # sent (its clock starts) when a slot frees, as a client with a semaphore does.
+            free_at = [start] * min(cap, len(prompts))
             while pending or in_flight:
                 now = time.perf_counter()
                 while pending and in_flight < cap and start + offsets[pending[0]] <= now:
                     i = pending.popleft()
                     rid = f"bench-{self._ids}"
                     self._ids += 1
-                    arrival = start + offsets[i]
+                    arrival = max(start + offsets[i], heapq.heappop(free_at))
                     timelines[rid] = RequestTimeline(len(prompts[i]), arrival)
                     seen[rid] = 0
                     engine.add_request(rid, prompts[i], params)
@@ -91,6 +96,7 @@ class EngineDriver:
                     seen[out.request_id] = count
                     if out.finished:
                         in_flight -= 1
+                        heapq.heappush(free_at, when)
                         bar.update(1)
             duration = time.perf_counter() - start
         bar.close()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from llm_core.benchmarks.errors import BaselineUnavailableError
 from llm_core.benchmarks.memory import MemoryMonitor
 from llm_core.benchmarks.results import RunResult
 from llm_core.benchmarks.timeline import RequestTimeline
@@ -47,12 +48,15 @@ class HFBaseline:
         from transformers import AutoModelForCausalLM
 
         path = pathlib.Path(checkpoint)
-        if path.suffix == ".gguf":
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=dtype
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        try:
+            if path.suffix == ".gguf":
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path.parent), gguf_file=path.name, dtype=dtype
+                )
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        except ImportError as exc:  # GGUF loading needs the gguf and accelerate packages
+            raise BaselineUnavailableError(f"--baseline hf cannot load {path}: {exc}") from exc
         self.model = model.eval()
         import transformers
 
@@ -80,7 +84,8 @@ class HFBaseline:
             start = time.perf_counter()
             for first in range(0, len(prompts), wave):
                 group = prompts[first : first + wave]
-                timelines += self._run_wave(group, output_len, start)
+                # A wave's requests are sent when the previous wave has finished.
+                timelines += self._run_wave(group, output_len, time.perf_counter())
                 bar.update(len(group))
             duration = time.perf_counter() - start
         bar.close()

@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from llm_core.benchmarks.engine_driver import arrival_offsets
 from llm_core.benchmarks.memory import MemoryMonitor
 from llm_core.benchmarks.results import RunResult
 from llm_core.benchmarks.timeline import RequestTimeline
+
+if TYPE_CHECKING:
+    import httpx
 from tqdm.auto import tqdm
 
 
@@ -40,6 +42,8 @@ class HttpDriver:
         """The model to ask for: the one given, or the first the server lists."""
         if self.model:
             return self.model
+        import httpx
+
         resp = httpx.get(f"{self.base_url}/v1/models", headers=self.headers, timeout=30)
         resp.raise_for_status()
         models = resp.json().get("data") or []
@@ -74,6 +78,8 @@ class HttpDriver:
         progress: bool,
         desc: str,
     ) -> RunResult:
+        import httpx
+
         offsets = arrival_offsets(len(prompts), request_rate, seed)
         limit = asyncio.Semaphore(concurrency or len(prompts))
         bar = tqdm(total=len(prompts), desc=desc, unit="req", disable=not progress, leave=False)
@@ -108,6 +114,8 @@ class HttpDriver:
     async def _stream(
         self, client: httpx.AsyncClient, body: dict[str, Any], timeline: RequestTimeline
     ) -> None:
+        import httpx
+
         usage_tokens: int | None = None
         try:
             async with client.stream("POST", f"{self.base_url}/v1/completions", json=body) as r:

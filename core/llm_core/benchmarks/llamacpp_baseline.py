@@ -18,13 +18,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from llm_core.benchmarks.errors import BaselineUnavailableError
 from llm_core.benchmarks.memory import MemoryMonitor
 from llm_core.benchmarks.results import RunResult
 from llm_core.benchmarks.timeline import RequestTimeline
-
-
-class BaselineUnavailableError(RuntimeError):
-    """A baseline cannot run here; the message says why and what to install."""
 
 
 class LlamaCppBaseline:
@@ -87,7 +84,8 @@ class LlamaCppBaseline:
             start = time.perf_counter()
             for first in range(0, len(prompts), wave):
                 group = prompts[first : first + wave]
-                timelines += self._run_wave(group, output_len, start)
+                # A wave's requests are sent when the previous wave has finished.
+                timelines += self._run_wave(group, output_len, time.perf_counter())
                 bar.update(len(group))
             duration = time.perf_counter() - start
         bar.close()

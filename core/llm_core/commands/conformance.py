@@ -15,6 +15,7 @@ See docs/conformance.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pathlib
 import sys
@@ -133,6 +134,10 @@ def _split(values: list[str] | None) -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     from llm_conformance import Conformance, console, sign, write_reports
+
+    if str(getattr(args, "log_level", "INFO")).upper() != "DEBUG":
+        # The suite builds dozens of engines: their load messages would bury the results.
+        logging.getLogger("llm_core.engine").setLevel(logging.WARNING)
 
     def progress(message: str) -> None:
         if not args.quiet:

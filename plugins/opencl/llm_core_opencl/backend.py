@@ -13,8 +13,11 @@ copy of the host arrays it came from so that an object updated in place is uploa
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
@@ -35,13 +38,14 @@ from llm_hal import (
     SamplingMetadata,
     UnsupportedOpError,
 )
-from llm_hal.backend import Tensor
+from llm_hal.backend import CapturedGraph, Tensor
 from llm_hal.dtypes import from_torch, to_torch
 
 from llm_core_opencl.device import Candidate, select_device, selector_from_env
 from llm_core_opencl.programs import ProgramCache
 
 Array = cla.Array
+log = logging.getLogger("llm_core.opencl")
 
 _NUMPY: dict[DType, type[np.generic]] = {
     DType.FP32: np.float32,
@@ -102,6 +106,7 @@ class OpenCLBackend(Backend):
         self.pool = None if self.candidate.is_simulator else cl_tools.MemoryPool(immediate)
         self.allocator: Any = self.pool or immediate
         self.programs = ProgramCache(self.context, self.device)
+        self._graph: OpenCLGraph | None = None  # set while capture_graph records
         self.native_fp16 = "cl_khr_fp16" in self.device.extensions
         self.flavour = flavour or ("cpu" if self.candidate.kind == "CPU" else "gpu")
         if self.flavour not in ("cpu", "gpu"):
@@ -150,11 +155,13 @@ class OpenCLBackend(Backend):
         )
 
     def _zeros(self, shape: Sequence[int], dtype: DType) -> Array:
+        self._refuse_capture("a zero-filled tensor (PyOpenCL's fill kernel)")
         return cla.zeros(
             self.queue, tuple(int(s) for s in shape), self._np(dtype), allocator=self.allocator
         )
 
     def from_host(self, data: Any, dtype: DType | None = None) -> Array:
+        self._refuse_capture("from_host inside the step")
         if isinstance(data, torch.Tensor):
             t = data.detach().to("cpu").contiguous()
             target = dtype or from_torch(t.dtype)
@@ -174,6 +181,7 @@ class OpenCLBackend(Backend):
         return cla.to_device(self.queue, host, allocator=self.allocator)
 
     def to_host(self, tensor: Array) -> torch.Tensor:
+        self._refuse_capture("to_host inside the step")
         host = np.ascontiguousarray(tensor.get(self.queue))
         if host.dtype == np.uint16:
             return torch.from_numpy(host.view(np.int16).copy()).view(torch.bfloat16)
@@ -189,7 +197,8 @@ class OpenCLBackend(Backend):
         if dst.dtype == src.dtype:
             dst_buf: Any = dst.base_data  # pyopencl's stubs allow None for empty arrays
             src_buf: Any = src.base_data
-            cl.enqueue_copy(
+            copy = partial(
+                cl.enqueue_copy,
                 self.queue,
                 dst_buf,
                 src_buf,
@@ -197,6 +206,9 @@ class OpenCLBackend(Backend):
                 src_offset=src.offset,
                 dst_offset=dst.offset,
             )
+            copy()
+            if self._graph is not None:
+                self._graph.steps.append(copy)
             return dst
         sd, dd = self.dtype_of(src), self.dtype_of(dst)
         if sd in _STORAGE and dd in _STORAGE:
@@ -208,8 +220,9 @@ class OpenCLBackend(Backend):
             self._run(kernel, (src.size,), None, src_c.data, target.data)
             return self._deliver(target, pending)
         if {sd, dd}.isdisjoint({DType.FP16, DType.BF16}):  # pyopencl's own kernels know these
-            return self.copy_(dst, self._contig(src).astype(dst.dtype))
+            return self.copy_(dst, self._astype(self._contig(src), dst.dtype))
         # fp64 <-> half or bf16: not on any forward path, so through the host
+        self._refuse_capture("a copy_ between fp64 and a 16-bit type goes through the host")
         return self.copy_(dst, self.from_host(self.to_host(src), dd))
 
     def dtype_of(self, tensor: Array) -> DType:
@@ -258,6 +271,25 @@ class OpenCLBackend(Backend):
         b = None if bias is None else self._contig(bias)
         return LinearWeight(self._contig(weight), b, scheme, out_features=n, in_features=k)
 
+    def capture_graph(self, fn: Callable[[], object]) -> CapturedGraph | None:
+        """Record every kernel launch, device copy and metadata upload ``fn`` makes; a replay
+        re-issues them with no Python operator code, re-uploading the metadata objects'
+        current values into the same device buffers. Temporaries stay allocated with the
+        graph. Refused (None, reason logged) when ``fn`` did something that cannot be
+        replayed: a conversion by PyOpenCL's own kernels, a copy through the host."""
+        if self._graph is not None:
+            raise RuntimeError("capture_graph calls cannot nest")
+        graph = OpenCLGraph()
+        self._graph = graph
+        try:
+            fn()
+        finally:
+            self._graph = None
+        if graph.refused:
+            log.info("opencl: not capturing this step: %s", graph.refused)
+            return None
+        return graph
+
     # ------------------------------------------------------------------------------------------
     # capability
     # ------------------------------------------------------------------------------------------
@@ -282,7 +314,9 @@ class OpenCLBackend(Backend):
         t, hidden = int(ids.shape[0]), int(table.shape[1])
         target, pending = self._target(out, (t, hidden), dtype)
         name = "embedding_i32" if ids.dtype == np.int32 else "embedding_i64"
-        ids = self._contig(ids if ids.dtype in (np.int32, np.int64) else ids.astype(np.int64))
+        ids = self._contig(
+            ids if ids.dtype in (np.int32, np.int64) else self._astype(ids, np.int64)
+        )
         kernel = self._kernel("elementwise.cl", name, dtype)
         self._run(
             kernel, (hidden, t), None, self._contig(table).data, ids.data, target.data, _i32(hidden)
@@ -377,7 +411,7 @@ class OpenCLBackend(Backend):
         head_size: int,
         is_neox_style: bool,
     ) -> tuple[Tensor, Tensor]:
-        pos = self._contig(positions if positions.dtype == np.int64 else positions.astype(np.int64))
+        pos = self._contig(self._astype(positions, np.int64))
         cache = self._as(cos_sin_cache, DType.FP32)
         rot = int(cache.shape[-1])
         tokens = int(pos.shape[0])
@@ -413,8 +447,9 @@ class OpenCLBackend(Backend):
             _i32(width),
         )  # fmt: skip
 
-    def _attention_meta(self, meta: AttentionMetadata) -> tuple[Array, ...]:
-        """(token_seq, token_pos, block_tables) on the device, built once per step."""
+    @staticmethod
+    def _attention_meta(meta: AttentionMetadata) -> tuple[np.ndarray, ...]:
+        """(token_seq, token_pos, block_tables): what the attention kernel indexes with."""
         qlens = meta.query_lens
         token_seq = np.repeat(np.arange(meta.num_seqs, dtype=np.int32), qlens)
         starts = np.repeat(meta.query_start_loc[:-1], qlens)
@@ -527,7 +562,7 @@ class OpenCLBackend(Backend):
     def gather_rows(self, x: Array, indices: Array, out: Tensor | None = None) -> Tensor:
         dtype = self._float(x, "gather_rows")
         hidden, rows = int(x.shape[1]), int(indices.shape[0])
-        idx = self._contig(indices if indices.dtype == np.int64 else indices.astype(np.int64))
+        idx = self._contig(self._astype(indices, np.int64))
         target, pending = self._target(out, (rows, hidden), dtype)
         kernel = self._kernel("elementwise.cl", "gather_rows", dtype)
         self._run(
@@ -579,7 +614,7 @@ class OpenCLBackend(Backend):
         self._logits(logits, "apply_token_bans")
         vocab = int(logits.shape[1])
         rows, width = (int(s) for s in banned.shape)
-        ids = self._contig(banned if banned.dtype == np.int64 else banned.astype(np.int64))
+        ids = self._contig(self._astype(banned, np.int64))
         kernel, _ = self._sampling_kernel("apply_token_bans")
         self._run(kernel, (width, rows), None, logits.data, _i32(vocab), ids.data, _i32(width))
         return logits
@@ -606,7 +641,7 @@ class OpenCLBackend(Backend):
     def compute_logprobs(self, logits: Array, token_ids: Array, num_top: int) -> LogprobsResult:
         self._logits(logits, "compute_logprobs")
         rows, vocab = (int(s) for s in logits.shape)
-        ids = self._contig(token_ids if token_ids.dtype == np.int64 else token_ids.astype(np.int64))
+        ids = self._contig(self._astype(token_ids, np.int64))
         result = LogprobsResult(
             token_logprobs=self.empty((rows,), DType.FP32),
             token_ranks=self.empty((rows,), DType.INT64),
@@ -653,8 +688,31 @@ class OpenCLBackend(Backend):
     ) -> None:
         if math.prod(global_size) == 0:
             return
+        launch = partial(self._launch, kernel, global_size, local_size, args)
+        launch()
+        if self._graph is not None:
+            self._graph.steps.append(launch)
+
+    def _launch(
+        self,
+        kernel: Any,
+        global_size: tuple[int, ...],
+        local_size: tuple[int, ...] | None,
+        args: tuple[Any, ...],
+    ) -> None:
         kernel.set_args(*args)
         cl.enqueue_nd_range_kernel(self.queue, kernel, global_size, local_size)
+
+    def _astype(self, a: Array, dtype: Any) -> Array:
+        """``a`` converted by PyOpenCL's own kernel (integer and fp64 conversions)."""
+        if a.dtype == np.dtype(dtype):
+            return a
+        self._refuse_capture(f"a conversion {a.dtype} -> {np.dtype(dtype)}")
+        return a.astype(dtype)
+
+    def _refuse_capture(self, why: str) -> None:
+        if self._graph is not None and not self._graph.refused:
+            self._graph.refused = why
 
     def _float(self, tensor: Array, op: str) -> DType:
         dtype = self.dtype_of(tensor)
@@ -697,15 +755,38 @@ class OpenCLBackend(Backend):
         """Device copies of ``derive()`` (default: of ``sources``), kept in
         ``meta.device_cache[key]`` and remade when the host ``sources`` changed: a runner may
         update one metadata object in place from step to step (captured decode batches)."""
+        graph = self._graph
+        first_in_graph = graph is not None and (id(meta), key) not in graph.uploads
         entry = meta.device_cache.get(key)
-        if entry is not None and all(
-            a.shape == b.shape and np.array_equal(a, b) for a, b in zip(entry[0], sources)
+        if (
+            entry is not None
+            and not first_in_graph
+            and all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(entry[0], sources))
         ):
-            return entry[1]  # type: ignore[no-any-return]
-        arrays = derive() if derive is not None else sources
-        uploaded = tuple(self._upload(a) for a in arrays)
+            return entry[1]
+
+        def host_arrays() -> tuple[np.ndarray, ...]:
+            return derive() if derive is not None else sources
+
+        uploaded = tuple(self._upload(a) for a in host_arrays())
         meta.device_cache[key] = (tuple(a.copy() for a in sources), uploaded)
+        if graph is not None:
+            # A replay uploads the metadata object's current values into the same buffers.
+            graph.uploads.add((id(meta), key))
+            graph.keep.append(meta)
+            graph.steps.append(partial(self._reupload, uploaded, host_arrays))
         return uploaded
+
+    def _reupload(
+        self, targets: tuple[Array, ...], host_arrays: Callable[[], tuple[np.ndarray, ...]]
+    ) -> None:
+        for target, host in zip(targets, host_arrays(), strict=True):
+            if tuple(target.shape) != host.shape:
+                raise ValueError(
+                    "a captured graph's metadata changed shape: "
+                    f"{tuple(target.shape)} -> {host.shape}"
+                )
+            target.set(np.ascontiguousarray(host, dtype=target.dtype), queue=self.queue)
 
     def _upload(self, host: np.ndarray) -> Array:
         return cla.to_device(self.queue, np.ascontiguousarray(host), allocator=self.allocator)
@@ -727,6 +808,20 @@ class OpenCLBackend(Backend):
 
     def _deliver(self, result: Array, out: Array | None) -> Array:
         return result if out is None else self.copy_(out, result)
+
+
+@dataclass(eq=False)
+class OpenCLGraph(CapturedGraph):
+    """What :meth:`OpenCLBackend.capture_graph` recorded: host-free steps, in order."""
+
+    steps: list[Callable[[], object]] = field(default_factory=list)
+    uploads: set[tuple[int, str]] = field(default_factory=set)  # (id(meta), cache key)
+    keep: list[Any] = field(default_factory=list)  # metadata objects the ids refer to
+    refused: str = ""
+
+    def replay(self) -> None:
+        for step in self.steps:
+            step()
 
 
 def _tanh_approximation(approximate: str) -> bool:

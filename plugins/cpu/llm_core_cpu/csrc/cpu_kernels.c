@@ -451,9 +451,13 @@ void llm_attn_decode(const void* q, int64_t ldq, const void* kc, const void* vc,
                      int64_t ldt, const int32_t* seq_lens, float scale, int64_t window,
                      void* out, int64_t ldo, int32_t dt) {
     size_t es = esize(dt);
-    int64_t group = Hq / Hkv, max_len = 1;
-    for (int64_t b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
-    int nth = B * Hq > 1 ? g_threads : 1;
+    int64_t group = Hq / Hkv, max_len = 1, work = 0;
+    for (int64_t b = 0; b < B; b++) {
+        max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+        work += seq_lens[b];
+    }
+    /* A fork/join costs microseconds on an idle machine, a time slice on a busy one. */
+    int nth = work * Hq * D >= 65536 ? g_threads : 1;
 #pragma omp parallel num_threads(nth)
     {
         float* buf = (float*)malloc((size_t)(max_len + 4 * D) * sizeof(float));

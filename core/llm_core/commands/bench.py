@@ -1,0 +1,223 @@
+"""``llm-core bench latency | throughput | serve``: measure the engine (in process, or a running
+server over HTTP) and, with ``--baseline``, transformers and llama.cpp on the same prompts.
+
+``latency``: batches of ``--batch-size`` prompts, all submitted at once, run to completion.
+``throughput``: ``--num-prompts`` requests under a ``--concurrency`` cap and/or arriving at a
+Poisson ``--request-rate``, through continuous batching. ``serve``: the same load sent to
+``--base-url`` (``llm-core serve``) as streaming ``/v1/completions`` requests.
+
+Every level runs ``--num-iters-warmup`` warm-up and ``--num-iters`` measured iterations on
+fresh prompts; figures are medians over the measured ones. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from llm_core.commands.generate import add_engine_arguments, engine_args_from
+
+
+def _levels(text: str) -> list[int | None]:
+    """``"1,8,32"`` as [1, 8, 32]; ``"all"`` (no cap) as [None]."""
+    levels: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part in ("all", "inf", "none", ""):
+            levels.append(None)
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number (or 'all')") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"levels must be >= 1, got {value}")
+        levels.append(value)
+    return levels
+
+
+def _rate(text: str) -> float | None:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--request-rate must be > 0, got {value}")
+    return None if value == float("inf") else value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--input-len", type=int, default=128, help="prompt tokens (default 128)")
+    g.add_argument("--output-len", type=int, default=128, help="tokens to generate (default 128)")
+    g.add_argument(
+        "--dataset",
+        default=None,
+        metavar="FILE",
+        help="prompts from FILE (one per line, or JSONL with a 'prompt' field), cut to "
+        "--input-len tokens; default: random tokens",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the random prompts and arrivals")
+    g.add_argument("--num-iters", type=int, default=3, help="measured iterations (default 3)")
+    g.add_argument("--num-iters-warmup", type=int, default=1, help="warm-up iterations (default 1)")
+    out = p.add_argument_group("comparison and output")
+    out.add_argument(
+        "--baseline",
+        action="append",
+        choices=("hf", "llama-cpp"),
+        default=[],
+        help="also run transformers' generate (hf) or llama.cpp through llama-cpp-python "
+        "(llama-cpp, on the GGUF of the same model in the same dtype) on the same prompts "
+        "and print the ratio; repeatable",
+    )
+    out.add_argument(
+        "--llama-cpp-model",
+        default=None,
+        metavar="GGUF",
+        help="the GGUF file llama.cpp runs (default: the model's GGUF rewritten in the dtype)",
+    )
+    out.add_argument("--output-json", default=None, metavar="FILE", help="write every figure")
+    out.add_argument(
+        "--plot", default=None, metavar="FILE.png", help="latency percentiles and throughput"
+    )
+    out.add_argument("--no-roofline", action="store_true", help="skip the bandwidth/GEMM probes")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_load(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("load")
+    g.add_argument("--num-prompts", type=int, default=32, help="requests per iteration")
+    g.add_argument(
+        "--concurrency",
+        type=_levels,
+        default=[None],
+        help="most requests in flight, or a list to sweep, e.g. 1,8,32 (default: no cap)",
+    )
+    g.add_argument(
+        "--request-rate",
+        type=_rate,
+        default=None,
+        help="Poisson arrival rate in requests/s (default: inf, all at once)",
+    )
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``bench`` and its subcommands on the CLI's subparsers."""
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmark latency, throughput or a running server",
+        description="Measure llm-core (in process, or a running server over HTTP) and, with "
+        "--baseline, transformers and llama.cpp on the same prompts.",
+    )
+    sub = bench.add_subparsers(dest="bench_command", metavar="MODE")
+    bench.set_defaults(func=lambda args: bench.print_help() or 2)
+
+    latency = sub.add_parser(
+        "latency",
+        help="end-to-end latency of a batch (TTFT, TPOT, ITL, E2E)",
+        description="Run batches of --batch-size prompts to completion; report latency figures.",
+    )
+    latency.add_argument(
+        "--batch-size", type=_levels, default=[1], help="batch size, or a list (default 1)"
+    )
+    add_engine_arguments(latency)
+    _add_common(latency)
+    latency.set_defaults(func=run_bench, max_num_seqs=None, max_model_len=None)
+
+    throughput = sub.add_parser(
+        "throughput",
+        help="offline throughput under a concurrency cap or a request rate",
+        description="Run --num-prompts requests through the engine's continuous batching.",
+    )
+    _add_load(throughput)
+    add_engine_arguments(throughput)
+    _add_common(throughput)
+    throughput.set_defaults(func=run_bench, max_num_seqs=None, max_model_len=None)
+
+    serve = sub.add_parser(
+        "serve",
+        help="drive a running llm-core (or any OpenAI-compatible) server over HTTP",
+        description="Send streaming /v1/completions requests to --base-url and time the tokens.",
+    )
+    serve.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server")
+    serve.add_argument("--served-model", default=None, help="model name (default: the first)")
+    serve.add_argument("--api-key", default=None, help="bearer token, if the server wants one")
+    serve.add_argument(
+        "--model",
+        default=None,
+        help="the model the server runs, for its tokenizer (random prompts) and the baselines "
+        "(default: the demo model)",
+    )
+    _add_load(serve)
+    _add_common(serve)
+    serve.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from llm_core.benchmarks import BenchConfig, BenchRunner, EngineDriver, HttpDriver
+
+    command = args.bench_command
+    levels = args.batch_size if command == "latency" else args.concurrency
+    config = BenchConfig(
+        command=command,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        levels=levels,
+        num_prompts=getattr(args, "num_prompts", 1),
+        request_rate=getattr(args, "request_rate", None),
+        num_iters=args.num_iters,
+        num_iters_warmup=args.num_iters_warmup,
+        dataset=args.dataset,
+        seed=args.seed,
+        baselines=list(dict.fromkeys(args.baseline)),
+        llama_cpp_model=args.llama_cpp_model,
+        roofline=not args.no_roofline,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    engine: Any = None
+    if command == "serve":
+        from llm_core.loaders.checkpoint import open_checkpoint
+
+        driver: Any = HttpDriver(args.base_url, args.served_model, args.api_key)
+        tokenizer = open_checkpoint(args.model).load_tokenizer()
+        if config.baselines:
+            engine = _load_engine(args, config)
+    else:
+        engine = _load_engine(args, config)
+        driver = EngineDriver(engine)
+        tokenizer = engine.tokenizer
+    report = BenchRunner(config, driver, tokenizer, engine).run()
+    report.print()
+    if args.output_json:
+        report.write_json(args.output_json)
+        print(f"wrote {args.output_json}")
+    if args.plot:
+        report.plot(args.plot)
+        print(f"wrote {args.plot}")
+    failed = sum(r.figures.get("failed", 0) for r in report.results)
+    return 1 if failed else 0
+
+
+def _load_engine(args: argparse.Namespace, config: Any) -> Any:
+    """The engine, sized for the run when the user left the limits open: as many sequences as
+    the largest level and a context of prompt + output, so the KV cache is no bigger than the
+    run needs."""
+    from llm_core.entrypoints.llm import LLM
+
+    if not hasattr(args, "max_num_seqs"):  # serve: the model is loaded for the baselines only
+        args = argparse.Namespace(**vars(args), **_engine_defaults())
+    largest = max(level or config.requests_at(level) for level in config.levels)
+    if args.max_num_seqs is None:
+        args.max_num_seqs = max(1, largest)
+    if args.max_model_len is None:
+        args.max_model_len = config.input_len + config.output_len + 16
+    engine_args = asdict(engine_args_from(args))
+    engine_args["load_progress"] = config.progress
+    return LLM(**engine_args).llm_engine
+
+
+def _engine_defaults() -> dict[str, Any]:
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    defaults.pop("model", None)
+    return {**defaults, "max_num_seqs": None, "max_model_len": None}
