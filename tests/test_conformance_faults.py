@@ -8,6 +8,7 @@ operator under test to keep the run short; the model level is exercised once, en
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,7 +19,7 @@ from llm_conformance import Conformance, OpSuite
 from llm_conformance.opsuite import FAILED, PASSED, UNSUPPORTED
 from llm_core_cpu import CpuBackend
 from llm_hal import AttentionMetadata, DType, SamplingMetadata, UnsupportedOpError
-from llm_hal.backend import Tensor
+from llm_hal.backend import CapturedGraph, Tensor
 
 SEED = 1234
 
@@ -223,6 +224,22 @@ class AddWritesOnePast(CpuBackend):
         return y
 
 
+class _NoReplay(CapturedGraph):
+    def replay(self) -> None:
+        return None
+
+
+class StaleGraph(CpuBackend):
+    """Captures decode steps into a graph whose replay does nothing: every replayed step
+    returns the logits of the step it was captured on."""
+
+    name: ClassVar[str] = "faulty-graph"
+
+    def capture_graph(self, fn: Callable[[], object]) -> CapturedGraph | None:
+        fn()
+        return _NoReplay()
+
+
 class WithoutSilu(CpuBackend):
     """Lacks silu_and_mul, and says so."""
 
@@ -348,3 +365,14 @@ def test_recording_backend_delegates_and_counts() -> None:
     assert recorder.supports("rms_norm", DType.FP32)
     assert recorder.traced_ops == ["from_host", "rms_norm"]
     assert torch.allclose(recorder.to_host(y), torch.ones(2, 4))
+
+
+def test_a_graph_that_replays_wrongly_fails_the_capture_audit(tmp_path: Any) -> None:
+    from llm_conformance.audits import Auditor
+    from llm_conformance.models import tiny_model_under_test
+
+    model = tiny_model_under_test("LlamaForCausalLM", tmp_path, SEED)
+    (stale,) = Auditor(StaleGraph(), model, DType.FP32, SEED).run(("graph_capture",))
+    assert not stale.passed and "differs at token" in stale.detail
+    (correct,) = Auditor(CpuBackend(), model, DType.FP32, SEED).run(("graph_capture",))
+    assert correct.passed, correct.detail

@@ -71,6 +71,21 @@ def test_discovered_through_the_entry_point(entry_point: str) -> None:
     assert registry.choose().name == "cpu"
 
 
+def test_backend_options_select_the_device(entry_point: str) -> None:
+    from llm_hal import BackendConfig, BackendLoadError
+
+    registry = get_registry()
+    default = registry.create("opencl")
+    where = default.device_info().properties["selector"]  # "P:D"
+    chosen = registry.create("opencl", BackendConfig(options={"device": where, "flavour": "gpu"}))
+    assert chosen.device_info() == default.device_info()
+    assert getattr(chosen, "flavour", None) == "gpu"
+    with pytest.raises(BackendLoadError, match="no-such-device"):
+        registry.create("opencl", BackendConfig(options={"device": "no-such-device"}))
+    with pytest.raises(BackendLoadError, match="unknown OpenCL backend option"):
+        registry.create("opencl", BackendConfig(options={"platform": "x"}))
+
+
 def test_probe_says_why_no_device_matches(entry_point: str, monkeypatch: Any) -> None:
     monkeypatch.setenv("LLM_CORE_OPENCL_DEVICE", "no-such-device")
     availability = get_registry(refresh=True).records["opencl"].availability()

@@ -67,6 +67,7 @@ def build_certificate(run: Conformance, seconds: float) -> dict[str, Any]:
                     "passed": result.count("passed"),
                     "failed": result.count("failed"),
                     "unsupported": result.count("unsupported"),
+                    "seconds": round(sum(c.seconds for c in result.cases), 2),
                     "cases": [c.as_dict(backend.name, run.seed) for c in result.cases],
                 }
                 for (op, dtype), result in backend.ops.results.items()

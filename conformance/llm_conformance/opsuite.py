@@ -57,7 +57,6 @@ class CaseResult:
             "case": self.index,
             "params": describe(self.params),
             "status": self.status,
-            "seconds": round(self.seconds, 4),
         }
         if self.status == FAILED:
             out["failures"] = [str(c) for c in self.failures]

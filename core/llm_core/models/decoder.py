@@ -96,6 +96,9 @@ class DecoderLM(CausalLM):
             self.lm_head = self.upload_linear(host["lm_head.weight"])
         else:
             self.lm_head = self.backend.prepare_linear(self.embed)
+            # Tied: the embedding reads the same table in the backend's prepared copy (its
+            # documented (V, H) form), so the largest tensor is held once.
+            self.embed = self.lm_head.weight
         placed += sum(_nbytes(t, self.dtype) for t in host.values() if t.dim() > 0)
         return placed
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from llm_hal import OPS, AttentionMetadata, DType, LinearWeight, QuantScheme, TorchBackend
 from llm_hal.backend import CapturedGraph, Tensor
 
+from llm_core_cpu.arena import HugePageArena
 from llm_core_cpu.graph import CpuGraph
 from llm_core_cpu.native import NativeKernels, native_kernels, unavailable_reason
 
@@ -55,6 +56,7 @@ class CpuBackend(TorchBackend):
         if self._nk is not None:
             self._nk.set_threads(torch.get_num_threads())
         self._graph: CpuGraph | None = None
+        self._arena = HugePageArena()
         try:
             self._fast_bf16_gemm = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
@@ -147,7 +149,8 @@ class CpuBackend(TorchBackend):
         prepared = super().prepare_linear(weight, bias, scheme, scales, zeros, group_size)
         code = _CODES.get(weight.dtype)
         if scheme is QuantScheme.NONE and code is not None and weight.dim() == 2:
-            prepared.weight = weight.contiguous()
+            # Each decode step streams every weight once: keep them on huge pages.
+            prepared.weight = self._arena.place(weight) if self._nk is not None else weight
             if bias is not None and bias.dtype == weight.dtype:
                 prepared.bias = bias.contiguous()
             elif bias is not None:

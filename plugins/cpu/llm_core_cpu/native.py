@@ -2,7 +2,7 @@
 through ctypes.
 
 The library is built with the system C compiler for this machine's instruction set
-(``-O3 -march=native -fopenmp``) into ``$LLM_CORE_CACHE_DIR/cpu-kernels`` (default
+(``-O3 -march=native``) into ``$LLM_CORE_CACHE_DIR/cpu-kernels`` (default
 ``~/.cache/llm-core/cpu-kernels``), keyed by a hash of the source, the compiler and the CPU, so a
 build is paid once per machine. Without a compiler, or with ``LLM_CORE_CPU_KERNELS=0``, the
 backend runs its torch operators instead and says why in the log (and in ``status``).
@@ -27,7 +27,7 @@ log = logging.getLogger("llm_core_cpu")
 #: Set to 0 to run the torch operators instead of the C kernels (for A/B measurements).
 ENV_SWITCH = "LLM_CORE_CPU_KERNELS"
 _SOURCE = pathlib.Path(__file__).with_name("csrc") / "cpu_kernels.c"
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-lm"]
+_FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", "-lm"]
 
 #: Kernel name -> C parameter types, in order. ``CpuGraph`` packs recorded calls by these.
 SIGNATURES: dict[str, list[Any]] = {
@@ -118,8 +118,6 @@ def unavailable_reason() -> str | None:
 def _load() -> NativeKernels:
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
         raise RuntimeError(f"turned off by {ENV_SWITCH}=0")
-    import torch  # noqa: F401 - loads libgomp.so.1 first, so the kernels share torch's pool
-
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc or $CC) on PATH")

@@ -42,7 +42,14 @@ def _probe() -> Availability:
 def _factory(config: BackendConfig) -> Backend:
     from llm_core_opencl.backend import OpenCLBackend
 
-    return OpenCLBackend(config.options.get("device"), config.device_index)
+    options = config.options
+    unknown = set(options) - {"device", "flavour"}
+    if unknown:
+        raise ValueError(
+            f"unknown OpenCL backend option(s) {', '.join(sorted(unknown))}; "
+            "known: device=SELECTOR (e.g. pocl or 1:0), flavour=cpu|gpu"
+        )
+    return OpenCLBackend(options.get("device"), config.device_index, options.get("flavour"))
 
 
 @hookimpl

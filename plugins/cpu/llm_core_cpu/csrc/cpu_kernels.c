@@ -1,22 +1,35 @@
 /* Native kernels of the llm-core CPU backend.
  *
- * Built at run time by llm_core_cpu/native.py (gcc -O3 -march=native -fopenmp) and called
+ * Built at run time by llm_core_cpu/native.py (gcc -O3 -march=native -pthread) and called
  * through ctypes with raw pointers. Activations are fp32 or bf16 (dtype code 0 or 1); every
  * kernel computes in fp32 and rounds to bf16 (round to nearest even) where the HAL contract says
  * a value is rounded. Rows may be strided (the last dimension is contiguous): strides are in
  * elements.
  *
- * The OpenMP runtime is the one torch has loaded (libgomp.so.1 is shared by soname), so these
- * kernels and torch's own parallel regions use one thread pool.
+ * Work is shared by a small pool of helper threads that never makes the caller wait for a
+ * helper that has not started: the caller claims chunks of a job itself, helpers claim the
+ * rest when they are running, and the caller waits only for chunks a helper has begun. On an
+ * idle machine that is an ordinary fork/join; on a busy one (more runnable threads than
+ * cores) an OpenMP join waits a whole scheduler time slice for a preempted worker, measured
+ * at 8-16 ms per call here, while this degrades to the single-thread speed.
  *
  * llm_run() replays a recorded list of kernel calls (a captured decode step) with no Python in
  * between: see struct llm_record.
  */
+#define _GNU_SOURCE
 #include <math.h>
-#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -28,8 +41,6 @@
 enum { DT_F32 = 0, DT_BF16 = 1 };
 
 static int g_threads = 1;
-
-void llm_set_threads(int32_t n) { g_threads = n > 0 ? n : 1; }
 
 int32_t llm_simd_width(void) { return LLM_AVX2 ? 8 : 1; }
 
@@ -166,58 +177,198 @@ static void axpy_f32(float a, const float* x, float* y, int64_t n) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* work sharing                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef void (*chunk_fn)(void* ctx, int64_t chunk);
+
+#define POOL_MAX 63
+#define CLOSED 0xFFFFFFFFu
+#define SPINS 20000 /* about 0.1-0.5 ms of polling before a helper sleeps */
+
+static struct {
+    /* generation << 32 | next unclaimed chunk; CLOSED while the job's fields change */
+    _Atomic uint64_t word;
+    _Atomic int64_t done; /* chunks finished */
+    _Atomic int32_t wake; /* futex word, bumped when a job is published */
+    _Atomic int32_t sleepers;
+    _Atomic(chunk_fn) fn;
+    _Atomic(void*) ctx;
+    _Atomic int64_t n;
+    int helpers;
+    pthread_mutex_t lock; /* helper creation */
+} pool = {.word = CLOSED, .lock = PTHREAD_MUTEX_INITIALIZER};
+
+static inline void cpu_relax(void) {
+#if LLM_AVX2
+    _mm_pause();
+#endif
+}
+
+/* Claim and run one chunk of job ``gen``; 0 when none is left (or the job is over). Once a
+ * claim succeeds the job's fields are stable: the caller cannot close the job before this
+ * chunk is counted done. */
+static int pool_run_one(uint32_t gen) {
+    uint64_t w = atomic_load_explicit(&pool.word, memory_order_acquire);
+    for (;;) {
+        uint32_t idx = (uint32_t)w;
+        if ((uint32_t)(w >> 32) != gen || idx == CLOSED ||
+            (int64_t)idx >= atomic_load_explicit(&pool.n, memory_order_relaxed))
+            return 0;
+        if (atomic_compare_exchange_weak_explicit(&pool.word, &w, w + 1, memory_order_acq_rel,
+                                                  memory_order_acquire)) {
+            chunk_fn fn = atomic_load_explicit(&pool.fn, memory_order_relaxed);
+            fn(atomic_load_explicit(&pool.ctx, memory_order_relaxed), idx);
+            atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+            return 1;
+        }
+    }
+}
+
+static void futex_wait(_Atomic int32_t* addr, int32_t seen) {
+#ifdef __linux__
+    syscall(SYS_futex, (int32_t*)addr, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+#else
+    (void)addr, (void)seen;
+    sched_yield();
+#endif
+}
+
+static void futex_wake_all(_Atomic int32_t* addr) {
+#ifdef __linux__
+    syscall(SYS_futex, (int32_t*)addr, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+#else
+    (void)addr;
+#endif
+}
+
+static void* pool_helper(void* arg) {
+    (void)arg;
+    uint32_t seen = (uint32_t)(atomic_load(&pool.word) >> 32);
+    for (;;) {
+        uint64_t w = 0;
+        int found = 0;
+        for (int i = 0; i < SPINS && !found; i++) {
+            w = atomic_load_explicit(&pool.word, memory_order_acquire);
+            found = (uint32_t)(w >> 32) != seen && (uint32_t)w != CLOSED;
+            if (!found) cpu_relax();
+        }
+        if (!found) {
+            int32_t ticket = atomic_load(&pool.wake);
+            atomic_fetch_add(&pool.sleepers, 1);
+            w = atomic_load(&pool.word); /* a job published before we registered? */
+            if ((uint32_t)(w >> 32) == seen || (uint32_t)w == CLOSED) futex_wait(&pool.wake, ticket);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            continue;
+        }
+        seen = (uint32_t)(w >> 32);
+        while (pool_run_one(seen)) {
+        }
+    }
+    return NULL;
+}
+
+static void pool_reset_after_fork(void) {
+    pool.helpers = 0; /* the child has none of the parent's threads */
+    atomic_store(&pool.word, CLOSED);
+    pthread_mutex_init(&pool.lock, NULL);
+}
+
+static void pool_start(int helpers) {
+    pthread_mutex_lock(&pool.lock);
+    if (pool.helpers == 0) pthread_atfork(NULL, NULL, pool_reset_after_fork);
+    while (pool.helpers < helpers && pool.helpers < POOL_MAX) {
+        pthread_t tid;
+        if (pthread_create(&tid, NULL, pool_helper, NULL) != 0) break;
+        pthread_detach(tid);
+        pool.helpers++;
+    }
+    pthread_mutex_unlock(&pool.lock);
+}
+
+/* Run fn(ctx, 0 .. n-1), each chunk exactly once, on the caller and the running helpers.
+ * Not reentrant: one job at a time (kernels are called from one thread, as ctypes does). */
+static void parallel_for(chunk_fn fn, void* ctx, int64_t n, int threads) {
+    if (threads <= 1 || n <= 1) {
+        for (int64_t i = 0; i < n; i++) fn(ctx, i);
+        return;
+    }
+    if (pool.helpers < threads - 1) pool_start(threads - 1);
+    uint32_t gen = (uint32_t)(atomic_load(&pool.word) >> 32) + 1;
+    atomic_store_explicit(&pool.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&pool.ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&pool.n, n, memory_order_relaxed);
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    atomic_store(&pool.word, (uint64_t)gen << 32); /* publish (seq_cst: before the load below) */
+    if (atomic_load(&pool.sleepers) > 0) {
+        atomic_fetch_add(&pool.wake, 1);
+        futex_wake_all(&pool.wake);
+    }
+    while (pool_run_one(gen)) {
+    }
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < n) cpu_relax();
+    atomic_store_explicit(&pool.word, ((uint64_t)gen << 32) | CLOSED, memory_order_release);
+}
+
+void llm_set_threads(int32_t n) { g_threads = n > 0 ? n : 1; }
+
+/* A per-thread scratch buffer of at least ``n`` floats (kept between calls). */
+static float* scratch(int64_t n) {
+    static __thread float* buf = NULL;
+    static __thread int64_t cap = 0;
+    if (n > cap) {
+        free(buf);
+        cap = n > 4096 ? n : 4096;
+        buf = (float*)malloc((size_t)cap * sizeof(float));
+    }
+    return buf;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* linear: y (T, N) = x (T, K) @ w (N, K)^T + bias                                             */
 /* ------------------------------------------------------------------------------------------ */
 
-/* One token, up to 4 weight rows read straight from memory (the batch-1 decode case: the
- * weights stream once from DRAM, converted to fp32 in registers). */
-static void dot_rows_1tok(const float* x, const void* w, int64_t ldw, int dt, int64_t K,
-                          int rows, float* out) {
-    for (int r = 0; r < rows; r++) out[r] = 0.0f;
+/* One token, one weight row read straight from memory: the batch-1 decode case. Rows are
+ * consecutive in memory and read one after the other, so each thread streams one sequential
+ * range (what the hardware prefetcher follows best; software prefetching measured slower);
+ * four accumulators hide the FMA latency. */
+static float dot_row_1tok(const float* x, const void* w, int dt, int64_t K) {
     int64_t k = 0;
+    float s = 0.0f;
 #if LLM_AVX2
-    if (rows == 4) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        if (dt == DT_BF16) {
-            const uint16_t* w0 = (const uint16_t*)w;
-            const uint16_t *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
-            for (; k + 8 <= K; k += 8) {
-                __m256 xv = _mm256_loadu_ps(x + k);
-                a0 = _mm256_fmadd_ps(load_bf16x8(w0 + k), xv, a0);
-                a1 = _mm256_fmadd_ps(load_bf16x8(w1 + k), xv, a1);
-                a2 = _mm256_fmadd_ps(load_bf16x8(w2 + k), xv, a2);
-                a3 = _mm256_fmadd_ps(load_bf16x8(w3 + k), xv, a3);
-            }
-        } else {
-            const float* w0 = (const float*)w;
-            const float *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
-            for (; k + 8 <= K; k += 8) {
-                __m256 xv = _mm256_loadu_ps(x + k);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), xv, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), xv, a3);
-            }
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    if (dt == DT_BF16) {
+        const uint16_t* wr = (const uint16_t*)w;
+        for (; k + 32 <= K; k += 32) {
+            a0 = _mm256_fmadd_ps(load_bf16x8(wr + k), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(load_bf16x8(wr + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(load_bf16x8(wr + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(load_bf16x8(wr + k + 24), _mm256_loadu_ps(x + k + 24), a3);
         }
-        out[0] = hsum8(a0);
-        out[1] = hsum8(a1);
-        out[2] = hsum8(a2);
-        out[3] = hsum8(a3);
+        for (; k + 8 <= K; k += 8)
+            a0 = _mm256_fmadd_ps(load_bf16x8(wr + k), _mm256_loadu_ps(x + k), a0);
+    } else {
+        const float* wr = (const float*)w;
+        for (; k + 32 <= K; k += 32) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+        }
+        for (; k + 8 <= K; k += 8)
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(x + k), a0);
     }
+    s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #endif
-    int64_t k0 = k;
-    for (int r = 0; r < rows; r++) {
-        float s = 0.0f;
-        if (dt == DT_BF16) {
-            const uint16_t* wr = (const uint16_t*)w + r * ldw;
-            for (k = k0; k < K; k++) s += bf2f(wr[k]) * x[k];
-        } else {
-            const float* wr = (const float*)w + r * ldw;
-            for (k = k0; k < K; k++) s += wr[k] * x[k];
-        }
-        out[r] += s;
+    if (dt == DT_BF16) {
+        const uint16_t* wr = (const uint16_t*)w;
+        for (; k < K; k++) s += bf2f(wr[k]) * x[k];
+    } else {
+        const float* wr = (const float*)w;
+        for (; k < K; k++) s += wr[k] * x[k];
     }
+    return s;
 }
 
 /* 2 fp32 weight rows x 4 tokens, the register tile of the batched case. */
@@ -267,63 +418,74 @@ static inline void store_out(void* y, int64_t ldy, int dt, int64_t t, int64_t n,
         ((float*)y)[t * ldy + n] = v;
 }
 
-#define LIN_ROWS 8   /* weight rows converted per block (kept in L1/L2) */
+#define LIN_ROWS 8    /* weight rows converted per block (kept in L1/L2) */
 #define LIN_TOKENS 64 /* tokens per pass over a weight block (their fp32 copy stays in L2) */
+
+typedef struct {
+    const float* xf; /* (T, K) fp32 */
+    const void* w;
+    const float* bias; /* (N,) fp32 or NULL */
+    void* y;
+    int64_t T, K, N, ldy, rows; /* rows per chunk */
+    int dt;
+} linear_job;
+
+static void linear_chunk(void* p, int64_t chunk) {
+    const linear_job* j = (const linear_job*)p;
+    int64_t K = j->K, T = j->T;
+    int64_t n0 = chunk * j->rows, n1 = n0 + j->rows < j->N ? n0 + j->rows : j->N;
+    size_t wes = esize(j->dt);
+    if (T == 1) {
+        for (int64_t n = n0; n < n1; n++)
+            store_out(j->y, j->ldy, j->dt, 0, n,
+                      dot_row_1tok(j->xf, (const char*)j->w + n * K * wes, j->dt, K), j->bias);
+        return;
+    }
+    float* wb = scratch(LIN_ROWS * K);
+    for (int64_t tc = 0; tc < T; tc += LIN_TOKENS) {
+        int64_t tn = T - tc < LIN_TOKENS ? T - tc : LIN_TOKENS;
+        const float* xc = j->xf + tc * K;
+        for (int64_t n = n0; n < n1; n += LIN_ROWS) {
+            int64_t rows = n1 - n < LIN_ROWS ? n1 - n : LIN_ROWS;
+            to_f32((const char*)j->w + n * K * wes, j->dt, wb, rows * K);
+            int64_t r = 0;
+            for (; r + 2 <= rows; r += 2) {
+                int64_t t = 0;
+                float acc[2][4];
+                for (; t + 4 <= tn; t += 4) {
+                    tile_2x4(wb + r * K, K, xc + t * K, K, acc);
+                    for (int i = 0; i < 2; i++)
+                        for (int k = 0; k < 4; k++)
+                            store_out(j->y, j->ldy, j->dt, tc + t + k, n + r + i, acc[i][k], j->bias);
+                }
+                for (; t < tn; t++)
+                    for (int i = 0; i < 2; i++)
+                        store_out(j->y, j->ldy, j->dt, tc + t, n + r + i,
+                                  dot_f32(wb + (r + i) * K, xc + t * K, K), j->bias);
+            }
+            for (; r < rows; r++)
+                for (int64_t t = 0; t < tn; t++)
+                    store_out(j->y, j->ldy, j->dt, tc + t, n + r, dot_f32(wb + r * K, xc + t * K, K),
+                              j->bias);
+        }
+    }
+}
 
 void llm_linear(const void* x, int64_t ldx, int64_t T, int64_t K, const void* w, int64_t N,
                 const void* bias, void* y, int64_t ldy, int32_t dt) {
-    float* xf = (float*)malloc((size_t)(T * K + N) * sizeof(float));
+    float* xf = (float*)malloc((size_t)(T * K + (bias ? N : 0)) * sizeof(float));
     for (int64_t t = 0; t < T; t++) to_f32((const char*)x + t * ldx * esize(dt), dt, xf + t * K, K);
     float* bf = NULL;
     if (bias) {
         bf = xf + T * K;
         to_f32(bias, dt, bf, N);
     }
-    int nth = g_threads;
-    if ((double)N * K * (T > 4 ? T : 1) < 65536.0) nth = 1; /* not worth a fork */
-#pragma omp parallel num_threads(nth)
-    {
-        int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-        int64_t per = ((N + nt - 1) / nt + 3) & ~(int64_t)3;
-        int64_t n0 = tid * per, n1 = n0 + per < N ? n0 + per : N;
-        if (T == 1) {
-            float acc[4];
-            for (int64_t n = n0; n < n1; n += 4) {
-                int rows = n1 - n < 4 ? (int)(n1 - n) : 4;
-                dot_rows_1tok(xf, (const char*)w + n * K * esize(dt), K, dt, K, rows, acc);
-                for (int r = 0; r < rows; r++) store_out(y, ldy, dt, 0, n + r, acc[r], bf);
-            }
-        } else {
-            float* wb = (float*)malloc((size_t)LIN_ROWS * K * sizeof(float));
-            for (int64_t tc = 0; tc < T; tc += LIN_TOKENS) {
-                int64_t tn = T - tc < LIN_TOKENS ? T - tc : LIN_TOKENS;
-                const float* xc = xf + tc * K;
-                for (int64_t n = n0; n < n1; n += LIN_ROWS) {
-                    int64_t rows = n1 - n < LIN_ROWS ? n1 - n : LIN_ROWS;
-                    to_f32((const char*)w + n * K * esize(dt), dt, wb, rows * K);
-                    int64_t r = 0;
-                    for (; r + 2 <= rows; r += 2) {
-                        int64_t t = 0;
-                        float acc[2][4];
-                        for (; t + 4 <= tn; t += 4) {
-                            tile_2x4(wb + r * K, K, xc + t * K, K, acc);
-                            for (int i = 0; i < 2; i++)
-                                for (int j = 0; j < 4; j++)
-                                    store_out(y, ldy, dt, tc + t + j, n + r + i, acc[i][j], bf);
-                        }
-                        for (; t < tn; t++)
-                            for (int i = 0; i < 2; i++)
-                                store_out(y, ldy, dt, tc + t, n + r + i,
-                                          dot_f32(wb + (r + i) * K, xc + t * K, K), bf);
-                    }
-                    for (; r < rows; r++)
-                        for (int64_t t = 0; t < tn; t++)
-                            store_out(y, ldy, dt, tc + t, n + r, dot_f32(wb + r * K, xc + t * K, K), bf);
-                }
-            }
-            free(wb);
-        }
-    }
+    int threads = (double)N * K * (T > 4 ? T : 1) < 65536.0 ? 1 : g_threads;
+    /* About eight chunks per thread: a helper that starts late still takes a share. */
+    int64_t rows = N / (8 * threads);
+    rows = rows < LIN_ROWS ? LIN_ROWS : (rows / LIN_ROWS) * LIN_ROWS;
+    linear_job job = {xf, w, bf, y, T, K, N, ldy, rows, dt};
+    parallel_for(linear_chunk, &job, (N + rows - 1) / rows, threads);
     free(xf);
 }
 
@@ -331,31 +493,43 @@ void llm_linear(const void* x, int64_t ldx, int64_t T, int64_t K, const void* w,
 /* rms_norm (optionally fused with the residual add)                                          */
 /* ------------------------------------------------------------------------------------------ */
 
+typedef struct {
+    const void *x, *res, *w;
+    void *y, *s_out;
+    int64_t ldx, ldr, ldy, lds, H, rows_per_chunk, T;
+    float eps;
+    int dt;
+} rms_job;
+
+static void rms_chunk(void* p, int64_t chunk) {
+    const rms_job* j = (const rms_job*)p;
+    int64_t H = j->H, t0 = chunk * j->rows_per_chunk;
+    int64_t t1 = t0 + j->rows_per_chunk < j->T ? t0 + j->rows_per_chunk : j->T;
+    size_t es = esize(j->dt);
+    float* buf = scratch(3 * H);
+    float *s = buf, *r = buf + H, *wf = buf + 2 * H;
+    to_f32(j->w, j->dt, wf, H);
+    for (int64_t t = t0; t < t1; t++) {
+        to_f32((const char*)j->x + t * j->ldx * es, j->dt, s, H);
+        if (j->res) {
+            to_f32((const char*)j->res + t * j->ldr * es, j->dt, r, H);
+            for (int64_t i = 0; i < H; i++) s[i] = round_dt(s[i] + r[i], j->dt);
+            from_f32(s, (char*)j->s_out + t * j->lds * es, j->dt, H);
+        }
+        float ss = dot_f32(s, s, H);
+        float inv = 1.0f / sqrtf(ss / (float)H + j->eps);
+        for (int64_t i = 0; i < H; i++) s[i] = round_dt(s[i] * inv, j->dt) * wf[i];
+        from_f32(s, (char*)j->y + t * j->ldy * es, j->dt, H);
+    }
+}
+
 void llm_rms_norm(const void* x, int64_t ldx, const void* res, int64_t ldr, const void* w,
                   void* y, int64_t ldy, void* s_out, int64_t lds, int64_t T, int64_t H,
                   float eps, int32_t dt) {
-    size_t es = esize(dt);
-    int nth = T * H >= 262144 ? g_threads : 1;
-#pragma omp parallel num_threads(nth)
-    {
-        float* buf = (float*)malloc((size_t)(3 * H) * sizeof(float));
-        float *s = buf, *r = buf + H, *wf = buf + 2 * H;
-        to_f32(w, dt, wf, H);
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            to_f32((const char*)x + t * ldx * es, dt, s, H);
-            if (res) {
-                to_f32((const char*)res + t * ldr * es, dt, r, H);
-                for (int64_t i = 0; i < H; i++) s[i] = round_dt(s[i] + r[i], dt);
-                from_f32(s, (char*)s_out + t * lds * es, dt, H);
-            }
-            float ss = dot_f32(s, s, H);
-            float inv = 1.0f / sqrtf(ss / (float)H + eps);
-            for (int64_t i = 0; i < H; i++) s[i] = round_dt(s[i] * inv, dt) * wf[i];
-            from_f32(s, (char*)y + t * ldy * es, dt, H);
-        }
-        free(buf);
-    }
+    int threads = T * H >= 262144 ? g_threads : 1;
+    int64_t rows = T / (4 * threads) > 1 ? T / (4 * threads) : 1;
+    rms_job job = {x, res, w, y, s_out, ldx, ldr, ldy, lds, H, rows, T, eps, dt};
+    parallel_for(rms_chunk, &job, (T + rows - 1) / rows, threads);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -387,21 +561,33 @@ static void rotate_heads(void* base, int64_t ld, int64_t t, int64_t heads, int64
     }
 }
 
+typedef struct {
+    const int64_t* pos;
+    void *q, *k;
+    const float* cos_sin;
+    int64_t ldq, hq, ldk, hk, R, D, rows_per_chunk, T;
+    int neox, dt;
+} rotary_job;
+
+static void rotary_chunk(void* p, int64_t chunk) {
+    const rotary_job* j = (const rotary_job*)p;
+    int64_t t0 = chunk * j->rows_per_chunk;
+    int64_t t1 = t0 + j->rows_per_chunk < j->T ? t0 + j->rows_per_chunk : j->T;
+    float* buf = scratch(j->R);
+    for (int64_t t = t0; t < t1; t++) {
+        const float* cs = j->cos_sin + j->pos[t] * j->R;
+        rotate_heads(j->q, j->ldq, t, j->hq, j->D, cs, j->R, j->neox, j->dt, buf);
+        rotate_heads(j->k, j->ldk, t, j->hk, j->D, cs, j->R, j->neox, j->dt, buf);
+    }
+}
+
 void llm_rotary(const int64_t* pos, void* q, int64_t ldq, int64_t hq, void* k, int64_t ldk,
                 int64_t hk, const float* cos_sin, int64_t R, int64_t D, int32_t neox, int64_t T,
                 int32_t dt) {
-    int nth = T >= 64 ? g_threads : 1;
-#pragma omp parallel num_threads(nth)
-    {
-        float* buf = (float*)malloc((size_t)R * sizeof(float));
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            const float* cs = cos_sin + pos[t] * R;
-            rotate_heads(q, ldq, t, hq, D, cs, R, neox, dt, buf);
-            rotate_heads(k, ldk, t, hk, D, cs, R, neox, dt, buf);
-        }
-        free(buf);
-    }
+    int threads = T >= 64 ? g_threads : 1;
+    int64_t rows = T / (4 * threads) > 1 ? T / (4 * threads) : 1;
+    rotary_job job = {pos, q, k, cos_sin, ldq, hq, ldk, hk, R, D, rows, T, neox, dt};
+    parallel_for(rotary_chunk, &job, (T + rows - 1) / rows, threads);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -444,83 +630,118 @@ static void softmax_inplace(float* s, int64_t n, float* sum_out) {
     *sum_out = sum;
 }
 
+typedef struct {
+    const void *q, *kc, *vc;
+    void* out;
+    const int32_t *tables, *seq_lens;
+    int64_t ldq, Hq, Hkv, D, bs, ldt, window, ldo, max_len;
+    float scale;
+    int dt;
+} attn_job;
+
+static void attn_chunk(void* p, int64_t item) {
+    const attn_job* j = (const attn_job*)p;
+    int64_t Hkv = j->Hkv, D = j->D, bs = j->bs, G = j->Hq / Hkv;
+    size_t es = esize(j->dt);
+    int64_t b = item / Hkv, g = item % Hkv;
+    int64_t L = j->seq_lens[b];
+    int64_t start = j->window > 0 && L > j->window ? L - j->window : 0, n = L - start;
+    const int32_t* table = j->tables + b * j->ldt;
+    float* buf = scratch(G * j->max_len + 2 * G * D + D + G);
+    float *sc = buf, *qf = sc + G * j->max_len, *acc = qf + G * D, *row = acc + G * D;
+    float* sum = row + D;
+    for (int64_t h = 0; h < G; h++) {
+        to_f32((const char*)j->q + (b * j->ldq + (g * G + h) * D) * es, j->dt, qf + h * D, D);
+        for (int64_t i = 0; i < D; i++) qf[h * D + i] *= j->scale;
+    }
+    for (int64_t pos = start; pos < L;) { /* block by block */
+        int64_t blk = table[pos / bs], off = pos % bs;
+        int64_t end = pos - off + bs < L ? pos - off + bs : L;
+        const char* kp = (const char*)j->kc + ((blk * bs + off) * Hkv + g) * D * es;
+        for (; pos < end; pos++, kp += Hkv * D * es) {
+            to_f32(kp, j->dt, row, D);
+            for (int64_t h = 0; h < G; h++) sc[h * n + (pos - start)] = dot_f32(qf + h * D, row, D);
+        }
+    }
+    for (int64_t h = 0; h < G; h++) softmax_inplace(sc + h * n, n, &sum[h]);
+    memset(acc, 0, (size_t)(G * D) * sizeof(float));
+    for (int64_t pos = start; pos < L;) {
+        int64_t blk = table[pos / bs], off = pos % bs;
+        int64_t end = pos - off + bs < L ? pos - off + bs : L;
+        const char* vp = (const char*)j->vc + ((blk * bs + off) * Hkv + g) * D * es;
+        for (; pos < end; pos++, vp += Hkv * D * es) {
+            to_f32(vp, j->dt, row, D);
+            for (int64_t h = 0; h < G; h++) axpy_f32(sc[h * n + (pos - start)], row, acc + h * D, D);
+        }
+    }
+    for (int64_t h = 0; h < G; h++) {
+        float inv = 1.0f / sum[h];
+        for (int64_t i = 0; i < D; i++) acc[h * D + i] *= inv;
+        from_f32(acc + h * D, (char*)j->out + (b * j->ldo + (g * G + h) * D) * es, j->dt, D);
+    }
+}
+
 /* Query rows q[b] (Hq heads of D), keys and values of sequence b at positions
- * [start, seq_lens[b]) read through its block table; output rows out[b]. */
+ * [start, seq_lens[b]) read through its block table; output rows out[b]. One work item is a
+ * (sequence, KV head) pair: each cached key and value row is converted to fp32 once and used
+ * by every query head of its GQA group. */
 void llm_attn_decode(const void* q, int64_t ldq, const void* kc, const void* vc, int64_t B,
                      int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, const int32_t* tables,
                      int64_t ldt, const int32_t* seq_lens, float scale, int64_t window,
                      void* out, int64_t ldo, int32_t dt) {
-    size_t es = esize(dt);
-    int64_t group = Hq / Hkv, max_len = 1, work = 0;
+    int64_t max_len = 1, work = 0;
     for (int64_t b = 0; b < B; b++) {
         max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
         work += seq_lens[b];
     }
-    /* A fork/join costs microseconds on an idle machine, a time slice on a busy one. */
-    int nth = work * Hq * D >= 65536 ? g_threads : 1;
-#pragma omp parallel num_threads(nth)
-    {
-        float* buf = (float*)malloc((size_t)(max_len + 4 * D) * sizeof(float));
-        float *sc = buf, *qf = buf + max_len, *kf = qf + D, *acc = kf + D;
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < B * Hq; item++) {
-            int64_t b = item / Hq, h = item % Hq, g = h / group;
-            int64_t L = seq_lens[b];
-            int64_t start = window > 0 && L > window ? L - window : 0;
-            const int32_t* table = tables + b * ldt;
-            to_f32((const char*)q + (b * ldq + h * D) * es, dt, qf, D);
-            for (int64_t p = start; p < L; p++) {
-                int64_t slot = (int64_t)table[p / bs] * bs + p % bs;
-                to_f32((const char*)kc + ((slot * Hkv + g) * D) * es, dt, kf, D);
-                sc[p - start] = dot_f32(qf, kf, D) * scale;
-            }
-            float sum;
-            softmax_inplace(sc, L - start, &sum);
-            memset(acc, 0, (size_t)D * sizeof(float));
-            for (int64_t p = start; p < L; p++) {
-                int64_t slot = (int64_t)table[p / bs] * bs + p % bs;
-                to_f32((const char*)vc + ((slot * Hkv + g) * D) * es, dt, kf, D);
-                axpy_f32(sc[p - start], kf, acc, D);
-            }
-            float inv = 1.0f / sum;
-            for (int64_t i = 0; i < D; i++) acc[i] *= inv;
-            from_f32(acc, (char*)out + (b * ldo + h * D) * es, dt, D);
-        }
-        free(buf);
-    }
+    int threads = work * Hq * D >= 65536 ? g_threads : 1;
+    attn_job job = {q, kc, vc, out, tables, seq_lens, ldq, Hq, Hkv, D, bs, ldt, window, ldo,
+                    max_len, scale, dt};
+    parallel_for(attn_chunk, &job, B * Hkv, threads);
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* activations, gathers, conversion                                                           */
 /* ------------------------------------------------------------------------------------------ */
 
+typedef struct {
+    const void* x;
+    void* y;
+    int64_t ldx, ldy, I, rows_per_chunk, T;
+    int dt;
+} silu_job;
+
+static void silu_chunk(void* p, int64_t chunk) {
+    const silu_job* j = (const silu_job*)p;
+    int64_t I = j->I, t0 = chunk * j->rows_per_chunk;
+    int64_t t1 = t0 + j->rows_per_chunk < j->T ? t0 + j->rows_per_chunk : j->T;
+    size_t es = esize(j->dt);
+    float* buf = scratch(2 * I);
+    for (int64_t t = t0; t < t1; t++) {
+        to_f32((const char*)j->x + t * j->ldx * es, j->dt, buf, 2 * I);
+        float *g = buf, *u = buf + I;
+        int64_t i = 0;
+#if LLM_AVX2
+        const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+        for (; i + 8 <= I; i += 8) {
+            __m256 gv = _mm256_loadu_ps(g + i);
+            __m256 e = exp8(_mm256_sub_ps(zero, gv));
+            __m256 sig = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(g + i, _mm256_mul_ps(sig, _mm256_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        from_f32(g, (char*)j->y + t * j->ldy * es, j->dt, I);
+    }
+}
+
 /* y (T, I) = silu(x[:, :I]) * x[:, I:2I] */
 void llm_silu_mul(const void* x, int64_t ldx, void* y, int64_t ldy, int64_t T, int64_t I,
                   int32_t dt) {
-    size_t es = esize(dt);
-    int nth = T * I >= 262144 ? g_threads : 1;
-#pragma omp parallel num_threads(nth)
-    {
-        float* buf = (float*)malloc((size_t)(2 * I) * sizeof(float));
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            to_f32((const char*)x + t * ldx * es, dt, buf, 2 * I);
-            float *g = buf, *u = buf + I;
-            int64_t i = 0;
-#if LLM_AVX2
-            const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-            for (; i + 8 <= I; i += 8) {
-                __m256 gv = _mm256_loadu_ps(g + i);
-                __m256 e = exp8(_mm256_sub_ps(zero, gv));
-                __m256 sig = _mm256_div_ps(gv, _mm256_add_ps(one, e));
-                _mm256_storeu_ps(g + i, _mm256_mul_ps(sig, _mm256_loadu_ps(u + i)));
-            }
-#endif
-            for (; i < I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-            from_f32(g, (char*)y + t * ldy * es, dt, I);
-        }
-        free(buf);
-    }
+    int threads = T * I >= 262144 ? g_threads : 1;
+    int64_t rows = T / (4 * threads) > 1 ? T / (4 * threads) : 1;
+    silu_job job = {x, y, ldx, ldy, I, rows, T, dt};
+    parallel_for(silu_chunk, &job, (T + rows - 1) / rows, threads);
 }
 
 /* out[t] = table[ids[t]]; ids are int64 (id64 = 1) or int32 */
