@@ -109,6 +109,7 @@ def test_host_round_trip_is_exact(ocl: Any, dtype: torch.dtype) -> None:
     assert back.dtype == dtype and torch.equal(back, x)
     if dtype != BF16:  # numpy input (numpy has no bf16)
         assert torch.equal(ocl.to_host(ocl.from_host(x.numpy())), x)
+    assert torch.equal(ocl.to_host(x), x)  # a host tensor is copied as it is
 
 
 @pytest.mark.parametrize("src", [F32, F16, BF16, F64])

@@ -180,7 +180,9 @@ class OpenCLBackend(Backend):
         host = t.view(torch.int16).numpy().view(np.uint16) if target is DType.BF16 else t.numpy()
         return cla.to_device(self.queue, host, allocator=self.allocator)
 
-    def to_host(self, tensor: Array) -> torch.Tensor:
+    def to_host(self, tensor: Array | torch.Tensor) -> torch.Tensor:
+        if isinstance(tensor, torch.Tensor):  # already on the host (callers may not check)
+            return tensor.detach().to("cpu", copy=True).contiguous()
         self._refuse_capture("to_host inside the step")
         host = np.ascontiguousarray(tensor.get(self.queue))
         if host.dtype == np.uint16:

@@ -448,23 +448,25 @@ static void linear_chunk(void* p, int64_t chunk) {
         for (int64_t n = n0; n < n1; n += LIN_ROWS) {
             int64_t rows = n1 - n < LIN_ROWS ? n1 - n : LIN_ROWS;
             to_f32((const char*)j->w + n * K * wes, j->dt, wb, rows * K);
-            int64_t r = 0;
-            for (; r + 2 <= rows; r += 2) {
-                int64_t t = 0;
-                float acc[2][4];
-                for (; t + 4 <= tn; t += 4) {
+            /* Token tiles outside, row pairs inside: a tile's 4 rows of x stay in L1 while
+             * every row of the weight block (also in L1) passes over them. */
+            int64_t t = 0;
+            float acc[2][4];
+            for (; t + 4 <= tn; t += 4) {
+                int64_t r = 0;
+                for (; r + 2 <= rows; r += 2) {
                     tile_2x4(wb + r * K, K, xc + t * K, K, acc);
                     for (int i = 0; i < 2; i++)
                         for (int k = 0; k < 4; k++)
                             store_out(j->y, j->ldy, j->dt, tc + t + k, n + r + i, acc[i][k], j->bias);
                 }
-                for (; t < tn; t++)
-                    for (int i = 0; i < 2; i++)
-                        store_out(j->y, j->ldy, j->dt, tc + t, n + r + i,
-                                  dot_f32(wb + (r + i) * K, xc + t * K, K), j->bias);
+                for (; r < rows; r++)
+                    for (int k = 0; k < 4; k++)
+                        store_out(j->y, j->ldy, j->dt, tc + t + k, n + r,
+                                  dot_f32(wb + r * K, xc + (t + k) * K, K), j->bias);
             }
-            for (; r < rows; r++)
-                for (int64_t t = 0; t < tn; t++)
+            for (; t < tn; t++)
+                for (int64_t r = 0; r < rows; r++)
                     store_out(j->y, j->ldy, j->dt, tc + t, n + r, dot_f32(wb + r * K, xc + t * K, K),
                               j->bias);
         }
