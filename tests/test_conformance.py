@@ -32,6 +32,7 @@ from llm_conformance import (
     verify,
 )
 from llm_conformance.compare import compare
+from llm_conformance.runner import serving_dtypes
 from llm_conformance.tolerances import NMSE_FLOOR, tolerance
 from llm_core.cli import main
 from llm_core_cpu import CpuBackend
@@ -90,6 +91,20 @@ def test_truncation_passes_the_bounds_but_not_the_bias_check() -> None:
     assert compare("x", rounded, g, tol, DType.BF16).passed
     check = compare("x", truncated, g, tol, DType.BF16)
     assert not check.passed and check.detail.startswith("rounding bias")
+
+
+def test_default_dtypes_are_what_a_backend_serves_in() -> None:
+    class Fp32Only(CpuBackend):
+        float_dtypes = frozenset({DType.FP32})
+
+    class PrefersBf16(CpuBackend):
+        float_dtypes = frozenset({DType.FP32, DType.BF16, DType.FP16, DType.FP64})
+        auto_dtype_substitutes = {DType.FP16: DType.BF16}  # noqa: RUF012
+
+    assert serving_dtypes(Fp32Only()) == [DType.FP32]
+    assert serving_dtypes(PrefersBf16()) == [DType.FP32, DType.BF16]
+    with Conformance([PrefersBf16()], ["llama"], ["float16"]) as run:  # asked for: certified
+        assert run.backends()[0].dtypes == [DType.FP16]
 
 
 # -------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from llm_hal import DType
 
+from llm_conformance.opsuite import OpSuite
 from llm_conformance.runner import Conformance
 
 
@@ -44,7 +44,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         params = [
             pytest.param((b.name, op, dtype), id=f"{b.name}-{op}-{dtype.value}")
             for b in run.backends()
-            for op, dtype in _op_keys(run)
+            for op, dtype in OpSuite.keys_for(b.dtypes)
         ]
         metafunc.parametrize("op_case", params)
     if "model_case" in metafunc.fixturenames:
@@ -53,16 +53,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             pytest.param((b.name, index, dtype), id=f"{b.name}-{name}-{dtype.value}")
             for b in run.backends()
             for index, name in enumerate(names)
-            for dtype in run.dtypes
+            for dtype in b.dtypes
         ]
         metafunc.parametrize("model_case", params)
-
-
-def _op_keys(run: Conformance) -> list[tuple[str, DType]]:
-    from llm_conformance.opsuite import OpSuite
-
-    # The same keys for every backend: logits operators in float32 only.
-    return list(OpSuite.keys_for(run.dtypes))
 
 
 @pytest.fixture(scope="session")

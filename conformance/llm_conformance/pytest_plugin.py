@@ -35,7 +35,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         default=None,
         metavar="D",
-        help="float32, bfloat16, float16 (repeatable; default: all three)",
+        help="float32, bfloat16, float16 (repeatable; default: each backend's serving dtypes)",
     )
     group.addoption(
         "--conformance-seed",

@@ -73,6 +73,7 @@ class BackendUnderTest:
     reason: str = ""
     record: BackendRecord | None = None
     ops: OpSuite | None = None
+    dtypes: list[DType] = field(default_factory=list)  # what this backend is certified in
 
     @property
     def available(self) -> bool:
@@ -130,7 +131,8 @@ class Conformance:
     ``backends``: names (looked up in the registry) or instances; None for every installed
     backend. ``models``: architecture names (``LlamaForCausalLM`` or ``llama``), ``smollm2``
     for the demo model, or checkpoint paths; None for every supported architecture plus the
-    demo model (unless ``real_model`` is False). ``dtypes``: None for fp32, bf16 and fp16.
+    demo model (unless ``real_model`` is False). ``dtypes``: None for each backend's own
+    serving dtypes (see :func:`serving_dtypes`).
     """
 
     def __init__(
@@ -148,7 +150,7 @@ class Conformance:
     ):
         self.requested_backends = list(backends) if backends else None
         self.requested_models = list(models) if models else None
-        self.dtypes = [DType.parse(d) for d in (dtypes or DEFAULT_DTYPES)]
+        self.requested_dtypes = [DType.parse(d) for d in dtypes] if dtypes else None
         self.seed = seed
         self.quick = quick
         self.real_model = real_model and not quick
@@ -178,7 +180,19 @@ class Conformance:
     def backends(self) -> list[BackendUnderTest]:
         if self._backends is None:
             self._backends = [self._backend(b) for b in self._backend_requests()]
+            for backend in self._backends:
+                backend.dtypes = self.requested_dtypes or (
+                    serving_dtypes(backend.instance) if backend.instance else list(DEFAULT_DTYPES)
+                )
         return self._backends
+
+    @property
+    def dtypes(self) -> list[DType]:
+        """Every dtype of the run, in order: the requested ones, or all the backends' own."""
+        if self.requested_dtypes:
+            return self.requested_dtypes
+        found = {d for b in self.backends() for d in b.dtypes}
+        return [d for d in DEFAULT_DTYPES if d in found]
 
     def _backend_requests(self) -> list[str | Backend]:
         if self.requested_backends is not None:
@@ -260,7 +274,7 @@ class Conformance:
             for op, dtype in self.op_suite(backend).keys(self.ops):
                 self.op_result(backend, op, dtype)
             for model in self.models():
-                for dtype in self.dtypes:
+                for dtype in backend.dtypes:
                     self.cell(backend, model, dtype)
         return build_certificate(self, time.time() - start)
 
@@ -269,7 +283,7 @@ class Conformance:
         assert backend.instance is not None
         if backend.ops is None:
             backend.ops = OpSuite(
-                backend.instance, self.dtypes, self.seed, self.quick, self.waivers
+                backend.instance, backend.dtypes, self.seed, self.quick, self.waivers
             )
         return backend.ops
 
@@ -510,6 +524,14 @@ class Conformance:
         if any(c.status != CERTIFIED for c in ran) or self.failed_ops():
             return 1
         return 0
+
+
+def serving_dtypes(backend: Backend) -> list[DType]:
+    """The dtypes a backend is certified in by default: those of fp32, bf16 and fp16 it
+    computes in, less those it substitutes for ``dtype="auto"`` because it computes them poorly
+    (the CPU backend serves fp16 checkpoints in bf16). Others are certified when asked for."""
+    substituted = getattr(backend, "auto_dtype_substitutes", {}) or {}
+    return [d for d in DEFAULT_DTYPES if d in backend.float_dtypes and d not in substituted]
 
 
 def _top_ids(logprobs: Any) -> list[list[int]]:

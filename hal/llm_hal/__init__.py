@@ -14,8 +14,6 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 from llm_hal.backend import (
     OPS,
     Backend,
-    DecodeGraph,
-    DecodeStep,
     LogprobsResult,
     MemoryInfo,
     Tensor,
@@ -51,8 +49,6 @@ __all__ = [
     "BackendSpec",
     "BackendUnavailableError",
     "DType",
-    "DecodeGraph",
-    "DecodeStep",
     "DeviceInfo",
     "FallbackBackend",
     "HALError",

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
-
-import numpy as np
+from typing import Any, ClassVar
 
 from llm_hal.dtypes import DType
 from llm_hal.errors import UnsupportedOpError
@@ -52,29 +50,6 @@ class CapturedGraph:
 
     def replay(self) -> None:
         raise NotImplementedError
-
-
-#: One decode step built from a backend's operators: ``(input_ids (B,) int64, positions (B,)
-#: int64, meta) -> logits (B, V)``. The step may call any operator; it must not read host data
-#: other than ``meta``'s arrays, so that a backend can record it once and replay it.
-DecodeStep = Callable[[Tensor, Tensor, AttentionMetadata], Tensor]
-
-
-class DecodeGraph(Protocol):
-    """A decode step recorded by :meth:`Backend.capture_decode` for up to ``batch_size`` rows."""
-
-    batch_size: int
-
-    def fits(self, meta: AttentionMetadata) -> bool:
-        """Can this graph run a step with this metadata (rows, blocks per sequence)?"""
-        ...
-
-    def replay(
-        self, input_ids: np.ndarray, positions: np.ndarray, meta: AttentionMetadata
-    ) -> Tensor:
-        """Run the recorded step on new inputs; returns logits (B, V) for the ``B`` real rows
-        (a buffer the next replay overwrites)."""
-        ...
 
 
 #: Every operator of the HAL, in the order of the spec below. ``supports``, the conformance
@@ -194,15 +169,6 @@ class Backend:
             raise UnsupportedOpError(self.name, "linear", f"quantization {scheme.value}")
         n, k = self.shape(weight)
         return LinearWeight(weight=weight, bias=bias, scheme=scheme, out_features=n, in_features=k)
-
-    def capture_decode(
-        self, step: DecodeStep, batch_size: int, max_blocks_per_seq: int, block_size: int
-    ) -> DecodeGraph | None:
-        """(optional) Record ``step`` once for up to ``batch_size`` sequences of up to
-        ``max_blocks_per_seq`` blocks (CUDA graphs, NPU graph mode, ...) so the engine can replay
-        it without per-operator launch overhead. None (the default) means: run eagerly. Callers
-        capture the largest batch size first."""
-        return None
 
     @staticmethod
     def shape(tensor: Tensor) -> tuple[int, ...]:

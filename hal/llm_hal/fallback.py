@@ -64,8 +64,10 @@ class FallbackBackend(Backend):
         return self.primary.native_ops()
 
     def capture_graph(self, fn: Callable[[], object]) -> CapturedGraph | None:
-        # Operators routed to the fallback would be missing from the primary's graph.
-        return None if self.routed else self.primary.capture_graph(fn)
+        if self.routed:  # operators run on the fallback would be missing from the graph
+            fn()
+            return None
+        return self.primary.capture_graph(fn)
 
     def prepare_linear(
         self,

@@ -7,8 +7,10 @@
 
 A run covers every installed backend by default (those that cannot run here are listed as
 NOT RUN with the reason), every architecture the engine supports (tiny random-weight
-checkpoints) and the demo model, in float32, bfloat16 and float16. The exit status is 0 when
-every cell that ran is CERTIFIED and no operator failed, 1 otherwise, 2 when nothing could run.
+checkpoints) and the demo model, in each backend's serving dtypes (float32, bfloat16 and
+float16, less those it substitutes: the CPU serves fp16 checkpoints in bf16). The exit status
+is 0 when every cell that ran is CERTIFIED and no operator failed, 1 otherwise, 2 when nothing
+could run.
 See docs/conformance.md.
 """
 
@@ -82,7 +84,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         action="append",
         metavar="D",
-        help="float32, bfloat16, float16 (repeat or comma-separate; default: all three)",
+        help="float32, bfloat16, float16 (repeat or comma-separate; default: each backend's "
+        "serving dtypes)",
     )
     parser.add_argument("--seed", type=int, default=1234, help="seed of every input (default 1234)")
     parser.add_argument(
