@@ -383,11 +383,12 @@ class CpuBackend(TorchBackend):
                 q = q.to(work)
             k = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # (1, Hkv, L, D)
             v = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
-            # 4-D inputs take torch's fused CPU kernel; a whole-prompt causal chunk needs no mask.
-            plain_causal = q1 - q0 == length and not sliding_window
-            mask = None if plain_causal else _causal_mask(q1 - q0, length, sliding_window)
+            # 4-D inputs take torch's fused CPU kernel. Always an explicit mask: with
+            # is_causal=True torch's short-sequence path turns a NaN query row into zeros, and the
+            # HAL contract (and the conformance suite) require NaN to propagate.
+            mask = _causal_mask(q1 - q0, length, sliding_window)
             o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=plain_causal, scale=scale, enable_gqa=True
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
             )[0]  # (Hq, Lq, D)
             result[q0:q1] = o.transpose(0, 1)
         return result.reshape(t, -1)
