@@ -353,3 +353,17 @@ def test_text_prompts_and_chat(llama: tuple[pathlib.Path, PreTrainedModel]) -> N
     )
     assert chat.prompt == expected
     assert chat.prompt_token_ids == tok.encode(expected, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_decode_steps_agree_recorded_or_eager(
+    llama: tuple[pathlib.Path, PreTrainedModel], dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: decode steps reuse one metadata object, and a backend's cached device copies
+    of it went stale (fp16, where the CPU backend runs torch code, diverged from eager)."""
+    path, _ = llama
+    kwargs = {"dtype": dtype, "load_progress": False, "kv_cache_memory": "4MiB"}
+    recorded = tokens(LLM(str(path), **kwargs).generate(PROMPTS, GREEDY, use_tqdm=False))
+    monkeypatch.setenv("LLM_CORE_ENFORCE_EAGER", "1")
+    eager = tokens(LLM(str(path), **kwargs).generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert recorded == eager

@@ -137,6 +137,9 @@ class ModelRunner:
         attn.seq_lens[n:] = 1
         attn.slot_mapping[n:] = -1
         tables[n:, 0] = 0
+        # The metadata object is reused across steps: device copies a backend cached from it
+        # describe the previous step (a recorded graph reads the host arrays themselves).
+        attn.device_cache.clear()
         be = self.backend
         be.copy_(g.batch.input_ids, be.from_host(g.ids, DType.INT64))
         be.copy_(g.batch.positions, be.from_host(g.positions, DType.INT64))

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from llm_hal import OPS, AttentionMetadata, DType, LinearWeight, QuantScheme, TorchBackend
@@ -61,6 +62,9 @@ class CpuBackend(TorchBackend):
             self._fast_bf16_gemm = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
             self._fast_bf16_gemm = False
+        # bf16 prefill GEMMs: oneDNN where the CPU has bf16 instructions; elsewhere the C
+        # kernel (torch's bf16 GEMM is slow there, and its fp32 one needs a weight upcast).
+        self._native_gemm = not self._fast_bf16_gemm
 
     @property
     def kernels(self) -> str:
@@ -193,7 +197,11 @@ class CpuBackend(TorchBackend):
             and self._nk is not None
             and x.dtype == native.dtype
             and x.stride(-1) == 1
-            and (x.shape[0] <= NATIVE_MAX_TOKENS or self._graph is not None)
+            and (
+                x.shape[0] <= NATIVE_MAX_TOKENS
+                or self._graph is not None
+                or (self._native_gemm and x.dtype == torch.bfloat16)
+            )
         ):
             t, k = x.shape
             n = weight.out_features
@@ -359,6 +367,23 @@ class CpuBackend(TorchBackend):
         logits_soft_cap: float | None = None,
         out: Tensor | None = None,
     ) -> Tensor:
+        code = _CODES.get(query.dtype)
+        if (
+            self._nk is not None
+            and code is not None
+            and not logits_soft_cap
+            and query.dtype == key_cache.dtype == value_cache.dtype
+            and query.stride(-1) == 1
+            and key_cache.is_contiguous()
+            and value_cache.is_contiguous()
+        ):
+            t, d = query.shape[0], key_cache.shape[3]
+            y = self._out(out, (t, query.shape[1]), query.dtype)
+            if y is not None:
+                row_seq, row_lens = _prefill_rows(meta)
+                self._attention(query, key_cache, value_cache, meta, row_seq, row_lens, scale,
+                                sliding_window, y, code)  # fmt: skip
+                return y
         self._eager("paged_attention_prefill")
         if logits_soft_cap:
             return super().paged_attention_prefill(
@@ -418,19 +443,10 @@ class CpuBackend(TorchBackend):
             and key_cache.is_contiguous()
             and value_cache.is_contiguous()
         ):
-            b, d = meta.num_seqs, key_cache.shape[3]
-            y = self._out(out, (b, query.shape[1]), query.dtype)
+            y = self._out(out, (meta.num_seqs, query.shape[1]), query.dtype)
             if y is not None:
-                tables = meta.block_tables
-                args = (
-                    query.data_ptr(), query.stride(0), key_cache.data_ptr(),
-                    value_cache.data_ptr(), b, query.shape[1] // d, key_cache.shape[2], d,
-                    key_cache.shape[1], tables.ctypes.data, tables.shape[1],
-                    meta.seq_lens.ctypes.data, scale, sliding_window or 0, y.data_ptr(),
-                    y.stride(0), code,
-                )  # fmt: skip
-                keep = (query, key_cache, value_cache, meta, tables, meta.seq_lens, y)
-                self._run("llm_attn_decode", args, keep)
+                self._attention(query, key_cache, value_cache, meta, None, meta.seq_lens, scale,
+                                sliding_window, y, code)  # fmt: skip
                 return y
         self._eager("paged_attention_decode")
         if logits_soft_cap:
@@ -439,6 +455,33 @@ class CpuBackend(TorchBackend):
             )
         return self._torch_attention_decode(query, key_cache, value_cache, meta, scale,
                                             sliding_window, out)  # fmt: skip
+
+    def _attention(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        row_seq: np.ndarray | None,
+        row_lens: np.ndarray,
+        scale: float,
+        sliding_window: int | None,
+        y: torch.Tensor,
+        code: int,
+    ) -> None:
+        """The attention kernel over rows of the query (see ``llm_attention``): the arrays it
+        reads at run time are the metadata's own, so a captured call sees their updates."""
+        d = key_cache.shape[3]
+        tables = meta.block_tables
+        args = (
+            query.data_ptr(), query.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
+            len(row_lens), query.shape[1] // d, key_cache.shape[2], d, key_cache.shape[1],
+            tables.ctypes.data, tables.shape[1],
+            None if row_seq is None else row_seq.ctypes.data, row_lens.ctypes.data,
+            scale, sliding_window or 0, y.data_ptr(), y.stride(0), code,
+        )  # fmt: skip
+        keep = (query, key_cache, value_cache, meta, tables, row_seq, row_lens, y)
+        self._run("llm_attention", args, keep)
 
     def _torch_attention_decode(
         self,
@@ -518,6 +561,20 @@ class CpuBackend(TorchBackend):
                 return y
         self._eager("gather_rows")
         return super().gather_rows(x, indices, out)
+
+
+def _prefill_rows(meta: AttentionMetadata) -> tuple[np.ndarray, np.ndarray]:
+    """For every new token of the step: its sequence and how many positions it sees (its own
+    position + 1), int32; computed once per step and shared by every layer."""
+    rows = meta.device_cache.get("cpu.prefill_rows")
+    if rows is None:
+        q_lens = meta.query_lens
+        seq = np.repeat(np.arange(meta.num_seqs, dtype=np.int32), q_lens)
+        first = np.repeat(meta.seq_lens - q_lens, q_lens)  # position of each sequence's 1st new
+        offset = np.arange(meta.num_tokens) - np.repeat(meta.query_start_loc[:-1], q_lens)
+        rows = (seq, (first + offset + 1).astype(np.int32))
+        meta.device_cache["cpu.prefill_rows"] = rows
+    return rows
 
 
 def _causal_mask(q_len: int, kv_len: int, sliding_window: int | None) -> torch.Tensor:

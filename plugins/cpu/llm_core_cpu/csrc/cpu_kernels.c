@@ -371,8 +371,96 @@ static float dot_row_1tok(const float* x, const void* w, int dt, int64_t K) {
     return s;
 }
 
-/* 2 fp32 weight rows x 4 tokens, the register tile of the batched case. */
-static void tile_2x4(const float* w, int64_t K, const float* x, int64_t K_x, float out[2][4]) {
+/* R weight rows (ldw apart) against NT tokens (x rows K apart), the rows read from memory once
+ * and converted in registers: the small-batch decode case. R * NT >= 8 independent
+ * accumulators keep both FMA pipes busy despite the 4-cycle FMA latency (one accumulator per
+ * token would serialize the k loop), and R * NT + R + 1 <= 16 registers. */
+#if LLM_AVX2
+#define DEF_TILE(R, NT)                                                                        \
+    static void tile_##R##x##NT(const float* x, const void* w, int64_t ldw, int dt, int64_t K, \
+                                float out[R][NT]) {                                             \
+        __m256 acc[R][NT];                                                                     \
+        for (int r = 0; r < R; r++)                                                            \
+            for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();                      \
+        int64_t k = 0;                                                                         \
+        if (dt == DT_BF16) {                                                                   \
+            const uint16_t* wb = (const uint16_t*)w;                                           \
+            for (; k + 8 <= K; k += 8) {                                                       \
+                __m256 wv[R];                                                                  \
+                for (int r = 0; r < R; r++) wv[r] = load_bf16x8(wb + r * ldw + k);             \
+                for (int t = 0; t < NT; t++) {                                                 \
+                    __m256 xv = _mm256_loadu_ps(x + t * K + k);                                \
+                    for (int r = 0; r < R; r++) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]); \
+                }                                                                              \
+            }                                                                                  \
+        } else {                                                                               \
+            const float* wf = (const float*)w;                                                 \
+            for (; k + 8 <= K; k += 8) {                                                       \
+                __m256 wv[R];                                                                  \
+                for (int r = 0; r < R; r++) wv[r] = _mm256_loadu_ps(wf + r * ldw + k);         \
+                for (int t = 0; t < NT; t++) {                                                 \
+                    __m256 xv = _mm256_loadu_ps(x + t * K + k);                                \
+                    for (int r = 0; r < R; r++) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]); \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        for (int r = 0; r < R; r++)                                                            \
+            for (int t = 0; t < NT; t++) {                                                     \
+                float s = hsum8(acc[r][t]);                                                    \
+                for (int64_t j = k; j < K; j++)                                                \
+                    s += (dt == DT_BF16 ? bf2f(((const uint16_t*)w)[r * ldw + j])              \
+                                        : ((const float*)w)[r * ldw + j]) * x[t * K + j];      \
+                out[r][t] = s;                                                                 \
+            }                                                                                  \
+    }
+DEF_TILE(2, 4)
+DEF_TILE(3, 3)
+DEF_TILE(4, 2)
+#endif
+
+static inline void store_out(void* y, int64_t ldy, int dt, int64_t t, int64_t n, float v,
+                             const float* bias);
+
+/* Rows [n0, n1) of y for all T tokens, streaming each weight row from memory once per group
+ * of (at most) four tokens. */
+static void linear_stream(const float* x, int64_t T, const void* w, int dt, int64_t K,
+                          int64_t n0, int64_t n1, void* y, int64_t ldy, const float* bias) {
+    size_t wes = esize(dt);
+    for (int64_t t0 = 0; t0 < T; t0 += 4) {
+        int64_t nt = T - t0 < 4 ? T - t0 : 4;
+        const float* xt = x + t0 * K;
+        int64_t n = n0;
+#if LLM_AVX2
+        int R = nt == 4 ? 2 : nt == 3 ? 3 : nt == 2 ? 4 : 0;
+        for (; R && n + R <= n1; n += R) {
+            const char* wr = (const char*)w + n * K * wes;
+            float o[4][4];
+            if (nt == 4) {
+                float a[2][4];
+                tile_2x4(xt, wr, K, dt, K, a);
+                for (int r = 0; r < 2; r++) for (int t = 0; t < 4; t++) o[r][t] = a[r][t];
+            } else if (nt == 3) {
+                float a[3][3];
+                tile_3x3(xt, wr, K, dt, K, a);
+                for (int r = 0; r < 3; r++) for (int t = 0; t < 3; t++) o[r][t] = a[r][t];
+            } else {
+                float a[4][2];
+                tile_4x2(xt, wr, K, dt, K, a);
+                for (int r = 0; r < 4; r++) for (int t = 0; t < 2; t++) o[r][t] = a[r][t];
+            }
+            for (int r = 0; r < R; r++)
+                for (int64_t t = 0; t < nt; t++) store_out(y, ldy, dt, t0 + t, n + r, o[r][t], bias);
+        }
+#endif
+        for (; n < n1; n++) /* leftover rows, or one token */
+            for (int64_t t = 0; t < nt; t++)
+                store_out(y, ldy, dt, t0 + t, n,
+                          dot_row_1tok(xt + t * K, (const char*)w + n * K * wes, dt, K), bias);
+    }
+}
+
+/* 2 fp32 weight rows x 4 tokens, the register tile of the prefill case. */
+static void tile_f32_2x4(const float* w, int64_t K, const float* x, int64_t K_x, float out[2][4]) {
     int64_t k = 0;
 #if LLM_AVX2
     __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c02 = _mm256_setzero_ps(),
@@ -420,6 +508,7 @@ static inline void store_out(void* y, int64_t ldy, int dt, int64_t t, int64_t n,
 
 #define LIN_ROWS 8    /* weight rows converted per block (kept in L1/L2) */
 #define LIN_TOKENS 64 /* tokens per pass over a weight block (their fp32 copy stays in L2) */
+#define LIN_STREAM_TOKENS 32 /* up to this many tokens, rows stream once (dot_row_tokens) */
 
 typedef struct {
     const float* xf; /* (T, K) fp32 */
@@ -441,6 +530,10 @@ static void linear_chunk(void* p, int64_t chunk) {
                       dot_row_1tok(j->xf, (const char*)j->w + n * K * wes, j->dt, K), j->bias);
         return;
     }
+    if (T <= LIN_STREAM_TOKENS) {
+        linear_stream(j->xf, T, j->w, j->dt, K, n0, n1, j->y, j->ldy, j->bias);
+        return;
+    }
     float* wb = scratch(LIN_ROWS * K);
     for (int64_t tc = 0; tc < T; tc += LIN_TOKENS) {
         int64_t tn = T - tc < LIN_TOKENS ? T - tc : LIN_TOKENS;
@@ -455,7 +548,7 @@ static void linear_chunk(void* p, int64_t chunk) {
             for (; t + 4 <= tn; t += 4) {
                 int64_t r = 0;
                 for (; r + 2 <= rows; r += 2) {
-                    tile_2x4(wb + r * K, K, xc + t * K, K, acc);
+                    tile_f32_2x4(wb + r * K, K, xc + t * K, K, acc);
                     for (int i = 0; i < 2; i++)
                         for (int k = 0; k < 4; k++)
                             store_out(j->y, j->ldy, j->dt, tc + t + k, n + r + i, acc[i][k], j->bias);
@@ -635,7 +728,7 @@ static void softmax_inplace(float* s, int64_t n, float* sum_out) {
 typedef struct {
     const void *q, *kc, *vc;
     void* out;
-    const int32_t *tables, *seq_lens;
+    const int32_t *tables, *row_seq, *row_lens;
     int64_t ldq, Hq, Hkv, D, bs, ldt, window, ldo, max_len;
     float scale;
     int dt;
@@ -646,9 +739,9 @@ static void attn_chunk(void* p, int64_t item) {
     int64_t Hkv = j->Hkv, D = j->D, bs = j->bs, G = j->Hq / Hkv;
     size_t es = esize(j->dt);
     int64_t b = item / Hkv, g = item % Hkv;
-    int64_t L = j->seq_lens[b];
+    int64_t L = j->row_lens[b];
     int64_t start = j->window > 0 && L > j->window ? L - j->window : 0, n = L - start;
-    const int32_t* table = j->tables + b * j->ldt;
+    const int32_t* table = j->tables + (j->row_seq ? j->row_seq[b] : b) * j->ldt;
     float* buf = scratch(G * j->max_len + 2 * G * D + D + G);
     float *sc = buf, *qf = sc + G * j->max_len, *acc = qf + G * D, *row = acc + G * D;
     float* sum = row + D;
@@ -683,23 +776,25 @@ static void attn_chunk(void* p, int64_t item) {
     }
 }
 
-/* Query rows q[b] (Hq heads of D), keys and values of sequence b at positions
- * [start, seq_lens[b]) read through its block table; output rows out[b]. One work item is a
- * (sequence, KV head) pair: each cached key and value row is converted to fp32 once and used
- * by every query head of its GQA group. */
-void llm_attn_decode(const void* q, int64_t ldq, const void* kc, const void* vc, int64_t B,
-                     int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, const int32_t* tables,
-                     int64_t ldt, const int32_t* seq_lens, float scale, int64_t window,
-                     void* out, int64_t ldo, int32_t dt) {
+/* Attention of R query rows over the paged cache. Row r (Hq heads of D at q + r * ldq) reads
+ * the block table of sequence row_seq[r] (r itself when row_seq is NULL) and attends to its
+ * positions [start, row_lens[r]), start = row_lens[r] - window when a window is set. Decode
+ * passes one row per sequence with row_lens = seq_lens; causal prefill passes one row per new
+ * token with row_lens = its position + 1. One work item is a (row, KV head) pair: each cached
+ * key and value row is converted to fp32 once and used by every query head of its GQA group. */
+void llm_attention(const void* q, int64_t ldq, const void* kc, const void* vc, int64_t R,
+                   int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, const int32_t* tables,
+                   int64_t ldt, const int32_t* row_seq, const int32_t* row_lens, float scale,
+                   int64_t window, void* out, int64_t ldo, int32_t dt) {
     int64_t max_len = 1, work = 0;
-    for (int64_t b = 0; b < B; b++) {
-        max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
-        work += seq_lens[b];
+    for (int64_t r = 0; r < R; r++) {
+        max_len = row_lens[r] > max_len ? row_lens[r] : max_len;
+        work += row_lens[r];
     }
     int threads = work * Hq * D >= 65536 ? g_threads : 1;
-    attn_job job = {q, kc, vc, out, tables, seq_lens, ldq, Hq, Hkv, D, bs, ldt, window, ldo,
-                    max_len, scale, dt};
-    parallel_for(attn_chunk, &job, B * Hkv, threads);
+    attn_job job = {q, kc, vc, out, tables, row_seq, row_lens, ldq, Hq, Hkv, D, bs, ldt, window,
+                    ldo, max_len, scale, dt};
+    parallel_for(attn_chunk, &job, R * Hkv, threads);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -793,7 +888,7 @@ enum {
     K_RMS_NORM,
     K_ROTARY,
     K_CACHE_WRITE,
-    K_ATTN_DECODE,
+    K_ATTENTION,
     K_SILU_MUL,
     K_EMBEDDING,
     K_GATHER_ROWS,
@@ -823,10 +918,10 @@ int64_t llm_run(const llm_record* recs, int64_t n) {
             llm_cache_write(p[0], i[0], p[1], i[1], p[2], p[3], (const int64_t*)p[4], i[2],
                             i[3], (int32_t)i[4]);
             break;
-        case K_ATTN_DECODE:
-            llm_attn_decode(p[0], i[0], p[1], p[2], i[1], i[2], i[3], i[4], i[5],
-                            (const int32_t*)p[3], i[6], (const int32_t*)p[4], (float)r->f[0],
-                            i[7], p[5], i[8], (int32_t)i[9]);
+        case K_ATTENTION:
+            llm_attention(p[0], i[0], p[1], p[2], i[1], i[2], i[3], i[4], i[5],
+                          (const int32_t*)p[3], i[6], (const int32_t*)p[4], (const int32_t*)p[5],
+                          (float)r->f[0], i[7], p[6], i[8], (int32_t)i[9]);
             break;
         case K_SILU_MUL:
             llm_silu_mul(p[0], i[0], p[1], i[1], i[2], i[3], (int32_t)i[4]);
