@@ -13,7 +13,7 @@ import llm_hal.registry as hal_registry
 import pytest
 from llm_core.commands import plugins
 from llm_core_cpu import CpuBackend
-from llm_hal import OPS
+from llm_hal import OPS, Registry
 
 CPU_NATIVE = sorted(CpuBackend().native_ops())
 
@@ -75,7 +75,8 @@ def test_json_document(capsys: pytest.CaptureFixture[str]) -> None:
 def test_disabled_backend_is_listed_and_nothing_runs(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LLM_CORE_DISABLED_BACKENDS", "cpu")
+    # Deny every installed backend (opencl runs here too when PoCL is installed).
+    monkeypatch.setenv("LLM_CORE_DISABLED_BACKENDS", ",".join(Registry().names()))
     code, out = _run(capsys, "--json")
     assert code == 1  # no backend can run here
     doc = json.loads(out)

@@ -155,3 +155,23 @@ def test_weights_on_the_huge_page_arena_keep_their_values(cpu: CpuBackend) -> No
     x = torch.randn(1, 70).bfloat16()
     torch.testing.assert_close(cpu.linear(x, prepared).float(), (x.float() @ w.float().T),
                                rtol=2e-2, atol=2e-2)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("tokens", "k", "n"), [(33, 70, 37), (64, 576, 48), (97, 40, 130)])
+def test_linear_kernel_paths_for_every_batch_size(
+    cpu: CpuBackend, dtype: torch.dtype, tokens: int, k: int, n: int
+) -> None:
+    # Batch 1 streams rows, 2-32 tokens use register tiles, more a packed GEMM; the op tests
+    # stop at 17 tokens. Odd N and K exercise the tails, a strided x the row stride.
+    gen = torch.Generator().manual_seed(tokens)
+    wide = torch.randn(tokens, k + 5, generator=gen).to(dtype)
+    x = wide[:, :k]
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    prepared = cpu.prepare_linear(w, b)
+    want = x.double() @ w.double().T + b.double()
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
+    for t in sorted({1, 2, 3, 4, 5, 8, 31, 32, tokens}):
+        got = cpu.linear(x[:t], prepared)
+        torch.testing.assert_close(got.double(), want[:t].to(dtype).double(), **tol)

@@ -312,6 +312,18 @@ static void parallel_for(chunk_fn fn, void* ctx, int64_t n, int threads) {
 
 void llm_set_threads(int32_t n) { g_threads = n > 0 ? n : 1; }
 
+/* A second per-thread buffer, for helpers called while the first is in use. */
+static float* scratch_b(int64_t n) {
+    static __thread float* buf = NULL;
+    static __thread int64_t cap = 0;
+    if (n > cap) {
+        free(buf);
+        cap = n > 4096 ? n : 4096;
+        buf = (float*)malloc((size_t)cap * sizeof(float));
+    }
+    return buf;
+}
+
 /* A per-thread scratch buffer of at least ``n`` floats (kept between calls). */
 static float* scratch(int64_t n) {
     static __thread float* buf = NULL;
@@ -510,8 +522,75 @@ static inline void store_out(void* y, int64_t ldy, int dt, int64_t t, int64_t n,
 #define LIN_TOKENS 64 /* tokens per pass over a weight block (their fp32 copy stays in L2) */
 #define LIN_STREAM_TOKENS 32 /* up to this many tokens, rows stream once (dot_row_tokens) */
 
+/* The prefill GEMM: a 6-token x 16-output register tile in broadcast form (BLIS's AVX2 shape:
+ * 12 accumulators, two weight vectors, one broadcast). The weights of a 16-row block are packed
+ * once, transposed to fp32 (K x 16, in L2), and the tokens into 6-row panels (K x 6); every
+ * k step is then 2 loads, 6 broadcasts and 12 FMAs with no horizontal sums. */
+#define GEMM_MR 6
+#define GEMM_NR 16
+
+#if LLM_AVX2
+static void gemm_tile(const float* a /* K x 6 */, const float* b /* K x 16 */, int64_t K,
+                      float c[GEMM_MR][GEMM_NR]) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
+           c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
+           c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
+           c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++, a += GEMM_MR, b += GEMM_NR) {
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8), t;
+        t = _mm256_broadcast_ss(a + 0);
+        c00 = _mm256_fmadd_ps(t, b0, c00);
+        c01 = _mm256_fmadd_ps(t, b1, c01);
+        t = _mm256_broadcast_ss(a + 1);
+        c10 = _mm256_fmadd_ps(t, b0, c10);
+        c11 = _mm256_fmadd_ps(t, b1, c11);
+        t = _mm256_broadcast_ss(a + 2);
+        c20 = _mm256_fmadd_ps(t, b0, c20);
+        c21 = _mm256_fmadd_ps(t, b1, c21);
+        t = _mm256_broadcast_ss(a + 3);
+        c30 = _mm256_fmadd_ps(t, b0, c30);
+        c31 = _mm256_fmadd_ps(t, b1, c31);
+        t = _mm256_broadcast_ss(a + 4);
+        c40 = _mm256_fmadd_ps(t, b0, c40);
+        c41 = _mm256_fmadd_ps(t, b1, c41);
+        t = _mm256_broadcast_ss(a + 5);
+        c50 = _mm256_fmadd_ps(t, b0, c50);
+        c51 = _mm256_fmadd_ps(t, b1, c51);
+    }
+    _mm256_storeu_ps(c[0], c00); _mm256_storeu_ps(c[0] + 8, c01);
+    _mm256_storeu_ps(c[1], c10); _mm256_storeu_ps(c[1] + 8, c11);
+    _mm256_storeu_ps(c[2], c20); _mm256_storeu_ps(c[2] + 8, c21);
+    _mm256_storeu_ps(c[3], c30); _mm256_storeu_ps(c[3] + 8, c31);
+    _mm256_storeu_ps(c[4], c40); _mm256_storeu_ps(c[4] + 8, c41);
+    _mm256_storeu_ps(c[5], c50); _mm256_storeu_ps(c[5] + 8, c51);
+}
+#endif
+
+/* Token panels: xp[p] = tokens 6p .. 6p+5 of x (T x K) as K x 6, zero-padded past T. */
+static void pack_tokens(const float* x, int64_t T, int64_t K, float* xp) {
+    for (int64_t p = 0; p * GEMM_MR < T; p++) {
+        float* dst = xp + p * K * GEMM_MR;
+        for (int64_t i = 0; i < GEMM_MR; i++) {
+            int64_t t = p * GEMM_MR + i;
+            const float* src = x + t * K;
+            for (int64_t k = 0; k < K; k++) dst[k * GEMM_MR + i] = t < T ? src[k] : 0.0f;
+        }
+    }
+}
+
+/* Weight rows n .. n+15 (zero past N) as K x 16 fp32. */
+static void pack_rows(const void* w, int dt, int64_t K, int64_t n, int64_t N, float* wp) {
+    float* row = scratch_b(K);
+    for (int64_t r = 0; r < GEMM_NR; r++) {
+        if (n + r < N)
+            to_f32((const char*)w + (n + r) * K * esize(dt), dt, row, K);
+        for (int64_t k = 0; k < K; k++) wp[k * GEMM_NR + r] = n + r < N ? row[k] : 0.0f;
+    }
+}
+
 typedef struct {
     const float* xf; /* (T, K) fp32 */
+    const float* xp; /* token panels for the GEMM path, or NULL */
     const void* w;
     const float* bias; /* (N,) fp32 or NULL */
     void* y;
@@ -534,6 +613,24 @@ static void linear_chunk(void* p, int64_t chunk) {
         linear_stream(j->xf, T, j->w, j->dt, K, n0, n1, j->y, j->ldy, j->bias);
         return;
     }
+#if LLM_AVX2
+    if (j->xp) { /* rows come in multiples of 16 except at the very end */
+        float* wp = scratch(K * GEMM_NR);
+        float c[GEMM_MR][GEMM_NR];
+        for (int64_t n = n0; n < n1; n += GEMM_NR) {
+            pack_rows(j->w, j->dt, K, n, j->N, wp);
+            int64_t nr = n1 - n < GEMM_NR ? n1 - n : GEMM_NR;
+            for (int64_t p = 0; p * GEMM_MR < T; p++) {
+                gemm_tile(j->xp + p * K * GEMM_MR, wp, K, c);
+                int64_t mr = T - p * GEMM_MR < GEMM_MR ? T - p * GEMM_MR : GEMM_MR;
+                for (int64_t i = 0; i < mr; i++)
+                    for (int64_t r = 0; r < nr; r++)
+                        store_out(j->y, j->ldy, j->dt, p * GEMM_MR + i, n + r, c[i][r], j->bias);
+            }
+        }
+        return;
+    }
+#endif
     float* wb = scratch(LIN_ROWS * K);
     for (int64_t tc = 0; tc < T; tc += LIN_TOKENS) {
         int64_t tn = T - tc < LIN_TOKENS ? T - tc : LIN_TOKENS;
@@ -576,11 +673,21 @@ void llm_linear(const void* x, int64_t ldx, int64_t T, int64_t K, const void* w,
         to_f32(bias, dt, bf, N);
     }
     int threads = (double)N * K * (T > 4 ? T : 1) < 65536.0 ? 1 : g_threads;
+    float* xp = NULL;
+    int64_t unit = LIN_ROWS;
+#if LLM_AVX2
+    if (T > LIN_STREAM_TOKENS) {
+        xp = (float*)malloc((size_t)((T + GEMM_MR - 1) / GEMM_MR * GEMM_MR * K) * sizeof(float));
+        pack_tokens(xf, T, K, xp);
+        unit = GEMM_NR;
+    }
+#endif
     /* About eight chunks per thread: a helper that starts late still takes a share. */
     int64_t rows = N / (8 * threads);
-    rows = rows < LIN_ROWS ? LIN_ROWS : (rows / LIN_ROWS) * LIN_ROWS;
-    linear_job job = {xf, w, bf, y, T, K, N, ldy, rows, dt};
+    rows = rows < unit ? unit : (rows / unit) * unit;
+    linear_job job = {xf, xp, w, bf, y, T, K, N, ldy, rows, dt};
     parallel_for(linear_chunk, &job, (N + rows - 1) / rows, threads);
+    free(xp);
     free(xf);
 }
 
