@@ -50,12 +50,10 @@ class HFBaseline:
         path = pathlib.Path(checkpoint)
         try:
             if path.suffix == ".gguf":
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(path.parent), gguf_file=path.name, dtype=dtype
-                )
+                model = self._dense_from_gguf(path, dtype)
             else:
                 model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        except ImportError as exc:  # GGUF loading needs the gguf and accelerate packages
+        except ImportError as exc:
             raise BaselineUnavailableError(f"--baseline hf cannot load {path}: {exc}") from exc
         self.model = model.eval()
         import transformers
@@ -68,6 +66,27 @@ class HFBaseline:
             if cfg.pad_token_id is not None
             else (eos[0] if isinstance(eos, list) else eos or 0)
         )
+
+    @staticmethod
+    def _dense_from_gguf(path: pathlib.Path, dtype: torch.dtype) -> Any:
+        """The HF model with the GGUF's weights dequantized into ordinary dense tensors of
+        ``dtype``, exactly the numbers llm-core computes with. (transformers' own GGUF loading
+        may keep weights packed and run them through quantized kernels: another model.)"""
+        from transformers import AutoModelForCausalLM
+
+        from llm_core.loaders.checkpoint import open_checkpoint
+
+        checkpoint = open_checkpoint(str(path))
+        model = AutoModelForCausalLM.from_config(checkpoint.config, dtype=dtype)
+        state = {name: t.to(dtype) for name, t in checkpoint.tensors()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [m for m in missing if m != "lm_head.weight"]:
+            raise BaselineUnavailableError(
+                f"{path.name}: weights do not match the HF model (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
+        model.tie_weights()
+        return model
 
     def run(
         self,

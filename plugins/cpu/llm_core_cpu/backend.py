@@ -20,7 +20,15 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from llm_hal import OPS, AttentionMetadata, DType, LinearWeight, QuantScheme, TorchBackend
+from llm_hal import (
+    OPS,
+    AttentionMetadata,
+    DeviceInfo,
+    DType,
+    LinearWeight,
+    QuantScheme,
+    TorchBackend,
+)
 from llm_hal.backend import CapturedGraph, Tensor
 
 from llm_core_cpu.arena import HugePageArena
@@ -65,6 +73,12 @@ class CpuBackend(TorchBackend):
         # bf16 prefill GEMMs: oneDNN where the CPU has bf16 instructions; elsewhere the C
         # kernel (torch's bf16 GEMM is slow there, and its fp32 one needs a weight upcast).
         self._native_gemm = not self._fast_bf16_gemm
+
+    def device_info(self) -> DeviceInfo:
+        from llm_core_cpu.plugin import _cpu_name
+
+        props = {"threads": str(torch.get_num_threads()), "kernels": self.kernels}
+        return DeviceInfo(0, _cpu_name(), self.memory_info().total, props)
 
     @property
     def kernels(self) -> str:

@@ -813,7 +813,16 @@ void llm_cache_write(const void* key, int64_t ldk, const void* val, int64_t ldv,
 
 static void softmax_inplace(float* s, int64_t n, float* sum_out) {
     float m = -INFINITY;
-    for (int64_t i = 0; i < n; i++) m = s[i] > m ? s[i] : m;
+    int nan = 0;
+    for (int64_t i = 0; i < n; i++) {
+        m = s[i] > m ? s[i] : m;
+        nan |= s[i] != s[i];
+    }
+    if (nan) { /* NaN propagates, as in the reference (the clamped exp below would hide it) */
+        for (int64_t i = 0; i < n; i++) s[i] = NAN;
+        *sum_out = NAN;
+        return;
+    }
     int64_t i = 0;
     float sum = 0.0f;
 #if LLM_AVX2
