@@ -10,20 +10,48 @@ Run it with ``llm-core conformance``, from Python with :class:`Conformance`, or 
 with ``pytest --pyargs llm_conformance --backend NAME``. See docs/conformance.md.
 """
 
-from llm_conformance.certificate import (
-    CertificateError,
-    generate_keypair,
-    load,
-    seal,
-    sign,
-    verify,
-)
-from llm_conformance.opsuite import CaseResult, OpResult, OpSuite
-from llm_conformance.replay import explain, replay
-from llm_conformance.report import console, junit, markdown, to_html, write_reports
-from llm_conformance.runner import CERTIFIED, NOT_RUN, Cell, Conformance
-from llm_conformance.tolerances import SUITE_VERSION, TOLERANCES, WAIVERS, Tolerance, Waiver
-from llm_conformance.tracing import RecordingBackend
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llm_conformance.certificate import (
+        CertificateError,
+        generate_keypair,
+        load,
+        seal,
+        sign,
+        verify,
+    )
+    from llm_conformance.opsuite import CaseResult, OpResult, OpSuite
+    from llm_conformance.replay import explain, replay
+    from llm_conformance.report import console, junit, markdown, to_html, write_reports
+    from llm_conformance.runner import CERTIFIED, NOT_RUN, Cell, Conformance
+    from llm_conformance.tolerances import SUITE_VERSION, TOLERANCES, WAIVERS, Tolerance, Waiver
+    from llm_conformance.tracing import RecordingBackend
+
+# Public names are imported on first use: the pytest plugin (llm_conformance.pytest_plugin,
+# loaded by every pytest run in an environment where llm-core is installed) must not import
+# torch, transformers or triton before the test session's own setup runs.
+_HOME = {
+    "certificate": ["CertificateError", "generate_keypair", "load", "seal", "sign", "verify"],
+    "opsuite": ["CaseResult", "OpResult", "OpSuite"],
+    "replay": ["explain", "replay"],
+    "report": ["console", "junit", "markdown", "to_html", "write_reports"],
+    "runner": ["CERTIFIED", "NOT_RUN", "Cell", "Conformance"],
+    "tolerances": ["SUITE_VERSION", "TOLERANCES", "WAIVERS", "Tolerance", "Waiver"],
+    "tracing": ["RecordingBackend"],
+}
+_MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llm_conformance' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"llm_conformance.{module}"), name)
+
 
 __all__ = [
     "CERTIFIED",
