@@ -50,7 +50,11 @@ def __getattr__(name: str) -> Any:
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module 'llm_conformance' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"llm_conformance.{module}"), name)
+    value = getattr(importlib.import_module(f"llm_conformance.{module}"), name)
+    # Importing llm_conformance.replay binds the submodule to the package attribute "replay";
+    # the public name is the function, so bind that instead.
+    globals()[name] = value
+    return value
 
 
 __all__ = [

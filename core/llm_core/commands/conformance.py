@@ -187,7 +187,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    from llm_conformance import explain, replay
+    from llm_conformance.replay import explain, replay
     from llm_hal import DType, get_registry
 
     backend = get_registry().create(args.backend)
