@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
 
-#: Subcommand modules, each with ``add_parser(subparsers)``; listed in help order.
-COMMANDS = ("generate", "serve", "plugins", "conformance", "bench")
+from llm_core.commands import bench, conformance, generate, plugins, serve
+
+#: Subcommand modules, each with ``add_parser(subparsers)``; listed in help order. Each
+#: imports its heavy dependencies (fastapi, the suite, ...) only when it runs.
+COMMANDS = (generate, serve, plugins, conformance, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,10 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        module_name = f"llm_core.commands.{name}"
-        if importlib.util.find_spec(module_name) is not None:
-            importlib.import_module(module_name).add_parser(sub)
+    for command in COMMANDS:
+        command.add_parser(sub)
     return parser
 
 
