@@ -620,7 +620,9 @@ def _wait_refused(url: str, timeout: float = 20.0) -> None:
     while time.monotonic() < deadline:
         try:
             httpx.get(url, timeout=2)
-        except httpx.ConnectError:
+        except (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+            # refused outright, or accepted from the listen backlog and then reset by the
+            # closing socket: either way the request is not served
             return
         time.sleep(0.05)
     pytest.fail(f"{url} still accepts connections {timeout}s after SIGTERM")
