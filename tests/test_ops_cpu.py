@@ -166,7 +166,10 @@ def test_embedding(
     _check_out(lambda out: cpu.embedding(ids, table, out=out), got)
 
 
-LINEAR_SHAPES = [(1, 16, 8), (5, 64, 96), (17, 80, 33), (3, 128, 256)]
+LINEAR_SHAPES = [  # every small-batch tile, both token panels, the GEMM path, ragged tails
+    (1, 16, 8), (2, 72, 40), (3, 128, 256), (4, 100, 24), (5, 64, 96), (6, 48, 17), (7, 24, 9),
+    (8, 40, 13), (17, 80, 33), (40, 36, 20), (129, 24, 35),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

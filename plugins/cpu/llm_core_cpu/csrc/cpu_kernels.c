@@ -383,91 +383,89 @@ static float dot_row_1tok(const float* x, const void* w, int dt, int64_t K) {
     return s;
 }
 
-/* R weight rows (ldw apart) against NT tokens (x rows K apart), the rows read from memory once
- * and converted in registers: the small-batch decode case. R * NT >= 8 independent
- * accumulators keep both FMA pipes busy despite the 4-cycle FMA latency (one accumulator per
- * token would serialize the k loop), and R * NT + R + 1 <= 16 registers. */
+/* One weight row against NT tokens (x rows K apart), the row read from memory once and
+ * converted in registers: the small-batch decode case. Rows stream one after the other (several
+ * concurrent row streams defeat the hardware prefetcher: 3-4x slower from DRAM), and the k loop
+ * is unrolled U times so NT * U >= 8 independent accumulators keep both FMA pipes busy despite
+ * the 4-cycle FMA latency. */
 #if LLM_AVX2
-#define DEF_TILE(R, NT)                                                                        \
-    static void tile_##R##x##NT(const float* x, const void* w, int64_t ldw, int dt, int64_t K, \
-                                float out[R][NT]) {                                             \
-        __m256 acc[R][NT];                                                                     \
-        for (int r = 0; r < R; r++)                                                            \
-            for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();                      \
+#define DEF_ROW_TILE(NT, U)                                                                    \
+    static void row_tile_##NT(const float* x, const void* w, int dt, int64_t K, float* out) {  \
+        __m256 acc[U][NT];                                                                     \
+        for (int u = 0; u < U; u++)                                                            \
+            for (int t = 0; t < NT; t++) acc[u][t] = _mm256_setzero_ps();                      \
         int64_t k = 0;                                                                         \
         if (dt == DT_BF16) {                                                                   \
             const uint16_t* wb = (const uint16_t*)w;                                           \
-            for (; k + 8 <= K; k += 8) {                                                       \
-                __m256 wv[R];                                                                  \
-                for (int r = 0; r < R; r++) wv[r] = load_bf16x8(wb + r * ldw + k);             \
-                for (int t = 0; t < NT; t++) {                                                 \
-                    __m256 xv = _mm256_loadu_ps(x + t * K + k);                                \
-                    for (int r = 0; r < R; r++) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]); \
+            for (; k + 8 * U <= K; k += 8 * U)                                                 \
+                for (int u = 0; u < U; u++) {                                                  \
+                    __m256 wv = load_bf16x8(wb + k + 8 * u);                                   \
+                    for (int t = 0; t < NT; t++)                                               \
+                        acc[u][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * K + k + 8 * u), \
+                                                    acc[u][t]);                                \
                 }                                                                              \
-            }                                                                                  \
         } else {                                                                               \
             const float* wf = (const float*)w;                                                 \
-            for (; k + 8 <= K; k += 8) {                                                       \
-                __m256 wv[R];                                                                  \
-                for (int r = 0; r < R; r++) wv[r] = _mm256_loadu_ps(wf + r * ldw + k);         \
-                for (int t = 0; t < NT; t++) {                                                 \
-                    __m256 xv = _mm256_loadu_ps(x + t * K + k);                                \
-                    for (int r = 0; r < R; r++) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]); \
+            for (; k + 8 * U <= K; k += 8 * U)                                                 \
+                for (int u = 0; u < U; u++) {                                                  \
+                    __m256 wv = _mm256_loadu_ps(wf + k + 8 * u);                               \
+                    for (int t = 0; t < NT; t++)                                               \
+                        acc[u][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * K + k + 8 * u), \
+                                                    acc[u][t]);                                \
                 }                                                                              \
-            }                                                                                  \
         }                                                                                      \
-        for (int r = 0; r < R; r++)                                                            \
-            for (int t = 0; t < NT; t++) {                                                     \
-                float s = hsum8(acc[r][t]);                                                    \
-                for (int64_t j = k; j < K; j++)                                                \
-                    s += (dt == DT_BF16 ? bf2f(((const uint16_t*)w)[r * ldw + j])              \
-                                        : ((const float*)w)[r * ldw + j]) * x[t * K + j];      \
-                out[r][t] = s;                                                                 \
-            }                                                                                  \
+        for (int t = 0; t < NT; t++) {                                                         \
+            __m256 v = acc[0][t];                                                              \
+            for (int u = 1; u < U; u++) v = _mm256_add_ps(v, acc[u][t]);                       \
+            float s = hsum8(v);                                                                \
+            for (int64_t j = k; j < K; j++)                                                    \
+                s += (dt == DT_BF16 ? bf2f(((const uint16_t*)w)[j]) : ((const float*)w)[j]) *  \
+                     x[t * K + j];                                                             \
+            out[t] = s;                                                                        \
+        }                                                                                      \
     }
-DEF_TILE(2, 4)
-DEF_TILE(3, 3)
-DEF_TILE(4, 2)
+DEF_ROW_TILE(2, 4)
+DEF_ROW_TILE(3, 3)
+DEF_ROW_TILE(4, 2)
+DEF_ROW_TILE(5, 2)
+DEF_ROW_TILE(6, 2)
+DEF_ROW_TILE(7, 1)
+DEF_ROW_TILE(8, 1)
 #endif
+
+/* out[t] = w . x[t] for the nt (1..8) token rows of x */
+static void row_tokens(const float* x, int64_t nt, const void* w, int dt, int64_t K, float* out) {
+    switch (LLM_AVX2 ? nt : 0) {
+#if LLM_AVX2
+    case 2: row_tile_2(x, w, dt, K, out); return;
+    case 3: row_tile_3(x, w, dt, K, out); return;
+    case 4: row_tile_4(x, w, dt, K, out); return;
+    case 5: row_tile_5(x, w, dt, K, out); return;
+    case 6: row_tile_6(x, w, dt, K, out); return;
+    case 7: row_tile_7(x, w, dt, K, out); return;
+    case 8: row_tile_8(x, w, dt, K, out); return;
+#endif
+    default:
+        for (int64_t t = 0; t < nt; t++) out[t] = dot_row_1tok(x + t * K, w, dt, K);
+    }
+}
 
 static inline void store_out(void* y, int64_t ldy, int dt, int64_t t, int64_t n, float v,
                              const float* bias);
 
-/* Rows [n0, n1) of y for all T tokens, streaming each weight row from memory once per group
- * of (at most) four tokens. */
+/* Rows [n0, n1) of y for all T tokens: each weight row streams from memory once and meets the
+ * tokens eight at a time while it is in L1. */
 static void linear_stream(const float* x, int64_t T, const void* w, int dt, int64_t K,
                           int64_t n0, int64_t n1, void* y, int64_t ldy, const float* bias) {
     size_t wes = esize(dt);
-    for (int64_t t0 = 0; t0 < T; t0 += 4) {
-        int64_t nt = T - t0 < 4 ? T - t0 : 4;
-        const float* xt = x + t0 * K;
-        int64_t n = n0;
-#if LLM_AVX2
-        int R = nt == 4 ? 2 : nt == 3 ? 3 : nt == 2 ? 4 : 0;
-        for (; R && n + R <= n1; n += R) {
-            const char* wr = (const char*)w + n * K * wes;
-            float o[4][4];
-            if (nt == 4) {
-                float a[2][4];
-                tile_2x4(xt, wr, K, dt, K, a);
-                for (int r = 0; r < 2; r++) for (int t = 0; t < 4; t++) o[r][t] = a[r][t];
-            } else if (nt == 3) {
-                float a[3][3];
-                tile_3x3(xt, wr, K, dt, K, a);
-                for (int r = 0; r < 3; r++) for (int t = 0; t < 3; t++) o[r][t] = a[r][t];
-            } else {
-                float a[4][2];
-                tile_4x2(xt, wr, K, dt, K, a);
-                for (int r = 0; r < 4; r++) for (int t = 0; t < 2; t++) o[r][t] = a[r][t];
-            }
-            for (int r = 0; r < R; r++)
-                for (int64_t t = 0; t < nt; t++) store_out(y, ldy, dt, t0 + t, n + r, o[r][t], bias);
+    float acc[8];
+    for (int64_t n = n0; n < n1; n++) {
+        const char* row = (const char*)w + n * K * wes;
+        for (int64_t t0 = 0; t0 < T; t0 += 8) {
+            int64_t nt = T - t0 < 8 ? T - t0 : 8;
+            row_tokens(x + t0 * K, nt, row, dt, K, acc);
+            for (int64_t t = 0; t < nt; t++) store_out(y, ldy, dt, t0 + t, n, acc[t], bias);
         }
-#endif
-        for (; n < n1; n++) /* leftover rows, or one token */
-            for (int64_t t = 0; t < nt; t++)
-                store_out(y, ldy, dt, t0 + t, n,
-                          dot_row_1tok(xt + t * K, (const char*)w + n * K * wes, dt, K), bias);
     }
 }
 
@@ -520,7 +518,8 @@ static inline void store_out(void* y, int64_t ldy, int dt, int64_t t, int64_t n,
 
 #define LIN_ROWS 8    /* weight rows converted per block (kept in L1/L2) */
 #define LIN_TOKENS 64 /* tokens per pass over a weight block (their fp32 copy stays in L2) */
-#define LIN_STREAM_TOKENS 32 /* up to this many tokens, rows stream once (dot_row_tokens) */
+#define LIN_STREAM_TOKENS 8 /* up to this many tokens, rows stream once (row_tokens) */
+#define LIN_PANEL_TOKENS 128 /* up to this many, the weight-broadcast kernel (panel_tile) */
 
 /* The prefill GEMM: a 6-token x 16-output register tile in broadcast form (BLIS's AVX2 shape:
  * 12 accumulators, two weight vectors, one broadcast). The weights of a 16-row block are packed
@@ -588,9 +587,49 @@ static void pack_rows(const void* w, int dt, int64_t K, int64_t n, int64_t N, fl
     }
 }
 
+/* Batched decode, LIN_STREAM_TOKENS < T <= LIN_PANEL_TOKENS: the GEMM tile with the roles
+ * swapped. The tokens are packed once per call into 16-token panels (K x 16); a block of 6
+ * weight rows is converted to fp32 in one sequential stream (rows are contiguous: one stream
+ * for the prefetcher) into an L1 buffer, and each k step broadcasts one weight per row against
+ * two token vectors: 2 loads, 6 broadcasts, 12 FMAs, as in the prefill tile, but with no
+ * transposed weight panel to build (which costs as much as the FMAs at 16 tokens). */
+#define PANEL_ROWS 6
+#define PANEL_TOKENS 16
+
+/* xp[p] = tokens 16p .. 16p+15 of x (T x K) as K x 16, zero-padded past T. */
+static void pack_token_panels(const float* x, int64_t T, int64_t K, float* xp) {
+    for (int64_t p = 0; p * PANEL_TOKENS < T; p++) {
+        float* dst = xp + p * K * PANEL_TOKENS;
+        for (int64_t i = 0; i < PANEL_TOKENS; i++) {
+            int64_t t = p * PANEL_TOKENS + i;
+            for (int64_t k = 0; k < K; k++) dst[k * PANEL_TOKENS + i] = t < T ? x[t * K + k] : 0.0f;
+        }
+    }
+}
+
+#if LLM_AVX2
+static void panel_tile(const float* w /* 6 rows, K apart */, const float* a /* K x 16 */,
+                       int64_t K, float c[PANEL_ROWS][PANEL_TOKENS]) {
+    __m256 acc[PANEL_ROWS][2];
+    for (int r = 0; r < PANEL_ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++, a += PANEL_TOKENS) {
+        __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
+        for (int r = 0; r < PANEL_ROWS; r++) {
+            __m256 t = _mm256_broadcast_ss(w + r * K + k);
+            acc[r][0] = _mm256_fmadd_ps(t, a0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(t, a1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < PANEL_ROWS; r++) {
+        _mm256_storeu_ps(c[r], acc[r][0]);
+        _mm256_storeu_ps(c[r] + 8, acc[r][1]);
+    }
+}
+#endif
+
 typedef struct {
     const float* xf; /* (T, K) fp32 */
-    const float* xp; /* token panels for the GEMM path, or NULL */
+    const float* xp; /* token panels for the panel or GEMM path, or NULL */
     const void* w;
     const float* bias; /* (N,) fp32 or NULL */
     void* y;
@@ -614,6 +653,23 @@ static void linear_chunk(void* p, int64_t chunk) {
         return;
     }
 #if LLM_AVX2
+    if (j->xp && T <= LIN_PANEL_TOKENS) {
+        float* wb = scratch(PANEL_ROWS * K);
+        float c[PANEL_ROWS][PANEL_TOKENS];
+        for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
+            int64_t rows = n1 - n < PANEL_ROWS ? n1 - n : PANEL_ROWS;
+            to_f32((const char*)j->w + n * K * wes, j->dt, wb, rows * K);
+            if (rows < PANEL_ROWS) memset(wb + rows * K, 0, (size_t)((PANEL_ROWS - rows) * K) * 4);
+            for (int64_t p = 0; p * PANEL_TOKENS < T; p++) {
+                panel_tile(wb, j->xp + p * K * PANEL_TOKENS, K, c);
+                int64_t nt = T - p * PANEL_TOKENS < PANEL_TOKENS ? T - p * PANEL_TOKENS : PANEL_TOKENS;
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t t = 0; t < nt; t++)
+                        store_out(j->y, j->ldy, j->dt, p * PANEL_TOKENS + t, n + r, c[r][t], j->bias);
+            }
+        }
+        return;
+    }
     if (j->xp) { /* rows come in multiples of 16 except at the very end */
         float* wp = scratch(K * GEMM_NR);
         float c[GEMM_MR][GEMM_NR];
@@ -676,7 +732,12 @@ void llm_linear(const void* x, int64_t ldx, int64_t T, int64_t K, const void* w,
     float* xp = NULL;
     int64_t unit = LIN_ROWS;
 #if LLM_AVX2
-    if (T > LIN_STREAM_TOKENS) {
+    if (T > LIN_STREAM_TOKENS && T <= LIN_PANEL_TOKENS) {
+        int64_t padded = (T + PANEL_TOKENS - 1) / PANEL_TOKENS * PANEL_TOKENS;
+        xp = (float*)malloc((size_t)(padded * K) * sizeof(float));
+        pack_token_panels(xf, T, K, xp);
+        unit = PANEL_ROWS;
+    } else if (T > LIN_PANEL_TOKENS) {
         xp = (float*)malloc((size_t)((T + GEMM_MR - 1) / GEMM_MR * GEMM_MR * K) * sizeof(float));
         pack_tokens(xf, T, K, xp);
         unit = GEMM_NR;
