@@ -8,6 +8,7 @@ llm-core / baseline measured in the same run.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,11 +125,19 @@ class BenchReport:
         console.print(table)
         for row in self.ratios():
             level = row[self.level_name]
+            parts = [
+                f"{name} x{row[key]:.2f}"
+                for name, key in (
+                    ("output throughput", "output_throughput"),
+                    ("TTFT", "ttft_median_speedup"),
+                    ("TPOT", "tpot_median_speedup"),
+                )
+                if math.isfinite(row[key])  # no TPOT when one token is generated
+            ]
             console.print(
                 f"llm-core vs {row['baseline']} at {self.level_name} "
-                f"{'all' if level is None else level}: output throughput "
-                f"x{row['output_throughput']:.2f}, TTFT x{row['ttft_median_speedup']:.2f}, "
-                f"TPOT x{row['tpot_median_speedup']:.2f} (above 1: llm-core faster)"
+                f"{'all' if level is None else level}: {', '.join(parts)} "
+                "(above 1: llm-core faster)"
             )
         for r in self.results:
             roof = r.figures.get("decode_roofline_tok_s")

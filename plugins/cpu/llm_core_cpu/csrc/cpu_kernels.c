@@ -906,72 +906,103 @@ typedef struct {
     const void *q, *kc, *vc;
     void* out;
     const int32_t *tables, *row_seq, *row_lens;
+    const int64_t* tiles; /* tile i is rows [tiles[i], tiles[i + 1]) */
     int64_t ldq, Hq, Hkv, D, bs, ldt, window, ldo, max_len;
     float scale;
     int dt;
 } attn_job;
 
+/* Query rows per work item in prefill: each cached key and value row is converted to fp32 once
+ * per tile (not once per query row) and used by its G x ATTN_TILE query heads. */
+#define ATTN_TILE 8
+
 static void attn_chunk(void* p, int64_t item) {
     const attn_job* j = (const attn_job*)p;
     int64_t Hkv = j->Hkv, D = j->D, bs = j->bs, G = j->Hq / Hkv;
     size_t es = esize(j->dt);
-    int64_t b = item / Hkv, g = item % Hkv;
-    int64_t L = j->row_lens[b];
-    int64_t start = j->window > 0 && L > j->window ? L - j->window : 0, n = L - start;
-    const int32_t* table = j->tables + (j->row_seq ? j->row_seq[b] : b) * j->ldt;
-    float* buf = scratch(G * j->max_len + 2 * G * D + D + G);
-    float *sc = buf, *qf = sc + G * j->max_len, *acc = qf + G * D, *row = acc + G * D;
-    float* sum = row + D;
-    for (int64_t h = 0; h < G; h++) {
-        to_f32((const char*)j->q + (b * j->ldq + (g * G + h) * D) * es, j->dt, qf + h * D, D);
-        for (int64_t i = 0; i < D; i++) qf[h * D + i] *= j->scale;
+    int64_t r0 = j->tiles[item / Hkv], nr = j->tiles[item / Hkv + 1] - r0, g = item % Hkv;
+    int64_t first[ATTN_TILE], lens[ATTN_TILE], lo = INT64_MAX, hi = 0;
+    for (int64_t r = 0; r < nr; r++) {
+        int64_t L = j->row_lens[r0 + r];
+        first[r] = j->window > 0 && L > j->window ? L - j->window : 0;
+        lens[r] = L;
+        lo = first[r] < lo ? first[r] : lo;
+        hi = L > hi ? L : hi;
     }
-    for (int64_t pos = start; pos < L;) { /* block by block */
+    int64_t span = hi - lo, QH = nr * G; /* query heads in the tile: (row, head) pairs */
+    const int32_t* table = j->tables + (j->row_seq ? j->row_seq[r0] : r0) * j->ldt;
+    float* buf = scratch(QH * span + 2 * QH * D + D + QH);
+    float *sc = buf, *qf = sc + QH * span, *acc = qf + QH * D, *row = acc + QH * D;
+    float* sum = row + D;
+    for (int64_t r = 0; r < nr; r++)
+        for (int64_t h = 0; h < G; h++) {
+            float* qh = qf + (r * G + h) * D;
+            to_f32((const char*)j->q + ((r0 + r) * j->ldq + (g * G + h) * D) * es, j->dt, qh, D);
+            for (int64_t i = 0; i < D; i++) qh[i] *= j->scale;
+        }
+    for (int64_t pos = lo; pos < hi;) { /* block by block */
         int64_t blk = table[pos / bs], off = pos % bs;
-        int64_t end = pos - off + bs < L ? pos - off + bs : L;
+        int64_t end = pos - off + bs < hi ? pos - off + bs : hi;
         const char* kp = (const char*)j->kc + ((blk * bs + off) * Hkv + g) * D * es;
         for (; pos < end; pos++, kp += Hkv * D * es) {
             to_f32(kp, j->dt, row, D);
-            for (int64_t h = 0; h < G; h++) sc[h * n + (pos - start)] = dot_f32(qf + h * D, row, D);
+            for (int64_t r = 0; r < nr; r++)
+                if (pos >= first[r] && pos < lens[r])
+                    for (int64_t h = 0; h < G; h++)
+                        sc[(r * G + h) * span + pos - lo] = dot_f32(qf + (r * G + h) * D, row, D);
         }
     }
-    for (int64_t h = 0; h < G; h++) softmax_inplace(sc + h * n, n, &sum[h]);
-    memset(acc, 0, (size_t)(G * D) * sizeof(float));
-    for (int64_t pos = start; pos < L;) {
+    for (int64_t r = 0; r < nr; r++)
+        for (int64_t h = 0; h < G; h++)
+            softmax_inplace(sc + (r * G + h) * span + first[r] - lo, lens[r] - first[r],
+                            &sum[r * G + h]);
+    memset(acc, 0, (size_t)(QH * D) * sizeof(float));
+    for (int64_t pos = lo; pos < hi;) {
         int64_t blk = table[pos / bs], off = pos % bs;
-        int64_t end = pos - off + bs < L ? pos - off + bs : L;
+        int64_t end = pos - off + bs < hi ? pos - off + bs : hi;
         const char* vp = (const char*)j->vc + ((blk * bs + off) * Hkv + g) * D * es;
         for (; pos < end; pos++, vp += Hkv * D * es) {
             to_f32(vp, j->dt, row, D);
-            for (int64_t h = 0; h < G; h++) axpy_f32(sc[h * n + (pos - start)], row, acc + h * D, D);
+            for (int64_t r = 0; r < nr; r++)
+                if (pos >= first[r] && pos < lens[r])
+                    for (int64_t h = 0; h < G; h++)
+                        axpy_f32(sc[(r * G + h) * span + pos - lo], row, acc + (r * G + h) * D, D);
         }
     }
-    for (int64_t h = 0; h < G; h++) {
-        float inv = 1.0f / sum[h];
-        for (int64_t i = 0; i < D; i++) acc[h * D + i] *= inv;
-        from_f32(acc + h * D, (char*)j->out + (b * j->ldo + (g * G + h) * D) * es, j->dt, D);
-    }
+    for (int64_t r = 0; r < nr; r++)
+        for (int64_t h = 0; h < G; h++) {
+            float* a = acc + (r * G + h) * D;
+            float inv = 1.0f / sum[r * G + h];
+            for (int64_t i = 0; i < D; i++) a[i] *= inv;
+            from_f32(a, (char*)j->out + ((r0 + r) * j->ldo + (g * G + h) * D) * es, j->dt, D);
+        }
 }
 
 /* Attention of R query rows over the paged cache. Row r (Hq heads of D at q + r * ldq) reads
  * the block table of sequence row_seq[r] (r itself when row_seq is NULL) and attends to its
  * positions [start, row_lens[r]), start = row_lens[r] - window when a window is set. Decode
  * passes one row per sequence with row_lens = seq_lens; causal prefill passes one row per new
- * token with row_lens = its position + 1. One work item is a (row, KV head) pair: each cached
- * key and value row is converted to fp32 once and used by every query head of its GQA group. */
+ * token with row_lens = its position + 1. A work item is a tile of up to ATTN_TILE consecutive
+ * rows of one sequence and one KV head: each cached key and value row is converted to fp32 once
+ * per tile and used by every query head of its GQA group in every row of the tile. */
 void llm_attention(const void* q, int64_t ldq, const void* kc, const void* vc, int64_t R,
                    int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, const int32_t* tables,
                    int64_t ldt, const int32_t* row_seq, const int32_t* row_lens, float scale,
                    int64_t window, void* out, int64_t ldo, int32_t dt) {
-    int64_t max_len = 1, work = 0;
+    int64_t max_len = 1, work = 0, ntiles = 0;
+    int64_t* tiles = (int64_t*)malloc((size_t)(R + 1) * sizeof(int64_t));
     for (int64_t r = 0; r < R; r++) {
         max_len = row_lens[r] > max_len ? row_lens[r] : max_len;
         work += row_lens[r];
+        int same = row_seq && r > 0 && row_seq[r] == row_seq[r - 1];
+        if (!same || r - tiles[ntiles - 1] == ATTN_TILE) tiles[ntiles++] = r;
     }
+    tiles[ntiles] = R;
     int threads = work * Hq * D >= 65536 ? g_threads : 1;
-    attn_job job = {q, kc, vc, out, tables, row_seq, row_lens, ldq, Hq, Hkv, D, bs, ldt, window,
-                    ldo, max_len, scale, dt};
-    parallel_for(attn_chunk, &job, R * Hkv, threads);
+    attn_job job = {q, kc, vc, out, tables, row_seq, row_lens, tiles, ldq, Hq, Hkv, D, bs, ldt,
+                    window, ldo, max_len, scale, dt};
+    parallel_for(attn_chunk, &job, ntiles * Hkv, threads);
+    free(tiles);
 }
 
 /* ------------------------------------------------------------------------------------------ */
