@@ -165,6 +165,33 @@ static float dot_f32(const float* a, const float* b, int64_t n) {
     return s;
 }
 
+/* out[h * stride] = q[h] . row for the nq (<= 4) query vectors q[h] = q + h * n: the row is
+ * loaded once per step for all of them, and their independent accumulators hide the FMA
+ * latency that a single dot of a 64-wide head serializes on. */
+static void dot_heads(const float* q, int64_t nq, const float* row, int64_t n, float* out,
+                      int64_t stride) {
+#if LLM_AVX2
+    if (nq >= 2 && n % 8 == 0) { /* 2 or 3 heads: the last one fills the spare lanes */
+        const float *q1 = q + n, *q2 = q + (nq > 2 ? 2 : 1) * n, *q3 = q + (nq - 1) * n;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = 0; i < n; i += 8) {
+            __m256 r = _mm256_loadu_ps(row + i);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), r, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + i), r, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + i), r, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + i), r, a3);
+        }
+        __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        float v[4];
+        _mm_storeu_ps(v, s4);
+        for (int64_t h = 0; h < nq; h++) out[h * stride] = v[h];
+        return;
+    }
+#endif
+    for (int64_t h = 0; h < nq; h++) out[h * stride] = dot_f32(q + h * n, row, n);
+}
+
 /* y[i] += a * x[i] */
 static void axpy_f32(float a, const float* x, float* y, int64_t n) {
     int64_t i = 0;
@@ -946,10 +973,15 @@ static void attn_chunk(void* p, int64_t item) {
         const char* kp = (const char*)j->kc + ((blk * bs + off) * Hkv + g) * D * es;
         for (; pos < end; pos++, kp += Hkv * D * es) {
             to_f32(kp, j->dt, row, D);
-            for (int64_t r = 0; r < nr; r++)
-                if (pos >= first[r] && pos < lens[r])
-                    for (int64_t h = 0; h < G; h++)
-                        sc[(r * G + h) * span + pos - lo] = dot_f32(qf + (r * G + h) * D, row, D);
+            /* the tile's query heads that see this position: rows [rb, re) (the rows of a
+             * tile are consecutive positions of one sequence: lengths rise, windows slide) */
+            int64_t rb = 0, re = nr;
+            while (rb < nr && !(pos >= first[rb] && pos < lens[rb])) rb++;
+            while (re > rb && !(pos >= first[re - 1] && pos < lens[re - 1])) re--;
+            for (int64_t qh = rb * G; qh < re * G; qh += 4) {
+                int64_t m = re * G - qh < 4 ? re * G - qh : 4;
+                dot_heads(qf + qh * D, m, row, D, sc + qh * span + pos - lo, span);
+            }
         }
     }
     for (int64_t r = 0; r < nr; r++)
