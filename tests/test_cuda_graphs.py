@@ -90,3 +90,67 @@ def test_graphs_can_be_turned_off(models):
 )
 def test_bucket_for(batch, bucket):
     assert bucket_for(batch) == bucket
+
+
+def _assign(meta: AttentionMetadata, new: AttentionMetadata) -> None:
+    """Update ``meta`` in place to describe ``new``, as the engine does between replays."""
+    for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping"):
+        getattr(meta, name)[...] = getattr(new, name)
+    meta.device_cache.clear()
+
+
+def test_capture_graph_hook_replays_inputs_updated_in_place(models):
+    """The HAL hook the engine records decode steps with: the step's inputs live in
+    persistent objects (device token ids and positions, host metadata) updated in place,
+    and each replay computes the step they now describe."""
+    backend, toy, eager = models
+    ids0, pos0, first = decode_step_inputs([17, 5, 32], BLOCK, MAX_BLOCKS, 0)
+    meta = AttentionMetadata(
+        first.query_start_loc.copy(), first.seq_lens.copy(), first.block_tables.copy(),
+        first.slot_mapping.copy(), BLOCK,
+    )  # fmt: skip
+    ids, pos = torch.from_numpy(ids0.copy()), torch.from_numpy(pos0.copy())
+    out: dict[str, torch.Tensor] = {}
+
+    def step() -> None:
+        out["y"] = toy.step(ids, pos, meta)
+
+    graph = backend.capture_graph(step)
+    assert graph is not None
+    # The operators read static device copies, sized for any length the block table holds.
+    recorded = backend.attention_inputs(meta)
+    assert recorded.max_seq_len == MAX_BLOCKS * BLOCK
+    want = eager.step(torch.from_numpy(ids0), torch.from_numpy(pos0), first)
+    assert compare(out["y"], want, torch.float32, "attention").ok  # the recorded call's result
+    for seed, lens in enumerate(([1, 9, 30], [32, 2, 7], [4, 4, 4]), start=1):
+        new_ids, new_pos, new = decode_step_inputs(lens, BLOCK, MAX_BLOCKS, seed)
+        ids.copy_(torch.from_numpy(new_ids))
+        pos.copy_(torch.from_numpy(new_pos))
+        _assign(meta, new)
+        graph.replay()
+        assert backend.attention_inputs(meta) is recorded  # refilled, not uploaded anew
+        assert torch.equal(recorded.block_tables.cpu(), torch.from_numpy(new.block_tables))
+        want = eager.step(torch.from_numpy(new_ids), torch.from_numpy(new_pos), new)
+        result = compare(out["y"], want, torch.float32, "attention")
+        assert result.ok, (lens, result)
+        assert compare(toy.key_cache, eager.key_cache, torch.float32, "elementwise").ok
+        assert compare(toy.value_cache, eager.value_cache, torch.float32, "elementwise").ok
+
+
+def test_capture_graph_hook_refuses_reshaped_inputs(models):
+    backend, toy, _ = models
+    ids, pos, meta = decode_step_inputs([3, 8], BLOCK, MAX_BLOCKS, 0)
+    graph = backend.capture_graph(
+        lambda: toy.step(torch.from_numpy(ids), torch.from_numpy(pos), meta)
+    )
+    assert graph is not None
+    meta.block_tables = meta.block_tables[:, :2].copy()  # replaced, not updated in place
+    with pytest.raises(ValueError, match="block_tables of shape"):
+        graph.replay()
+
+
+def test_capture_graph_off_runs_the_step_once():
+    backend = TritonBackend("cpu", CONFIG, graphs=False)
+    calls = []
+    assert backend.capture_graph(lambda: calls.append(1)) is None
+    assert calls == [1]

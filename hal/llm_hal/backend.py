@@ -179,15 +179,20 @@ class Backend:
         graph whose ``replay()`` runs them again with no host code in between (CUDA graphs; a
         native list of kernel calls on CPU): the decode step as one call.
 
-        ``fn`` runs exactly once, eagerly, and its results are valid whatever this returns.
-        Returns None when the backend does not capture (this default) or when ``fn`` ran
-        something it cannot record (the reason is logged).
+        ``fn`` runs eagerly at least once; a backend may call it again while recording (a
+        CUDA graph records what a second call launches), so it must be safe to repeat: the
+        same step on the same inputs. When this returns, whatever it returns, the results of
+        the last call are valid, and they are what ``replay()`` rewrites. Returns None when
+        the backend does not capture (this default) or when ``fn`` ran something it cannot
+        record (the reason is logged).
 
         ``replay()`` reads the current contents of the tensors ``fn`` used and of the host
         metadata objects (:class:`AttentionMetadata` ...) it passed, and rewrites the same
         output tensors. The caller keeps those objects alive and updates them in place between
         replays: same shapes and number of sequences, new values (token ids, positions, slots,
-        block tables, sequence lengths). Host code inside ``fn`` does not run again.
+        block tables, sequence lengths). Host code inside ``fn`` does not run again, except
+        where a backend emulates a graph by calling ``fn`` again (a test device without
+        graphs): ``fn`` then stores its results where the caller reads them.
         """
         fn()
         return None

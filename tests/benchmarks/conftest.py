@@ -75,7 +75,8 @@ def ceilings() -> MachineCeilings:
 def record(request: pytest.FixtureRequest, benchmark: Any) -> Any:
     """``record(op, case, bytes, flops)`` after ``benchmark(...)``: stores the figures in the
     benchmark's extra_info and in the session summary."""
-    backend_id = request.node.callspec.params.get("backend", "-")
+    callspec = getattr(request.node, "callspec", None)  # the probes are not parametrized
+    backend_id = callspec.params.get("backend", "-") if callspec else "-"
 
     def _record(op: str, case: str, nbytes: float, flops: float) -> OpFigure:
         seconds = float(benchmark.stats.stats.median)

@@ -144,15 +144,16 @@ class ModelRunner:
         be.copy_(g.batch.input_ids, be.from_host(g.ids, DType.INT64))
         be.copy_(g.batch.positions, be.from_host(g.positions, DType.INT64))
         if g.graph is not None:
-            g.graph.replay()
+            g.graph.replay()  # rewrites g.logits (or, emulated, sets it anew)
             logits = g.logits
         elif not g.tried:
             g.tried = True
-            result: list[Tensor] = []
-            g.graph = be.capture_graph(
-                lambda: result.append(self.model.forward(g.batch, self.kv_caches))
-            )
-            logits = g.logits = result[0]
+
+            def step() -> None:  # the backend may call it more than once while recording
+                g.logits = self.model.forward(g.batch, self.kv_caches)
+
+            g.graph = be.capture_graph(step)
+            logits = g.logits
             if g.graph is None:
                 log.info("decode batch %d runs eagerly: the backend did not capture it", size)
         else:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from llm_hal import AttentionMetadata
+from llm_hal.backend import CapturedGraph
 
 from llm_core_cuda.attention_inputs import AttentionInputs
 
@@ -170,3 +171,76 @@ class DecodeGraph:
             out = self._step(self.input_ids, self.positions, self.meta)
             self.output = out
         return out[:n]
+
+
+class StepGraph(CapturedGraph):
+    """``Backend.capture_graph`` on CUDA: whatever ``fn`` launches, recorded as one CUDA graph.
+
+    The engine's decode step keeps its inputs in persistent objects and updates them in place
+    between replays (the HAL contract): device tensors it writes itself (token ids, positions)
+    and host :class:`AttentionMetadata`. While recording, every metadata object an operator
+    asks about gets static device copies of its arrays (:class:`AttentionInputs`, with
+    ``max_seq_len`` bounded by the width of its block table, so grids and decode splits hold
+    for any length the table can describe); ``replay()`` copies the objects' current host
+    arrays into them and launches the graph.
+
+    ``fn`` runs eagerly once on a side stream (Triton compiles its kernels, cuBLAS makes its
+    workspaces: neither may happen during capture), then once more while recording, and the
+    graph is replayed once so the recorded call's results hold values. On a device other than
+    CUDA (the interpreter tests) replay calls ``fn`` again over the same static copies: the
+    same metadata plumbing, checked without a GPU.
+    """
+
+    def __init__(self, backend: TritonBackend, fn: Callable[[], object], pool: Any = None):
+        self._backend = backend
+        self._fn = fn
+        self._device = backend.device
+        self._inputs: list[tuple[AttentionMetadata, AttentionInputs]] = []
+        self._graph: torch.cuda.CUDAGraph | None = None
+        backend._recording = self
+        try:
+            if self._device.type == "cuda":
+                side = torch.cuda.Stream(self._device)
+                side.wait_stream(torch.cuda.current_stream(self._device))
+                with torch.cuda.stream(side):
+                    fn()
+                torch.cuda.current_stream(self._device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    fn()
+                self._graph = graph
+            else:
+                fn()
+        finally:
+            backend._recording = None
+        if self._graph is not None:
+            self.replay()
+
+    def static_inputs(self, meta: AttentionMetadata, cached: object) -> AttentionInputs:
+        """The device copy of ``meta`` the recorded operators read (made on first use;
+        ``cached`` is what the metadata held, perhaps from an eager step)."""
+        for m, inputs in self._inputs:
+            if m is meta and inputs is cached:
+                return inputs
+        bound = meta.block_tables.shape[1] * meta.block_size
+        inputs = AttentionInputs.upload(meta, self._device)
+        inputs.max_seq_len = max(bound, meta.max_seq_len)
+        self._inputs.append((meta, inputs))
+        return inputs
+
+    def replay(self) -> None:
+        for meta, inputs in self._inputs:
+            for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping"):
+                dst: torch.Tensor = getattr(inputs, name)
+                src = np.asarray(getattr(meta, name))
+                if tuple(src.shape) != tuple(dst.shape):
+                    raise ValueError(
+                        f"the step was recorded with {name} of shape {tuple(dst.shape)} and is "
+                        f"replayed with {tuple(src.shape)}: update the metadata in place"
+                    )
+                dst.copy_(torch.from_numpy(src), non_blocking=True)
+            self._backend.set_attention_inputs(meta, inputs)
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._fn()

@@ -14,7 +14,7 @@ from llm_hal.backend import Backend
 from llm_core_cuda.version import __version__
 
 #: The HAL API this plugin was built and tested against (a literal, not the host's version).
-BUILT_FOR_HAL_API = "1.0"
+BUILT_FOR_HAL_API = "1.1"  # 1.1: capture_graph (CUDA graphs of decode steps)
 
 #: Backend options (``BackendConfig.options``) and the environment variables that set them.
 OPTION_ENV = {"cupy": "LLM_CORE_CUDA_CUPY", "cuda_graphs": "LLM_CORE_CUDA_GRAPHS"}

@@ -258,8 +258,40 @@ def _checks(backend: Any) -> list[tuple[str, Callable[[], Comparison]]]:
                 worst = result
         return worst
 
+    def step_graph() -> Comparison:
+        """The HAL hook the engine uses: inputs updated in place between replays."""
+        block_size, max_blocks = 16, 8
+        toy = ToyDecoder.build(backend, 3 * max_blocks, block_size, F32, seed=6)
+        eager = ToyDecoder.build(ref, 3 * max_blocks, block_size, torch.float64, seed=6)
+        ids, pos, meta = decode_step_inputs([37, 5, 128], block_size, max_blocks, 0)
+        ids_dev, pos_dev = torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev)
+        out: dict[str, torch.Tensor] = {}
+
+        def step() -> None:
+            out["y"] = toy.step(ids_dev, pos_dev, meta)
+
+        recorded = backend.capture_graph(step)
+        if recorded is None:
+            return Comparison(False, math.inf, math.inf, "the step was not captured (see log)")
+        want = eager.step(torch.from_numpy(ids), torch.from_numpy(pos), meta)
+        worst = compare(out["y"], want, F32, "attention")  # the recorded call's own result
+        for seed, lens in enumerate(([1, 99, 64], [128, 2, 17]), start=1):
+            new_ids, new_pos, new = decode_step_inputs(lens, block_size, max_blocks, seed)
+            ids_dev.copy_(torch.from_numpy(new_ids))
+            pos_dev.copy_(torch.from_numpy(new_pos))
+            for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping"):
+                getattr(meta, name)[...] = getattr(new, name)
+            meta.device_cache.clear()
+            recorded.replay()
+            want = eager.step(torch.from_numpy(new_ids), torch.from_numpy(new_pos), new)
+            result = compare(out["y"], want, F32, "attention")
+            if not result.ok or result.max_abs > worst.max_abs:
+                worst = result
+        return worst
+
     checks.append(("reshape_and_cache[bf16]", kv_write))
     checks.append(("decode_graph[fp32]", graph))
+    checks.append(("capture_graph[fp32]", step_graph))
     return checks
 
 

@@ -12,6 +12,8 @@ interpreter: that is how the tests check the kernels and the operator plumbing w
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -24,15 +26,17 @@ from llm_hal import (
     SamplingMetadata,
     TorchBackend,
 )
-from llm_hal.backend import Tensor
+from llm_hal.backend import CapturedGraph, Tensor
 from llm_hal.dtypes import to_torch
 
 from llm_core_cuda import triton_kernels as kernels
 from llm_core_cuda.attention_inputs import AttentionInputs
-from llm_core_cuda.graphs import DecodeGraph, DecodeStep
+from llm_core_cuda.graphs import DecodeGraph, DecodeStep, StepGraph
 from llm_core_cuda.triton_kernels import KernelConfig
 
 _GPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+log = logging.getLogger("llm_core.backends.cuda")
+
 #: Largest head size the attention kernels take (their register tiles grow with it).
 MAX_HEAD_SIZE = 256
 
@@ -49,6 +53,7 @@ class TritonBackend(TorchBackend):
         self.graphs_enabled = graphs
         self._meta_key = f"{self.name}:{self.device}"
         self._graph_pool: Any = None
+        self._recording: StepGraph | None = None  # set while capture_graph records
 
     # ------------------------------------------------------------------------------------------
     # metadata
@@ -58,7 +63,10 @@ class TritonBackend(TorchBackend):
         """The step's metadata on the device: uploaded by the first layer, reused by the rest
         (and placed there in advance by a CUDA graph)."""
         inputs = meta.device_cache.get(self._meta_key)
-        if inputs is None:
+        if self._recording is not None:  # capture_graph: static copies the replay refills
+            inputs = self._recording.static_inputs(meta, inputs)
+            meta.device_cache[self._meta_key] = inputs
+        elif inputs is None:
             inputs = AttentionInputs.upload(meta, self.device)
             meta.device_cache[self._meta_key] = inputs
         return inputs
@@ -69,6 +77,26 @@ class TritonBackend(TorchBackend):
     # ------------------------------------------------------------------------------------------
     # graphs
     # ------------------------------------------------------------------------------------------
+
+    def capture_graph(self, fn: Callable[[], object]) -> CapturedGraph | None:
+        """The HAL hook: ``fn`` (the engine's decode step for one padded batch size) recorded
+        as a CUDA graph; see :class:`StepGraph`. None when graphs are off, or when ``fn`` does
+        what a graph cannot hold (a host synchronization, an upload from host memory inside
+        the step): the reason is logged and the step stays eager."""
+        if not self.graphs_enabled:
+            return super().capture_graph(fn)
+        if self._recording is not None:
+            raise RuntimeError("capture_graph calls cannot nest")
+        if self.device.type == "cuda" and self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        try:
+            return StepGraph(self, fn, self._graph_pool)
+        except Exception as exc:  # any failure to record means: run eagerly
+            log.warning("%s: decode step not captured as a CUDA graph: %s", self.name, exc)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            fn()  # the contract: fn's results are valid whatever this returns
+            return None
 
     def capture_decode(
         self, step: DecodeStep, batch_size: int, max_blocks_per_seq: int, block_size: int

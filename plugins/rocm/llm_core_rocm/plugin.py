@@ -12,7 +12,7 @@ from llm_hal.backend import Backend
 from llm_core_rocm.version import __version__
 
 #: The HAL API this plugin was built and tested against (a literal, not the host's version).
-BUILT_FOR_HAL_API = "1.0"
+BUILT_FOR_HAL_API = "1.1"  # 1.1: capture_graph (CUDA graphs of decode steps)
 
 
 def probe() -> Availability:
