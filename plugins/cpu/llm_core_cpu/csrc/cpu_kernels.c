@@ -929,6 +929,70 @@ static void softmax_inplace(float* s, int64_t n, float* sum_out) {
     *sum_out = sum;
 }
 
+#if LLM_AVX2
+static inline __m256 load_kv8(const char* p, int dt) {
+    return dt == DT_BF16 ? load_bf16x8((const uint16_t*)p) : _mm256_loadu_ps((const float*)p);
+}
+
+/* The scores of three query heads (q + h * D) against four key rows (k + i * D), D % 8 == 0:
+ * twelve independent accumulators share each load (one FMA chain per 64-wide dot left the
+ * loop waiting on FMA latency). */
+static void dots_3x4(const float* q, const float* k, int64_t D, float out[3][4]) {
+    __m256 c[3][4];
+    for (int h = 0; h < 3; h++)
+        for (int i = 0; i < 4; i++) c[h][i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+        __m256 q0 = _mm256_loadu_ps(q + d), q1 = _mm256_loadu_ps(q + D + d),
+               q2 = _mm256_loadu_ps(q + 2 * D + d);
+        for (int i = 0; i < 4; i++) {
+            __m256 kv = _mm256_loadu_ps(k + i * D + d);
+            c[0][i] = _mm256_fmadd_ps(q0, kv, c[0][i]);
+            c[1][i] = _mm256_fmadd_ps(q1, kv, c[1][i]);
+            c[2][i] = _mm256_fmadd_ps(q2, kv, c[2][i]);
+        }
+    }
+    for (int h = 0; h < 3; h++) {
+        __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(c[h][0], c[h][1]), _mm256_hadd_ps(c[h][2], c[h][3]));
+        _mm_storeu_ps(out[h], _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+    }
+}
+
+/* Three query heads' weighted sums of value rows, 32 dimensions (d0 .. d0 + 31) at a time:
+ * acc[h] += sum over pos in [lo, hi) of p[h][pos - lo] * V[pos][d0 ..], the twelve sums held
+ * in registers across all positions (accumulating in memory, one head and row at a time, made
+ * the loop wait on its stores). Each value row is read from the cache and converted in
+ * registers. */
+static void v_accum_3x32(const float* p0, const float* p1, const float* p2, const char* vc,
+                         const int32_t* table, int64_t lo, int64_t hi, int64_t bs,
+                         int64_t pos_stride, int64_t head_off, int dt, float* a0, float* a1,
+                         float* a2) {
+    size_t es = esize(dt);
+    __m256 c[3][4];
+    for (int h = 0; h < 3; h++)
+        for (int v = 0; v < 4; v++) c[h][v] = _mm256_setzero_ps();
+    for (int64_t pos = lo; pos < hi;) {
+        int64_t blk = table[pos / bs], off = pos % bs;
+        int64_t end = pos - off + bs < hi ? pos - off + bs : hi;
+        const char* vp = vc + ((blk * bs + off) * pos_stride + head_off) * es;
+        for (; pos < end; pos++, vp += pos_stride * es) {
+            __m256 w0 = _mm256_broadcast_ss(p0 + pos - lo), w1 = _mm256_broadcast_ss(p1 + pos - lo),
+                   w2 = _mm256_broadcast_ss(p2 + pos - lo);
+            for (int v = 0; v < 4; v++) {
+                __m256 x = load_kv8(vp + 8 * v * es, dt);
+                c[0][v] = _mm256_fmadd_ps(w0, x, c[0][v]);
+                c[1][v] = _mm256_fmadd_ps(w1, x, c[1][v]);
+                c[2][v] = _mm256_fmadd_ps(w2, x, c[2][v]);
+            }
+        }
+    }
+    for (int v = 0; v < 4; v++) {
+        _mm256_storeu_ps(a0 + 8 * v, c[0][v]);
+        _mm256_storeu_ps(a1 + 8 * v, c[1][v]);
+        _mm256_storeu_ps(a2 + 8 * v, c[2][v]);
+    }
+}
+#endif
+
 typedef struct {
     const void *q, *kc, *vc;
     void* out;
@@ -958,7 +1022,7 @@ static void attn_chunk(void* p, int64_t item) {
     }
     int64_t span = hi - lo, QH = nr * G; /* query heads in the tile: (row, head) pairs */
     const int32_t* table = j->tables + (j->row_seq ? j->row_seq[r0] : r0) * j->ldt;
-    float* buf = scratch(QH * span + 2 * QH * D + D + QH);
+    float* buf = scratch(QH * span + 2 * QH * D + D + QH + span + 3 * D + 7 * D);
     float *sc = buf, *qf = sc + QH * span, *acc = qf + QH * D, *row = acc + QH * D;
     float* sum = row + D;
     for (int64_t r = 0; r < nr; r++)
@@ -967,6 +1031,39 @@ static void attn_chunk(void* p, int64_t item) {
             to_f32((const char*)j->q + ((r0 + r) * j->ldq + (g * G + h) * D) * es, j->dt, qh, D);
             for (int64_t i = 0; i < D; i++) qh[i] *= j->scale;
         }
+#if LLM_AVX2
+    if (D % 8 == 0) {
+        /* four key rows at a time (converted once into kb) against three query heads at a
+         * time; every head of the tile is scored at every position of the tile's range, and
+         * each row's softmax reads only the positions it sees */
+        float* kb = sum + QH + span + 3 * D;
+        float* dummy = kb + 4 * D; /* three heads of zeros pad the last group */
+        memset(dummy, 0, (size_t)(3 * D) * sizeof(float));
+        for (int64_t pos = lo; pos < hi;) {
+            int64_t blk = table[pos / bs], off = pos % bs;
+            int64_t end = pos - off + bs < hi ? pos - off + bs : hi;
+            const char* kp = (const char*)j->kc + ((blk * bs + off) * Hkv + g) * D * es;
+            while (pos < end) {
+                int64_t m = end - pos < 4 ? end - pos : 4;
+                for (int64_t i = 0; i < 4; i++)
+                    to_f32(kp + (i < m ? i : 0) * Hkv * D * es, j->dt, kb + i * D, D);
+                for (int64_t qh = 0; qh < QH; qh += 3) {
+                    float o[3][4];
+                    dots_3x4(qh + 3 <= QH ? qf + qh * D : dummy, kb, D, o);
+                    if (qh + 3 > QH) { /* fewer than three heads left: score them one by one */
+                        for (int64_t h = qh; h < QH; h++)
+                            for (int64_t i = 0; i < m; i++)
+                                o[h - qh][i] = dot_f32(qf + h * D, kb + i * D, D);
+                    }
+                    for (int64_t h = 0; h < 3 && qh + h < QH; h++)
+                        for (int64_t i = 0; i < m; i++) sc[(qh + h) * span + pos - lo + i] = o[h][i];
+                }
+                pos += m;
+                kp += m * Hkv * D * es;
+            }
+        }
+    } else
+#endif
     for (int64_t pos = lo; pos < hi;) { /* block by block */
         int64_t blk = table[pos / bs], off = pos % bs;
         int64_t end = pos - off + bs < hi ? pos - off + bs : hi;
@@ -989,18 +1086,45 @@ static void attn_chunk(void* p, int64_t item) {
             softmax_inplace(sc + (r * G + h) * span + first[r] - lo, lens[r] - first[r],
                             &sum[r * G + h]);
     memset(acc, 0, (size_t)(QH * D) * sizeof(float));
-    for (int64_t pos = lo; pos < hi;) {
-        int64_t blk = table[pos / bs], off = pos % bs;
-        int64_t end = pos - off + bs < hi ? pos - off + bs : hi;
-        const char* vp = (const char*)j->vc + ((blk * bs + off) * Hkv + g) * D * es;
-        for (; pos < end; pos++, vp += Hkv * D * es) {
-            to_f32(vp, j->dt, row, D);
-            for (int64_t r = 0; r < nr; r++)
-                if (pos >= first[r] && pos < lens[r])
-                    for (int64_t h = 0; h < G; h++)
-                        axpy_f32(sc[(r * G + h) * span + pos - lo], row, acc + (r * G + h) * D, D);
+#if LLM_AVX2
+    if (D % 32 == 0) {
+        /* per row, the value rows it sees, for three of its query heads and 32 dimensions at
+         * a time (a head of zero probabilities pads the last group; its sums are dropped) */
+        float *zeros = sum + QH, *pad = zeros + span;
+        memset(zeros, 0, (size_t)span * sizeof(float));
+        for (int64_t r = 0; r < nr; r++) {
+            int64_t n = lens[r] - first[r];
+            if (n <= 0) continue;
+            for (int64_t h0 = 0; h0 < G; h0 += 3) {
+                const float* pp[3];
+                float* ap[3];
+                for (int64_t k = 0; k < 3; k++) {
+                    int64_t qh = r * G + h0 + k;
+                    int valid = h0 + k < G;
+                    pp[k] = valid ? sc + qh * span + first[r] - lo : zeros;
+                    ap[k] = valid ? acc + qh * D : pad + k * D;
+                }
+                for (int64_t d0 = 0; d0 < D; d0 += 32)
+                    v_accum_3x32(pp[0], pp[1], pp[2], (const char*)j->vc, table, first[r],
+                                 lens[r], bs, Hkv * D, g * D + d0, j->dt, ap[0] + d0,
+                                 ap[1] + d0, ap[2] + d0);
+            }
         }
-    }
+    } else
+#endif
+        for (int64_t pos = lo; pos < hi;) {
+            int64_t blk = table[pos / bs], off = pos % bs;
+            int64_t end = pos - off + bs < hi ? pos - off + bs : hi;
+            const char* vp = (const char*)j->vc + ((blk * bs + off) * Hkv + g) * D * es;
+            for (; pos < end; pos++, vp += Hkv * D * es) {
+                to_f32(vp, j->dt, row, D);
+                for (int64_t r = 0; r < nr; r++)
+                    if (pos >= first[r] && pos < lens[r])
+                        for (int64_t h = 0; h < G; h++)
+                            axpy_f32(sc[(r * G + h) * span + pos - lo], row,
+                                     acc + (r * G + h) * D, D);
+            }
+        }
     for (int64_t r = 0; r < nr; r++)
         for (int64_t h = 0; h < G; h++) {
             float* a = acc + (r * G + h) * D;
