@@ -16,6 +16,7 @@ so a torch-device backend subclasses it and accelerates op by op.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -45,11 +46,11 @@ class LogprobsResult:
     top_ids: Tensor  # (B, k) int64
 
 
-class CapturedGraph:
+class CapturedGraph(abc.ABC):
     """A step recorded by :meth:`Backend.capture_graph`; ``replay()`` runs it again."""
 
-    def replay(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def replay(self) -> None: ...
 
 
 #: Every operator of the HAL, in the order of the spec below. ``supports``, the conformance

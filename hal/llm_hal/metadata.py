@@ -78,6 +78,15 @@ class AttentionMetadata:
         """Every sequence has exactly one new token: the paged_attention_decode case."""
         return self.num_seqs > 0 and bool(np.all(self.query_lens == 1))
 
+    def require_decode(self) -> None:
+        """Raise unless :attr:`is_decode`: what every backend's ``paged_attention_decode``
+        checks first. The answer is kept in ``device_cache`` (cleared whenever the metadata is
+        updated in place), so the layers of a step after the first pay nothing."""
+        if not self.device_cache.get("is_decode"):
+            if not self.is_decode:
+                raise ValueError("paged_attention_decode needs exactly one new token per sequence")
+            self.device_cache["is_decode"] = True
+
 
 @dataclass(slots=True)
 class SamplingMetadata:

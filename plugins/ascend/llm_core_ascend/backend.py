@@ -421,8 +421,7 @@ class AscendBackend(TorchBackend):
         logits_soft_cap: float | None = None,
         out: Tensor | None = None,
     ) -> Tensor:
-        if not meta.is_decode:
-            raise ValueError("paged_attention_decode needs exactly one new token per sequence")
+        meta.require_decode()
         why = self._attention_unfused_reason(query, key_cache, logits_soft_cap, DECODE_BLOCK_ALIGN)
         if why:
             self._unfused("paged_attention_decode", why)

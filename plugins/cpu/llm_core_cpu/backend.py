@@ -381,16 +381,8 @@ class CpuBackend(TorchBackend):
         logits_soft_cap: float | None = None,
         out: Tensor | None = None,
     ) -> Tensor:
-        code = _CODES.get(query.dtype)
-        if (
-            self._nk is not None
-            and code is not None
-            and not logits_soft_cap
-            and query.dtype == key_cache.dtype == value_cache.dtype
-            and query.stride(-1) == 1
-            and key_cache.is_contiguous()
-            and value_cache.is_contiguous()
-        ):
+        code = self._attention_code(query, key_cache, value_cache, logits_soft_cap)
+        if code is not None:
             t, d = query.shape[0], key_cache.shape[3]
             y = self._out(out, (t, query.shape[1]), query.dtype)
             if y is not None:
@@ -443,20 +435,9 @@ class CpuBackend(TorchBackend):
         logits_soft_cap: float | None = None,
         out: Tensor | None = None,
     ) -> Tensor:
-        if not meta.device_cache.get("cpu.is_decode"):
-            if not meta.is_decode:
-                raise ValueError("paged_attention_decode needs exactly one new token per sequence")
-            meta.device_cache["cpu.is_decode"] = True
-        code = _CODES.get(query.dtype)
-        if (
-            self._nk is not None
-            and code is not None
-            and not logits_soft_cap
-            and query.dtype == key_cache.dtype == value_cache.dtype
-            and query.stride(-1) == 1
-            and key_cache.is_contiguous()
-            and value_cache.is_contiguous()
-        ):
+        meta.require_decode()
+        code = self._attention_code(query, key_cache, value_cache, logits_soft_cap)
+        if code is not None:
             y = self._out(out, (meta.num_seqs, query.shape[1]), query.dtype)
             if y is not None:
                 self._attention(query, key_cache, value_cache, meta, None, meta.seq_lens, scale,
@@ -469,6 +450,28 @@ class CpuBackend(TorchBackend):
             )
         return self._torch_attention_decode(query, key_cache, value_cache, meta, scale,
                                             sliding_window, out)  # fmt: skip
+
+    def _attention_code(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        logits_soft_cap: float | None,
+    ) -> int | None:
+        """The dtype code for the C attention kernel, or None when it cannot take these
+        inputs (no kernels, soft cap, mixed dtypes, non-contiguous caches)."""
+        code = _CODES.get(query.dtype)
+        if (
+            self._nk is None
+            or code is None
+            or logits_soft_cap
+            or not query.dtype == key_cache.dtype == value_cache.dtype
+            or query.stride(-1) != 1
+            or not key_cache.is_contiguous()
+            or not value_cache.is_contiguous()
+        ):
+            return None
+        return code
 
     def _attention(
         self,

@@ -255,8 +255,7 @@ class TritonBackend(TorchBackend):
         logits_soft_cap: float | None = None,
         out: Tensor | None = None,
     ) -> Tensor:
-        if not meta.is_decode:
-            raise ValueError("paged_attention_decode needs exactly one new token per sequence")
+        meta.require_decode()
         if not self._attention_ok(query, key_cache):
             return super().paged_attention_decode(
                 query, key_cache, value_cache, meta, scale, sliding_window, logits_soft_cap, out

@@ -513,8 +513,7 @@ class OpenCLBackend(Backend):
         logits_soft_cap: float | None = None,
         out: Tensor | None = None,
     ) -> Tensor:
-        if not meta.is_decode:
-            raise ValueError("paged_attention_decode needs exactly one new token per sequence")
+        meta.require_decode()
         return self.paged_attention_prefill(
             query, key_cache, value_cache, meta, scale, sliding_window, logits_soft_cap, out
         )

@@ -592,16 +592,20 @@ static void gemm_tile(const float* a /* K x 6 */, const float* b /* K x 16 */, i
 }
 #endif
 
-/* Token panels: xp[p] = tokens 6p .. 6p+5 of x (T x K) as K x 6, zero-padded past T. */
-static void pack_tokens(const float* x, int64_t T, int64_t K, float* xp) {
-    for (int64_t p = 0; p * GEMM_MR < T; p++) {
-        float* dst = xp + p * K * GEMM_MR;
-        for (int64_t i = 0; i < GEMM_MR; i++) {
-            int64_t t = p * GEMM_MR + i;
-            const float* src = x + t * K;
-            for (int64_t k = 0; k < K; k++) dst[k * GEMM_MR + i] = t < T ? src[k] : 0.0f;
+/* Token panels of width W: xp[p] = tokens W*p .. W*p+W-1 of x (T x K) as K x W, zero-padded
+ * past T; returns the panels' buffer (malloc'ed, the caller frees it). GEMM_MR wide for the
+ * prefill GEMM, PANEL_TOKENS wide for the weight-broadcast kernel. */
+static float* pack_tokens(const float* x, int64_t T, int64_t K, int64_t W) {
+    int64_t panels = (T + W - 1) / W;
+    float* xp = (float*)malloc((size_t)(panels * W * K) * sizeof(float));
+    for (int64_t p = 0; p < panels; p++) {
+        float* dst = xp + p * K * W;
+        for (int64_t i = 0; i < W; i++) {
+            int64_t t = p * W + i;
+            for (int64_t k = 0; k < K; k++) dst[k * W + i] = t < T ? x[t * K + k] : 0.0f;
         }
     }
+    return xp;
 }
 
 /* Weight rows n .. n+15 (zero past N) as K x 16 fp32. */
@@ -622,17 +626,6 @@ static void pack_rows(const void* w, int dt, int64_t K, int64_t n, int64_t N, fl
  * transposed weight panel to build (which costs as much as the FMAs at 16 tokens). */
 #define PANEL_ROWS 6
 #define PANEL_TOKENS 16
-
-/* xp[p] = tokens 16p .. 16p+15 of x (T x K) as K x 16, zero-padded past T. */
-static void pack_token_panels(const float* x, int64_t T, int64_t K, float* xp) {
-    for (int64_t p = 0; p * PANEL_TOKENS < T; p++) {
-        float* dst = xp + p * K * PANEL_TOKENS;
-        for (int64_t i = 0; i < PANEL_TOKENS; i++) {
-            int64_t t = p * PANEL_TOKENS + i;
-            for (int64_t k = 0; k < K; k++) dst[k * PANEL_TOKENS + i] = t < T ? x[t * K + k] : 0.0f;
-        }
-    }
-}
 
 #if LLM_AVX2
 static void panel_tile(const float* w /* 6 rows, K apart */, const float* a /* K x 16 */,
@@ -759,15 +752,10 @@ void llm_linear(const void* x, int64_t ldx, int64_t T, int64_t K, const void* w,
     float* xp = NULL;
     int64_t unit = LIN_ROWS;
 #if LLM_AVX2
-    if (T > LIN_STREAM_TOKENS && T <= LIN_PANEL_TOKENS) {
-        int64_t padded = (T + PANEL_TOKENS - 1) / PANEL_TOKENS * PANEL_TOKENS;
-        xp = (float*)malloc((size_t)(padded * K) * sizeof(float));
-        pack_token_panels(xf, T, K, xp);
-        unit = PANEL_ROWS;
-    } else if (T > LIN_PANEL_TOKENS) {
-        xp = (float*)malloc((size_t)((T + GEMM_MR - 1) / GEMM_MR * GEMM_MR * K) * sizeof(float));
-        pack_tokens(xf, T, K, xp);
-        unit = GEMM_NR;
+    if (T > LIN_STREAM_TOKENS) {
+        int panel = T <= LIN_PANEL_TOKENS;
+        xp = pack_tokens(xf, T, K, panel ? PANEL_TOKENS : GEMM_MR);
+        unit = panel ? PANEL_ROWS : GEMM_NR;
     }
 #endif
     /* About eight chunks per thread: a helper that starts late still takes a share. */
