@@ -165,33 +165,6 @@ static float dot_f32(const float* a, const float* b, int64_t n) {
     return s;
 }
 
-/* out[h * stride] = q[h] . row for the nq (<= 4) query vectors q[h] = q + h * n: the row is
- * loaded once per step for all of them, and their independent accumulators hide the FMA
- * latency that a single dot of a 64-wide head serializes on. */
-static void dot_heads(const float* q, int64_t nq, const float* row, int64_t n, float* out,
-                      int64_t stride) {
-#if LLM_AVX2
-    if (nq >= 2 && n % 8 == 0) { /* 2 or 3 heads: the last one fills the spare lanes */
-        const float *q1 = q + n, *q2 = q + (nq > 2 ? 2 : 1) * n, *q3 = q + (nq - 1) * n;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t i = 0; i < n; i += 8) {
-            __m256 r = _mm256_loadu_ps(row + i);
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), r, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + i), r, a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + i), r, a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + i), r, a3);
-        }
-        __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-        float v[4];
-        _mm_storeu_ps(v, s4);
-        for (int64_t h = 0; h < nq; h++) out[h * stride] = v[h];
-        return;
-    }
-#endif
-    for (int64_t h = 0; h < nq; h++) out[h * stride] = dot_f32(q + h * n, row, n);
-}
-
 /* y[i] += a * x[i] */
 static void axpy_f32(float a, const float* x, float* y, int64_t n) {
     int64_t i = 0;
@@ -1010,7 +983,7 @@ static void attn_chunk(void* p, int64_t item) {
     }
     int64_t span = hi - lo, QH = nr * G; /* query heads in the tile: (row, head) pairs */
     const int32_t* table = j->tables + (j->row_seq ? j->row_seq[r0] : r0) * j->ldt;
-    float* buf = scratch(QH * span + 2 * QH * D + D + QH + span + 3 * D + 7 * D);
+    float* buf = scratch(QH * span + 2 * QH * D + D + QH + span + 7 * D);
     float *sc = buf, *qf = sc + QH * span, *acc = qf + QH * D, *row = acc + QH * D;
     float* sum = row + D;
     for (int64_t r = 0; r < nr; r++)
@@ -1025,8 +998,6 @@ static void attn_chunk(void* p, int64_t item) {
          * time; every head of the tile is scored at every position of the tile's range, and
          * each row's softmax reads only the positions it sees */
         float* kb = sum + QH + span + 3 * D;
-        float* dummy = kb + 4 * D; /* three heads of zeros pad the last group */
-        memset(dummy, 0, (size_t)(3 * D) * sizeof(float));
         for (int64_t pos = lo; pos < hi;) {
             int64_t blk = table[pos / bs], off = pos % bs;
             int64_t end = pos - off + bs < hi ? pos - off + bs : hi;
@@ -1037,12 +1008,12 @@ static void attn_chunk(void* p, int64_t item) {
                     to_f32(kp + (i < m ? i : 0) * Hkv * D * es, j->dt, kb + i * D, D);
                 for (int64_t qh = 0; qh < QH; qh += 3) {
                     float o[3][4];
-                    dots_3x4(qh + 3 <= QH ? qf + qh * D : dummy, kb, D, o);
-                    if (qh + 3 > QH) { /* fewer than three heads left: score them one by one */
+                    if (qh + 3 <= QH)
+                        dots_3x4(qf + qh * D, kb, D, o);
+                    else /* fewer than three heads left: one by one */
                         for (int64_t h = qh; h < QH; h++)
                             for (int64_t i = 0; i < m; i++)
                                 o[h - qh][i] = dot_f32(qf + h * D, kb + i * D, D);
-                    }
                     for (int64_t h = 0; h < 3 && qh + h < QH; h++)
                         for (int64_t i = 0; i < m; i++) sc[(qh + h) * span + pos - lo + i] = o[h][i];
                 }
@@ -1058,15 +1029,10 @@ static void attn_chunk(void* p, int64_t item) {
         const char* kp = (const char*)j->kc + ((blk * bs + off) * Hkv + g) * D * es;
         for (; pos < end; pos++, kp += Hkv * D * es) {
             to_f32(kp, j->dt, row, D);
-            /* the tile's query heads that see this position: rows [rb, re) (the rows of a
-             * tile are consecutive positions of one sequence: lengths rise, windows slide) */
-            int64_t rb = 0, re = nr;
-            while (rb < nr && !(pos >= first[rb] && pos < lens[rb])) rb++;
-            while (re > rb && !(pos >= first[re - 1] && pos < lens[re - 1])) re--;
-            for (int64_t qh = rb * G; qh < re * G; qh += 4) {
-                int64_t m = re * G - qh < 4 ? re * G - qh : 4;
-                dot_heads(qf + qh * D, m, row, D, sc + qh * span + pos - lo, span);
-            }
+            for (int64_t r = 0; r < nr; r++)
+                if (pos >= first[r] && pos < lens[r])
+                    for (int64_t h = 0; h < G; h++)
+                        sc[(r * G + h) * span + pos - lo] = dot_f32(qf + (r * G + h) * D, row, D);
         }
     }
     for (int64_t r = 0; r < nr; r++)
