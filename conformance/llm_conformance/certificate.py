@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from llm_hal import HAL_API_VERSION
 
+from llm_conformance.cases import FP32_ONLY
 from llm_conformance.environment import describe_backend, fingerprint
 from llm_conformance.opsuite import checked_ops
 from llm_conformance.tolerances import (
@@ -298,7 +299,6 @@ def _verify_consistency(document: dict[str, Any]) -> list[str]:
             ran.add(backend["name"])
         for op in backend.get("ops", []):
             ops[(backend["name"], op["op"], op["dtype"])] = op["status"]
-    fp32_only = {"apply_penalties", "apply_token_bans", "sample", "compute_logprobs"}
     for cell in document.get("cells", []):
         if cell.get("status") != "CERTIFIED":
             continue
@@ -308,7 +308,7 @@ def _verify_consistency(document: dict[str, Any]) -> list[str]:
         if not cell.get("traced_ops"):
             raise CertificateError(f"{where} is CERTIFIED without a traced operator set")
         for op in cell["traced_ops"]:
-            dtype = "float32" if op in fp32_only else cell["dtype"]
+            dtype = "float32" if op in FP32_ONLY else cell["dtype"]
             status = ops.get((cell["backend"], op, dtype))
             if status != "passed":
                 raise CertificateError(
@@ -320,7 +320,6 @@ def _verify_consistency(document: dict[str, Any]) -> list[str]:
 def _verify_mandatory(document: dict[str, Any]) -> list[str]:
     mandatory = document.get("mandatory") or {}
     archs, required_ops = mandatory.get("architectures", []), mandatory.get("ops", [])
-    fp32_only = {"apply_penalties", "apply_token_bans", "sample", "compute_logprobs"}
     missing = []
     for backend in document.get("backends", []):
         if backend.get("status") != "ran":
@@ -340,7 +339,7 @@ def _verify_mandatory(document: dict[str, Any]) -> list[str]:
         have = {(o["op"], o["dtype"]) for o in backend.get("ops", [])}
         for op in required_ops:
             for d in dtypes:
-                if (op, "float32" if op in fp32_only else d) not in have:
+                if (op, "float32" if op in FP32_ONLY else d) not in have:
                     missing.append(f"{name}: operator {op} in {d}")
         if document.get("request", {}).get("quick"):
             missing.append(f"{name}: quick mode ran only part of the operator cases")

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from llm_core.models.rope import cos_sin_cache
 from llm_hal import AttentionMetadata
 
 from llm_conformance.cases import Params, op_check
@@ -55,13 +56,6 @@ ROTARY += [
 ]
 
 
-def cos_sin_cache(max_position: int, rotary_dim: int, base: float = 10000.0) -> torch.Tensor:
-    """(max_position, rotary_dim) fp32: cos in the first half of the columns, sin in the rest."""
-    inv_freq = 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=F64) / rotary_dim)
-    angles = torch.outer(torch.arange(max_position, dtype=F64), inv_freq)
-    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
-
-
 @op_check("rotary_embedding", "rotary", ROTARY, shape_of=lambda p: {"head_size": p["head_size"]})
 def _rotary(h: Harness, p: Params) -> None:
     t, hq, hkv, d, rot = p["tokens"], p["hq"], p["hkv"], p["head_size"], p["rotary_dim"]
@@ -69,7 +63,7 @@ def _rotary(h: Harness, p: Params) -> None:
     buf = h.randn((t, sum(widths)))[0]
     h.inject(torch.split(buf, widths, dim=-1)[1], kind=p.get("inject"))
     buf64 = buf.to(F64)
-    cache = cos_sin_cache(MAX_POSITION, rot)
+    cache = torch.from_numpy(cos_sin_cache(rot, MAX_POSITION, theta=10000.0))
     positions = h.randint(0, MAX_POSITION, (t,))
     if t > 2:  # the first and the last position of the table
         positions[0], positions[-1] = 0, MAX_POSITION - 1
@@ -122,12 +116,11 @@ RESHAPE_AND_CACHE: list[Params] = [
 ]
 
 
-@op_check(
-    "reshape_and_cache",
-    "exact",
-    RESHAPE_AND_CACHE,
-    shape_of=lambda p: {"head_size": p["head_size"], "block_size": p["block_size"]},
-)
+def _attention_shape(p: Params) -> dict[str, Any]:
+    return {"head_size": p["head_size"], "block_size": p["block_size"]}
+
+
+@op_check("reshape_and_cache", "exact", RESHAPE_AND_CACHE, shape_of=_attention_shape)
 def _reshape_and_cache(h: Harness, p: Params) -> None:
     t, hkv, d, bs, nb = p["tokens"], p["hkv"], p["head_size"], p["block_size"], p["blocks"]
     be = h.backend
@@ -231,10 +224,6 @@ def _attention_cases(
         cases += [case(i, s, variant) for i, s in enumerate(shapes) if i % 3 == 1]
     cases.append({**cases[3], "inject": "nan"})
     return cases
-
-
-def _attention_shape(p: Params) -> dict[str, Any]:
-    return {"head_size": p["head_size"], "block_size": p["block_size"]}
 
 
 def _fill_cache(

@@ -67,20 +67,17 @@ def _apply_penalties(h: Harness, p: Params) -> None:
     )
     pick = choices[torch.arange(rows) % len(choices)]
 
-    def meta() -> PenaltyMetadata:
-        return PenaltyMetadata(
-            prompt_ids=_prompt,
-            output_ids=_output,
-            presence=pick[:, 0].numpy(),
-            frequency=pick[:, 1].numpy(),
-            repetition=pick[:, 2].numpy(),
-        )
-
-    _prompt = _padded_ids(h, rows, p["prompt"], vocab)
-    _output = _padded_ids(h, rows, p["output"], vocab)
-    want = h.oracle.apply_penalties(logits.to(F64), meta())
+    meta = PenaltyMetadata(
+        prompt_ids=_padded_ids(h, rows, p["prompt"], vocab),
+        output_ids=_padded_ids(h, rows, p["output"], vocab),
+        presence=pick[:, 0].numpy(),
+        frequency=pick[:, 1].numpy(),
+        repetition=pick[:, 2].numpy(),
+    )
+    # The oracle only reads the metadata: the backend gets the same, untouched.
+    want = h.oracle.apply_penalties(logits.to(F64), meta)
     dev = h.up(logits)
-    result = h.backend.apply_penalties(dev, meta())
+    result = h.backend.apply_penalties(dev, meta)
     h.close("result", result, want, dtype=FP32)
     h.close("in place", dev, want, dtype=FP32)
 

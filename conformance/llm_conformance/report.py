@@ -94,7 +94,6 @@ def _failures(cert: dict[str, Any]) -> list[dict[str, Any]]:
                             f"case {case['case']}",
                             "detail": "; ".join(case.get("failures", [])) or case.get("error", ""),
                             "params": case["params"],
-                            "error": case.get("error", ""),
                             "replay": case["replay"],
                         }
                     )
@@ -106,7 +105,6 @@ def _failures(cert: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{cell['status']}",
                     "detail": "; ".join(cell["reasons"]),
                     "params": "",
-                    "error": "",
                     "replay": cell["replay"],
                 }
             )
@@ -132,6 +130,41 @@ def _backend_rows(cert: dict[str, Any]) -> list[list[str]]:
             ]
         )
     return rows
+
+
+_WAIVER_HEAD = ["name", "backend", "op class", "op", "dtype", "tolerance", "reason"]
+
+
+def _waiver_rows(cert: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            w["name"],
+            w["backend"],
+            w["op_class"],
+            w["op"] or "all",
+            w["dtype"] or "all",
+            w["tolerance"],
+            w["reason"],
+        ]
+        for w in cert["waivers"]
+    ]
+
+
+_TOLERANCE_HEAD = ["class", "fp32", "fp16", "bf16"]
+
+
+def _tolerance_rows(cert: dict[str, Any]) -> list[list[str]]:
+    return [[k, v["float32"], v["float16"], v["bfloat16"]] for k, v in cert["tolerances"].items()]
+
+
+def _column_head(first: str, cols: list[tuple[str, str]]) -> list[str]:
+    """A table head: ``first``, then one "backend dtype" column per (backend, dtype)."""
+    return [first] + [f"{b} {_SHORT.get(d, d)}" for b, d in cols]
+
+
+def _op_index(cert: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Every operator result, by (backend, op, dtype)."""
+    return {(b["name"], o["op"], o["dtype"]): o for b in cert["backends"] for o in b.get("ops", [])}
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -203,7 +236,7 @@ def markdown(cert: dict[str, Any]) -> str:
     lines = ["# llm-core conformance: model × backend support matrix", ""]
     lines += [*_header(cert), "", f"**{_summary_line(cert)}**", ""]
     lines += ["## Matrix", ""]
-    head = ["model"] + [f"{b} {_SHORT.get(d, d)}" for b, d in cols]
+    head = _column_head("model", cols)
     rows = []
     for model in _rows(cert):
         row = [model]
@@ -222,21 +255,7 @@ def markdown(cert: dict[str, Any]) -> str:
     lines += _md_table(_BACKEND_HEAD, _backend_rows(cert))
     lines += ["", "## Waivers", ""]
     if cert["waivers"]:
-        lines += _md_table(
-            ["name", "backend", "op class", "op", "dtype", "tolerance", "reason"],
-            [
-                [
-                    w["name"],
-                    w["backend"],
-                    w["op_class"],
-                    w["op"] or "all",
-                    w["dtype"] or "all",
-                    w["tolerance"],
-                    w["reason"],
-                ]
-                for w in cert["waivers"]
-            ],
-        )
+        lines += _md_table(_WAIVER_HEAD, _waiver_rows(cert))
     else:
         lines.append("None: every result below is held to the global tolerance table.")
     lines += [
@@ -252,9 +271,7 @@ def markdown(cert: dict[str, Any]) -> str:
     lines += _md_table(_MODEL_HEAD, _model_rows(cert))
     lines += ["", "## Operators", ""]
     op_cols = _op_columns(cert)
-    op_index = {
-        (b["name"], o["op"], o["dtype"]): o for b in cert["backends"] for o in b.get("ops", [])
-    }
+    op_index = _op_index(cert)
     rows = []
     for op in cert["mandatory"]["ops"]:
         row = [op]
@@ -270,7 +287,7 @@ def markdown(cert: dict[str, Any]) -> str:
                 else f"{_MARK[o['status']]} {o['status']}"
             )
         rows.append(row)
-    lines += _md_table(["operator"] + [f"{b} {_SHORT.get(d, d)}" for b, d in op_cols], rows)
+    lines += _md_table(_column_head("operator", op_cols), rows)
     lines += ["", "Cells give cases passed / run. Logits operators run in float32 only.", ""]
     failures = _failures(cert)
     lines += ["## Failures", ""]
@@ -283,10 +300,7 @@ def markdown(cert: dict[str, Any]) -> str:
             lines.append("")
         lines += [f["detail"], "", "```", f["replay"], "```", ""]
     lines += ["## Tolerances (suite " + cert["suite_version"] + ")", ""]
-    lines += _md_table(
-        ["class", "fp32", "fp16", "bf16"],
-        [[k, v["float32"], v["float16"], v["bfloat16"]] for k, v in cert["tolerances"].items()],
-    )
+    lines += _md_table(_TOLERANCE_HEAD, _tolerance_rows(cert))
     lines += [
         "",
         f"Sampling: total variation ≤ {cert['sampling']['tv_max']} over "
@@ -354,37 +368,18 @@ def to_html(cert: dict[str, Any]) -> str:
             else:
                 row.append(_status_td(cell["status"], title="; ".join(cell["reasons"])))
         rows.append(row)
-    head = ["model"] + [f"{b} {_SHORT.get(d, d)}" for b, d in cols]
-    parts.append(_html_table(head, rows, raw=True))
+    parts.append(_html_table(_column_head("model", cols), rows, raw=True))
     parts.append("<h2>Backends</h2>")
     parts.append(_html_table(_BACKEND_HEAD, _backend_rows(cert)))
     parts.append("<h2>Waivers</h2>")
     if cert["waivers"]:
-        parts.append(
-            _html_table(
-                ["name", "backend", "op class", "op", "dtype", "tolerance", "reason"],
-                [
-                    [
-                        w["name"],
-                        w["backend"],
-                        w["op_class"],
-                        w["op"] or "all",
-                        w["dtype"] or "all",
-                        w["tolerance"],
-                        w["reason"],
-                    ]
-                    for w in cert["waivers"]
-                ],
-            )
-        )
+        parts.append(_html_table(_WAIVER_HEAD, _waiver_rows(cert)))
     else:
         parts.append("<p>None: every result is held to the global tolerance table.</p>")
     parts.append("<h2>Model level</h2>")
     parts.append(_html_table(_MODEL_HEAD, _model_rows(cert)))
     parts.append("<h2>Operators</h2>")
-    op_index = {
-        (b["name"], o["op"], o["dtype"]): o for b in cert["backends"] for o in b.get("ops", [])
-    }
+    op_index = _op_index(cert)
     op_cols = _op_columns(cert)
     rows = []
     for op in cert["mandatory"]["ops"]:
@@ -399,9 +394,7 @@ def to_html(cert: dict[str, Any]) -> str:
                     _status_td(o["status"], f"{o['passed']}/{total}" if total else o["status"])
                 )
         rows.append(row)
-    parts.append(
-        _html_table(["operator"] + [f"{b} {_SHORT.get(d, d)}" for b, d in op_cols], rows, raw=True)
-    )
+    parts.append(_html_table(_column_head("operator", op_cols), rows, raw=True))
     parts.append("<h2>Failures</h2>")
     failures = _failures(cert)
     if not failures:
@@ -412,12 +405,7 @@ def to_html(cert: dict[str, Any]) -> str:
             parts.append(f"<p>Case: <code>{_h(f['params'])}</code></p>")
         parts.append(f"<p>{_h(f['detail'])}</p><pre>{_h(f['replay'])}</pre>")
     parts.append(f"<h2>Tolerances (suite {_h(cert['suite_version'])})</h2>")
-    parts.append(
-        _html_table(
-            ["class", "fp32", "fp16", "bf16"],
-            [[k, v["float32"], v["float16"], v["bfloat16"]] for k, v in cert["tolerances"].items()],
-        )
-    )
+    parts.append(_html_table(_TOLERANCE_HEAD, _tolerance_rows(cert)))
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -372,9 +372,8 @@ class Conformance:
             cell.traced_ops = recorder.traced_ops
             cell.reasons = [f"raised {type(exc).__name__}: {exc}"]
             return
-        cell.reasons += self._op_verdicts(backend, cell.traced_ops, dtype)
-        if recorder.fallback_counts:
-            cell.reasons.append(f"operators ran through fallback: {recorder.fallback_counts}")
+        verdicts, unsupported = self._op_verdicts(backend, cell.traced_ops, dtype)
+        cell.reasons += verdicts
         if model.kind == "tiny" and self.run_audits:
             cell.audits = self._audits(backend, model, dtype)
         elif self.run_audits:
@@ -384,8 +383,7 @@ class Conformance:
             for name, audit in cell.audits.items()
             if not audit.get("passed", True)
         ]
-        unsupported = [r for r in cell.reasons if r.startswith("operator") and "unsupported" in r]
-        if unsupported and len(unsupported) == len(cell.reasons):
+        if unsupported and unsupported == len(cell.reasons):
             cell.status = CELL_UNSUPPORTED
         else:
             cell.status = CELL_FAILED if cell.reasons else CERTIFIED
@@ -461,8 +459,13 @@ class Conformance:
             self._logit_refs[key] = reference_logits(model, dtype)
         return self._logit_refs[key]
 
-    def _op_verdicts(self, backend: BackendUnderTest, traced: list[str], dtype: DType) -> list[str]:
+    def _op_verdicts(
+        self, backend: BackendUnderTest, traced: list[str], dtype: DType
+    ) -> tuple[list[str], int]:
+        """The reasons the traced operators give against the cell, and how many of them are
+        operators the backend does not support."""
         reasons = []
+        unsupported = 0
         for op in traced:
             result = self.op_result(backend, op, dtype_key(op, dtype))
             if result.status == FAILED:
@@ -472,7 +475,8 @@ class Conformance:
                 )
             elif result.status == UNSUPPORTED:
                 reasons.append(f"operator {op} unsupported in {result.dtype.value}")
-        return reasons
+                unsupported += 1
+        return reasons, unsupported
 
     def _audits(
         self, backend: BackendUnderTest, model: ModelUnderTest, dtype: DType
@@ -490,15 +494,21 @@ class Conformance:
     ) -> dict[str, Any]:
         """Engine behaviour does not depend on the weights: a real checkpoint's cell carries
         the audits of the tiny checkpoint of its architecture (run here if not yet)."""
-        try:
-            tiny = tiny_model_under_test(
-                model.architecture, self.workdir / f"audit-{model.architecture}", self.seed
-            )
-        except ValueError as exc:
-            return {"audits": {"passed": False, "detail": f"no tiny checkpoint: {exc}"}}
-        audits = self._audits(backend, tiny, dtype)
+        audits = self._audit_cache.get((model.architecture, backend.name, dtype))
+        if audits is None:
+            try:
+                tiny = tiny_model_under_test(
+                    model.architecture, self.workdir / f"audit-{model.architecture}", self.seed
+                )
+            except ValueError as exc:
+                return {"audits": {"passed": False, "detail": f"no tiny checkpoint: {exc}"}}
+            audits = self._audits(backend, tiny, dtype)
+        # A tiny checkpoint is named after its architecture.
         return {
-            name: {**result, "detail": (result["detail"] or "") + f" (on tiny {tiny.name})"}
+            name: {
+                **result,
+                "detail": (result["detail"] or "") + f" (on tiny {model.architecture})",
+            }
             for name, result in audits.items()
         }
 

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from llm_hal import Backend, FallbackBackend
+from llm_hal import Backend
 
 from llm_conformance.opsuite import checked_ops
 
@@ -45,12 +45,6 @@ class RecordingBackend(Backend):
     def traced_ops(self) -> list[str]:
         """The operators called so far: memory methods first, then HAL ops, in contract order."""
         return [op for op in checked_ops() if self.calls[op]]
-
-    @property
-    def fallback_counts(self) -> dict[str, int]:
-        """Operators that ran on another backend, when the inner backend is a fallback."""
-        inner = self.inner
-        return dict(inner.counts) if isinstance(inner, FallbackBackend) else {}
 
 
 def _counted(method: Callable[..., Any], name: str, calls: Counter[str]) -> Callable[..., Any]:

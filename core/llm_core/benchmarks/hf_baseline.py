@@ -15,12 +15,10 @@ import time
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from llm_core.benchmarks.errors import BaselineUnavailableError
-from llm_core.benchmarks.memory import MemoryMonitor
-from llm_core.benchmarks.results import RunResult
 from llm_core.benchmarks.timeline import RequestTimeline
+from llm_core.benchmarks.waves import WaveBaseline
 
 
 class _StepClock:
@@ -40,7 +38,7 @@ class _StepClock:
         return None
 
 
-class HFBaseline:
+class HFBaseline(WaveBaseline):
     name = "transformers"
 
     def __init__(self, checkpoint: str | pathlib.Path, dtype: torch.dtype):
@@ -87,28 +85,6 @@ class HFBaseline:
             )
         model.tie_weights()
         return model
-
-    def run(
-        self,
-        prompts: list[list[int]],
-        output_len: int,
-        concurrency: int | None = None,
-        progress: bool = False,
-        desc: str = "transformers",
-    ) -> RunResult:
-        wave = concurrency or len(prompts)
-        timelines: list[RequestTimeline] = []
-        bar = tqdm(total=len(prompts), desc=desc, unit="req", disable=not progress, leave=False)
-        with MemoryMonitor() as mem:
-            start = time.perf_counter()
-            for first in range(0, len(prompts), wave):
-                group = prompts[first : first + wave]
-                # A wave's requests are sent when the previous wave has finished.
-                timelines += self._run_wave(group, output_len, time.perf_counter())
-                bar.update(len(group))
-            duration = time.perf_counter() - start
-        bar.close()
-        return RunResult(timelines, duration, mem.peak_rss, 0)
 
     def _run_wave(
         self, prompts: list[list[int]], output_len: int, arrival: float

@@ -16,15 +16,13 @@ import time
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from llm_core.benchmarks.errors import BaselineUnavailableError
-from llm_core.benchmarks.memory import MemoryMonitor
-from llm_core.benchmarks.results import RunResult
 from llm_core.benchmarks.timeline import RequestTimeline
+from llm_core.benchmarks.waves import WaveBaseline
 
 
-class LlamaCppBaseline:
+class LlamaCppBaseline(WaveBaseline):
     name = "llama.cpp"
 
     def __init__(self, gguf_path: str | pathlib.Path, threads: int, max_seqs: int, n_ctx: int):
@@ -68,28 +66,6 @@ class LlamaCppBaseline:
         lc.llama_batch_free(self.batch)
         lc.llama_free(self.ctx)
         lc.llama_model_free(self.model)
-
-    def run(
-        self,
-        prompts: list[list[int]],
-        output_len: int,
-        concurrency: int | None = None,
-        progress: bool = False,
-        desc: str = "llama.cpp",
-    ) -> RunResult:
-        wave = min(concurrency or len(prompts), self.max_seqs)
-        timelines: list[RequestTimeline] = []
-        bar = tqdm(total=len(prompts), desc=desc, unit="req", disable=not progress, leave=False)
-        with MemoryMonitor() as mem:
-            start = time.perf_counter()
-            for first in range(0, len(prompts), wave):
-                group = prompts[first : first + wave]
-                # A wave's requests are sent when the previous wave has finished.
-                timelines += self._run_wave(group, output_len, time.perf_counter())
-                bar.update(len(group))
-            duration = time.perf_counter() - start
-        bar.close()
-        return RunResult(timelines, duration, mem.peak_rss, 0)
 
     def _run_wave(
         self, prompts: list[list[int]], output_len: int, arrival: float

@@ -69,6 +69,10 @@ class BenchConfig:
             return level or 1
         return self.num_prompts
 
+    def max_in_flight(self) -> int:
+        """The most requests any level has in flight at once."""
+        return max(level or self.requests_at(level) for level in self.levels)
+
 
 class BenchRunner:
     """Runs a :class:`BenchConfig` against ``driver`` (an EngineDriver or HttpDriver).
@@ -211,7 +215,7 @@ class BenchRunner:
             )
         import torch
 
-        max_seqs = max(level or self.config.requests_at(level) for level in self.config.levels)
+        max_seqs = self.config.max_in_flight()
         n_ctx = self.config.input_len + self.config.output_len + 8
         return LlamaCppBaseline(gguf, torch.get_num_threads(), max_seqs, n_ctx)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
+from dataclasses import replace
 from typing import Any
 
 from llm_core.commands.generate import add_engine_arguments, engine_args_from
@@ -201,18 +201,15 @@ def _load_engine(args: argparse.Namespace, config: Any) -> Any:
     """The engine, sized for the run when the user left the limits open: as many sequences as
     the largest level and a context of prompt + output, so the KV cache is no bigger than the
     run needs."""
-    from llm_core.entrypoints.llm import LLM
+    from llm_core.engine.llm_engine import LLMEngine
 
     if not hasattr(args, "max_num_seqs"):  # serve: the model is loaded for the baselines only
         args = argparse.Namespace(**vars(args), **_engine_defaults())
-    largest = max(level or config.requests_at(level) for level in config.levels)
     if args.max_num_seqs is None:
-        args.max_num_seqs = max(1, largest)
+        args.max_num_seqs = max(1, config.max_in_flight())
     if args.max_model_len is None:
         args.max_model_len = config.input_len + config.output_len + 16
-    engine_args = asdict(engine_args_from(args))
-    engine_args["load_progress"] = config.progress
-    return LLM(**engine_args).llm_engine
+    return LLMEngine(replace(engine_args_from(args), load_progress=config.progress))
 
 
 def _engine_defaults() -> dict[str, Any]:

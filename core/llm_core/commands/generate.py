@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from typing import Any
 
 from llm_core.config import EngineArgs
@@ -127,7 +128,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from llm_core.entrypoints.llm import LLM
 
     prompt = " ".join(args.prompt) if args.prompt else sys.stdin.read()
-    llm = LLM(**_as_kwargs(engine_args_from(args)))
+    llm = LLM(**asdict(engine_args_from(args)))
     params = _sampling_from(args)
     if args.chat_template:
         outputs = llm.chat([{"role": "user", "content": prompt}], params, use_tqdm=False)
@@ -142,7 +143,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from llm_core.engine.llm_engine import LLMEngine
     from llm_core.entrypoints.llm import LLM
 
-    llm = LLM(**_as_kwargs(engine_args_from(args)))
+    llm = LLM(**asdict(engine_args_from(args)))
     engine: LLMEngine = llm.llm_engine
     params = _sampling_from(args)
     history: list[dict[str, str]] = []
@@ -168,11 +169,3 @@ def run_chat(args: argparse.Namespace) -> int:
                 shown = text
         print()
         history.append({"role": "assistant", "content": shown})
-
-
-def _as_kwargs(engine_args: EngineArgs) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    kwargs = asdict(engine_args)
-    kwargs.pop("model")
-    return {"model": engine_args.model, **kwargs}

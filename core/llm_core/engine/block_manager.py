@@ -129,14 +129,21 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Whether :meth:`allocate` with the same arguments would succeed right now."""
+        return self._plan(seq, num_new_tokens) is not None
+
+    def _plan(self, seq: Sequence, num_new_tokens: int) -> tuple[list[int], int] | None:
+        """The prefix-cache hits :meth:`allocate` would take and the tokens they cover (none
+        for a sequence that holds blocks), or None when the blocks are not there."""
         if seq.block_table:
             total = seq.num_computed_tokens + num_new_tokens
-            return self.blocks_needed(total) - len(seq.block_table) <= self.num_available_blocks
+            fits = self.blocks_needed(total) - len(seq.block_table) <= self.num_available_blocks
+            return ([], 0) if fits else None
         hits, num_hit_tokens = self.get_computed_blocks(seq)
         # Taking a hit on an evictable block removes it from the pool of takeable blocks.
         hits_evictable = sum(1 for b in hits if self._ref_counts[b] == 0)
         needed = self.blocks_needed(num_hit_tokens + num_new_tokens) - len(hits)
-        return needed <= self.num_available_blocks - hits_evictable
+        fits = needed <= self.num_available_blocks - hits_evictable
+        return (hits, num_hit_tokens) if fits else None
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow ``seq.block_table`` so tokens ``[0, num_computed_tokens + num_new_tokens)`` have
@@ -147,7 +154,8 @@ class BlockManager:
         ``num_new_tokens`` counts the tokens to compute after those. Raises RuntimeError when
         the blocks are not there (check :meth:`can_allocate` first).
         """
-        if not self.can_allocate(seq, num_new_tokens):
+        plan = self._plan(seq, num_new_tokens)
+        if plan is None:
             raise RuntimeError(
                 f"out of KV blocks: {seq!r} needs room for {num_new_tokens} more tokens, "
                 f"{self.num_available_blocks} blocks available; call can_allocate() first"
@@ -155,7 +163,7 @@ class BlockManager:
         if not seq.block_table:
             if seq.num_computed_tokens != 0:
                 raise RuntimeError(f"{seq!r} holds no blocks but claims computed tokens")
-            hits, num_hit_tokens = self.get_computed_blocks(seq)
+            hits, num_hit_tokens = plan
             for block_id in hits:
                 if self._ref_counts[block_id] == 0:
                     del self._evictable[block_id]

@@ -31,7 +31,6 @@ class IncrementalDetokenizer:
         # leading space right (sentencepiece-style tokenizers drop it at the start of a text).
         self.prefix_offset = max(len(self.token_ids) - 6, 0)
         self.read_offset = len(self.token_ids)
-        self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
         return str(
@@ -43,26 +42,25 @@ class IncrementalDetokenizer:
             )
         )
 
+    def _window(self) -> tuple[str, str]:
+        """The window's text without and with the tokens not yet emitted."""
+        window = self.token_ids[self.prefix_offset :]
+        return self._decode(window[: self.read_offset - self.prefix_offset]), self._decode(window)
+
     def add(self, token_ids: list[int]) -> str:
         """Append new token ids; returns the text they complete (possibly empty)."""
         self.token_ids.extend(token_ids)
-        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full_text = self._decode(self.token_ids[self.prefix_offset :])
+        prefix_text, full_text = self._window()
         if len(full_text) > len(prefix_text) and not full_text.endswith(_REPLACEMENT):
-            new_text = full_text[len(prefix_text) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.token_ids)
-            self.text += new_text
-            return new_text
+            return full_text[len(prefix_text) :]
         return ""
 
     def flush(self) -> str:
         """At the end of a sequence: whatever is still held back (may contain U+FFFD)."""
         if self.read_offset == len(self.token_ids):
             return ""
-        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full_text = self._decode(self.token_ids[self.prefix_offset :])
-        new_text = full_text[len(prefix_text) :]
+        prefix_text, full_text = self._window()
         self.read_offset = len(self.token_ids)
-        self.text += new_text
-        return new_text
+        return full_text[len(prefix_text) :]

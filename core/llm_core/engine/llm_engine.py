@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from llm_hal import Backend, DType, FallbackBackend, get_registry
@@ -59,7 +59,7 @@ class _Completion:
         return CompletionOutput(
             index=self.index,
             text=self.text,
-            token_ids=list(self.seq.output_token_ids),
+            token_ids=self.seq.output_token_ids,  # a fresh list
             cumulative_logprob=self.cumulative_logprob,
             logprobs=None if self.logprobs is None else list(self.logprobs),
             finish_reason=self.finish_reason,
@@ -72,10 +72,8 @@ class _Request:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    params: SamplingParams
     completions: list[_Completion]
     metrics: RequestMetrics
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -213,9 +211,11 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        prompt_text: str | None = None,
     ) -> str:
-        """Queue a request (a prompt string or token ids). Raises RequestError at once, and
-        queues nothing, if it cannot be served."""
+        """Queue a request (a prompt string or token ids; with token ids, ``prompt_text`` is
+        the prompt the output reports). Raises RequestError at once, and queues nothing, if it
+        cannot be served."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._requests:
@@ -224,7 +224,7 @@ class LLMEngine:
             text: str | None = prompt
             token_ids = list(self.tokenizer.encode(prompt))
         else:
-            text, token_ids = None, [int(t) for t in prompt]
+            text, token_ids = prompt_text, [int(t) for t in prompt]
         self._validate(token_ids, params)
         if params.prompt_logprobs is not None:
             raise RequestError("prompt_logprobs is not supported yet; leave it unset")
@@ -246,7 +246,7 @@ class LLMEngine:
             if params.logprobs is not None:
                 comp.logprobs, comp.cumulative_logprob = [], 0.0
             completions.append(comp)
-        request = _Request(request_id, text, token_ids, params, completions, RequestMetrics(now))
+        request = _Request(request_id, text, token_ids, completions, RequestMetrics(now))
         self._requests[request_id] = request
         for comp in completions:
             self._by_seq[comp.seq.seq_id] = (request, comp)
@@ -383,18 +383,21 @@ class LLMEngine:
         params = comp.sampling.params
         if comp.seq.num_output_tokens < params.min_tokens:
             return False
+        # Only the new text, and the end of the old that a stop string could begin in, can
+        # hold a stop string that was not there before.
         longest = max(len(s) for s in params.stop_strings)
         start = max(0, len(comp.text) - longest + 1)
-        full = comp.text + new_text
+        tail = comp.text[start:] + new_text
         best: tuple[int, str] | None = None
         for stop in params.stop_strings:
-            at = full.find(stop, start)
+            at = tail.find(stop)
             if at != -1 and (best is None or at < best[0]):
                 best = (at, stop)
         if best is None:
             return False
         at, stop = best
-        comp.text = full[: at + len(stop)] if params.include_stop_str_in_output else full[:at]
+        end = at + len(stop) if params.include_stop_str_in_output else at
+        comp.text = comp.text[:start] + tail[:end]
         comp.finish_reason, comp.stop_reason = "stop", stop
         return True
 

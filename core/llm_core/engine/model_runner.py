@@ -123,8 +123,8 @@ class ModelRunner:
         g = self._graphs.get(size) or self._new_decode_graph(size)
         attn, bs = g.batch.attn, self.block_size
         tables = attn.block_tables
-        for row, seq in enumerate(seqs):
-            pos = seq.num_computed_tokens
+        for row, item in enumerate(output.scheduled):
+            seq, pos = item.seq, item.start
             table = seq.block_table
             g.ids[row] = seq.token_ids[pos]
             g.positions[row] = pos
@@ -201,8 +201,7 @@ class ModelRunner:
         max_blocks = max(len(s.seq.block_table) for s in output.scheduled)
         tables = np.zeros((len(output.scheduled), max_blocks), dtype=np.int32)
         for row, item in enumerate(output.scheduled):
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_new_tokens
+            seq, start, end = item.seq, item.start, item.end
             ids.extend(seq.token_ids[start:end])
             pos = np.arange(start, end, dtype=np.int64)
             table = np.asarray(seq.block_table, dtype=np.int64)
@@ -211,7 +210,7 @@ class ModelRunner:
             tables[row, : len(table)] = table
             starts.append(starts[-1] + item.num_new_tokens)
             seq_lens.append(end)
-            if end == seq.num_tokens:  # the chunk reaches the last token: sample the next
+            if item.produces_logits:  # the chunk reaches the last token: sample the next
                 logits_rows.append(starts[-1] - 1)
                 sampled.append(seq)
         be = self.backend
@@ -242,16 +241,14 @@ class ModelRunner:
         penalize = any(
             p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params
         )
-        if want_logprobs and (penalize or any(i.banned for i in infos)):
+        ban = any(i.banned for i in infos)
+        if want_logprobs and (penalize or ban):
             # vLLM reports log-probabilities of the raw model output: keep a copy.
             raw_logits = be.copy_(be.empty(be.shape(logits), DType.FP32), logits)
         if penalize:
             be.apply_penalties(logits, _penalty_meta(seqs, params))
-        if any(i.banned for i in infos):
-            width = max(len(i.banned) for i in infos)
-            banned = np.full((len(seqs), width), -1, dtype=np.int64)
-            for row, info in enumerate(infos):
-                banned[row, : len(info.banned)] = info.banned
+        if ban:
+            banned = _pad_rows([i.banned for i in infos])
             be.apply_token_bans(logits, be.from_host(banned, DType.INT64))
         meta = SamplingMetadata(
             temperature=np.array([p.temperature for p in params]),
@@ -292,23 +289,22 @@ class ModelRunner:
 
 def _is_decode(output: SchedulerOutput) -> bool:
     """Every scheduled sequence computes exactly its one last token."""
-    return all(
-        item.num_new_tokens == 1 and item.seq.num_computed_tokens == item.seq.num_tokens - 1
-        for item in output.scheduled
-    )
+    return all(item.num_new_tokens == 1 and item.produces_logits for item in output.scheduled)
+
+
+def _pad_rows(lists: list[list[int]]) -> np.ndarray:
+    """The lists as the rows of an int64 matrix, padded with -1 (at least one column)."""
+    width = max(1, *(len(x) for x in lists))
+    out = np.full((len(lists), width), -1, dtype=np.int64)
+    for row, x in enumerate(lists):
+        out[row, : len(x)] = x
+    return out
 
 
 def _penalty_meta(seqs: list[Sequence], params: list[SamplingParams]) -> PenaltyMetadata:
-    def padded(lists: list[list[int]]) -> np.ndarray:
-        width = max(1, *(len(x) for x in lists))
-        out = np.full((len(lists), width), -1, dtype=np.int64)
-        for row, x in enumerate(lists):
-            out[row, : len(x)] = x
-        return out
-
     return PenaltyMetadata(
-        prompt_ids=padded([s.prompt_token_ids for s in seqs]),
-        output_ids=padded([s.output_token_ids for s in seqs]),
+        prompt_ids=_pad_rows([s.prompt_token_ids for s in seqs]),
+        output_ids=_pad_rows([s.output_token_ids for s in seqs]),
         presence=np.array([p.presence_penalty for p in params]),
         frequency=np.array([p.frequency_penalty for p in params]),
         repetition=np.array([p.repetition_penalty for p in params]),

@@ -98,10 +98,6 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def num_blocks(self, block_size: int) -> int:
-        """Blocks needed to hold the KV of every token in ``token_ids``."""
-        return -(-len(self.token_ids) // block_size)
-
     def __repr__(self) -> str:
         return (
             f"Sequence(seq_id={self.seq_id}, request_id={self.request_id!r}, "

@@ -124,11 +124,8 @@ class LLM:
         engine = self.llm_engine
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                rid = engine.add_request(request_id, list(prompt["prompt_token_ids"]), params)
-                text = prompt.get("prompt")
-                if text is not None:
-                    engine._requests[rid].prompt = text
-                return rid
+                ids = list(prompt["prompt_token_ids"])
+                return engine.add_request(request_id, ids, params, prompt_text=prompt.get("prompt"))
             return engine.add_request(request_id, str(prompt["prompt"]), params)
         return engine.add_request(request_id, prompt, params)
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from llm_hal import AttentionMetadata, DType, LinearWeight, QuantScheme, TorchBackend
 from llm_hal.backend import Tensor
+from llm_hal.reference import _into
 from llm_hal.spec import DeviceInfo
 
 from llm_core_ascend.ops import ACL_FORMAT_FRACTAL_NZ, load
@@ -325,6 +326,15 @@ class AscendBackend(TorchBackend):
             cached = meta.device_cache["ascend.slots"] = (rows, slots)
         return cached
 
+    def _lengths(self, meta: AttentionMetadata) -> tuple[list[int], list[int]]:
+        """The host lists the fused attention takes: the cumulative query counts
+        (``query_start_loc[1:]``) and each sequence's key count (``seq_lens``)."""
+        cached = meta.device_cache.get("ascend.lengths")
+        if cached is None:
+            cached = (meta.query_start_loc[1:].tolist(), meta.seq_lens.tolist())
+            meta.device_cache["ascend.lengths"] = cached
+        return cached
+
     def _block_table(self, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
         """(B, max_blocks) int32 on the device; entries past a sequence's blocks set to 0, so
         the kernel never sees whatever the engine left there."""
@@ -387,6 +397,7 @@ class AscendBackend(TorchBackend):
         # TND: the query rows of all sequences back to back; the kernel reads each sequence's
         # keys through its block table. Query lengths go in cumulatively, key lengths per
         # sequence (the page-attention convention), both as host lists.
+        query_ends, kv_lens = self._lengths(meta)
         band = {}
         sparse_mode = SPARSE_RIGHT_DOWN_CAUSAL
         if sliding_window:
@@ -397,8 +408,8 @@ class AscendBackend(TorchBackend):
             key_cache.view(num_blocks, block_size, hkv * d),
             value_cache.view(num_blocks, block_size, hkv * d),
             atten_mask=self._causal_mask(),
-            actual_seq_lengths=meta.query_start_loc[1:].tolist(),
-            actual_seq_lengths_kv=meta.seq_lens.tolist(),
+            actual_seq_lengths=query_ends,
+            actual_seq_lengths_kv=kv_lens,
             block_table=self._block_table(meta, block_size),
             num_heads=hq,
             scale=scale,
@@ -435,12 +446,13 @@ class AscendBackend(TorchBackend):
         # One query per sequence (BSH with S = 1) takes the kernel's incremental path, which
         # needs no causal mask; a sliding window is a mask over the table's key positions.
         mask = self._window_mask(meta, table.shape[1] * block_size, sliding_window)
+        _, kv_lens = self._lengths(meta)
         o, _lse = self.npu.npu_fused_infer_attention_score(
             query.view(b, 1, hq * d).contiguous(),
             key_cache.view(num_blocks, block_size, hkv * d),
             value_cache.view(num_blocks, block_size, hkv * d),
             atten_mask=mask,
-            actual_seq_lengths_kv=meta.seq_lens.tolist(),
+            actual_seq_lengths_kv=kv_lens,
             block_table=table,
             num_heads=hq,
             scale=scale,
@@ -465,10 +477,3 @@ class AscendBackend(TorchBackend):
             mask = torch.from_numpy(host[:, None, None, :]).to(self.device)
             meta.device_cache[key] = mask
         return mask
-
-
-def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
-    if out is None:
-        return result
-    out.copy_(result)
-    return out

@@ -38,3 +38,16 @@ class AttentionInputs:
             max_query_len=meta.max_query_len,
             max_seq_len=meta.max_seq_len,
         )
+
+    def copy_from(self, meta: AttentionMetadata) -> None:
+        """Refill these tensors in place with ``meta``'s current host arrays (queued on the
+        current stream); the shapes must be the ones they were made with."""
+        for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping"):
+            dst: torch.Tensor = getattr(self, name)
+            src = np.asarray(getattr(meta, name))
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(
+                    f"the step was recorded with {name} of shape {tuple(dst.shape)} and is "
+                    f"replayed with {tuple(src.shape)}: update the metadata in place"
+                )
+            dst.copy_(torch.from_numpy(src), non_blocking=True)

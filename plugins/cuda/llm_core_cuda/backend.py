@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from llm_hal import AttentionMetadata, DType, MemoryInfo
+from llm_hal import AttentionMetadata, DType
 from llm_hal.spec import DeviceInfo
 
 from llm_core_cuda.cupy_kernels import CupyKernels
-from llm_core_cuda.platform import describe_device, nvidia_driver_version
-from llm_core_cuda.triton_backend import TritonBackend
+from llm_core_cuda.platform import describe_device, driver_cuda_version, nvidia_driver_version
+from llm_core_cuda.triton_backend import TritonBackend, gpu_device
 from llm_core_cuda.triton_kernels import CUDA_CONFIG, KernelConfig
 
 
@@ -38,34 +38,23 @@ class CudaBackend(TritonBackend):
         use_cupy: bool = True,
         graphs: bool = True,
     ):
-        device = torch.device("cuda", device_index)
-        # Triton launches on the current device: make it this backend's (one per process).
-        torch.cuda.set_device(device)
-        props = torch.cuda.get_device_properties(device)
-        base = config or CUDA_CONFIG
-        super().__init__(device, base.with_device(props.multi_processor_count), graphs)
+        device, props, sized = gpu_device(device_index, config or CUDA_CONFIG)
+        super().__init__(device, sized, graphs)
         self.capability = (int(props.major), int(props.minor))
         self.fp8_dtype = fp8_kv_dtype(self.capability)
         self.cupy = CupyKernels(device_index) if use_cupy else None
 
     def device_info(self) -> DeviceInfo:
         info = describe_device(self.device.index or 0)
-        driver = nvidia_driver_version()
+        major, minor = driver_cuda_version(nvidia_driver_version())
         props = dict(info.properties)
         props.update(
-            driver_cuda=f"{driver // 1000}.{(driver % 1000) // 10}",
+            driver_cuda=f"{major}.{minor}",
             torch_cuda=str(torch.version.cuda),
             cupy="on" if self.cupy is not None else "off",
             cuda_graphs="on" if self.graphs_enabled else "off",
         )
         return DeviceInfo(info.index, info.name, info.total_memory, props)
-
-    def memory_info(self) -> MemoryInfo:
-        free, total = torch.cuda.mem_get_info(self.device)
-        return MemoryInfo(total=int(total), free=int(free))
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self.device)
 
     def supports(self, op: str, dtype: DType | None = None, **shape: int) -> bool:
         if dtype is DType.BF16 and self.capability < (8, 0):
@@ -80,10 +69,10 @@ class CudaBackend(TritonBackend):
         value_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> None:
-        if self.cupy is not None and self.cupy.can_reshape_and_cache(
-            key, value, key_cache, value_cache
-        ):
-            slots = self.attention_inputs(meta).slot_mapping
-            self.cupy.reshape_and_cache(key, value, key_cache, value_cache, slots)
-            return
+        if self.cupy is not None:
+            word = self.cupy.reshape_and_cache_word(key, value, key_cache, value_cache)
+            if word is not None:
+                slots = self.attention_inputs(meta).slot_mapping
+                self.cupy.reshape_and_cache(key, value, key_cache, value_cache, slots, word)
+                return
         super().reshape_and_cache(key, value, key_cache, value_cache, meta)

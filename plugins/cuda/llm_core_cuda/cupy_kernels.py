@@ -29,6 +29,11 @@ def word_size(row_bytes: int, *strides_and_pointers: int) -> int | None:
     return None
 
 
+def _row_bytes(cache: torch.Tensor, item: int) -> int:
+    """Bytes of one token's row (all KV heads) in a ``(blocks, block_size, Hkv, D)`` cache."""
+    return cache.shape[2] * cache.shape[3] * item
+
+
 class CupyKernels:
     """The compiled CuPy module of one device, and launchers that take torch tensors."""
 
@@ -46,33 +51,30 @@ class CupyKernels:
     def _as_cupy(self, t: torch.Tensor) -> Any:
         return self._cupy.from_dlpack(t.detach())
 
-    def can_reshape_and_cache(
+    def reshape_and_cache_word(
         self,
         key: torch.Tensor,
         value: torch.Tensor,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
-    ) -> bool:
-        """The copy kernel applies when no dtype conversion is needed and the caches are
-        dense and aligned to at least 2 bytes."""
+    ) -> int | None:
+        """The copy word of :meth:`reshape_and_cache` for these tensors, or None when the
+        kernel does not apply: it needs no dtype conversion, dense caches and rows aligned to
+        at least 2 bytes."""
         same = key.dtype == value.dtype == key_cache.dtype == value_cache.dtype
         if not same or not (key_cache.is_contiguous() and value_cache.is_contiguous()):
-            return False
+            return None
+        if key.stride(-1) != 1 or value.stride(-1) != 1:
+            return None
         item = key.element_size()
-        row_bytes = key_cache.shape[2] * key_cache.shape[3] * item
-        return (
-            key.stride(-1) == 1
-            and value.stride(-1) == 1
-            and word_size(
-                row_bytes,
-                key.stride(0) * item,
-                value.stride(0) * item,
-                key.data_ptr(),
-                value.data_ptr(),
-                key_cache.data_ptr(),
-                value_cache.data_ptr(),
-            )
-            is not None
+        return word_size(
+            _row_bytes(key_cache, item),
+            key.stride(0) * item,
+            value.stride(0) * item,
+            key.data_ptr(),
+            value.data_ptr(),
+            key_cache.data_ptr(),
+            value_cache.data_ptr(),
         )
 
     def reshape_and_cache(
@@ -82,25 +84,15 @@ class CupyKernels:
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        word: int,
     ) -> None:
-        """The HAL's ``reshape_and_cache`` for same-dtype caches (see ``can_reshape_and_cache``);
-        slot_mapping: (T,) int64 on the device."""
+        """The HAL's ``reshape_and_cache`` for same-dtype caches; slot_mapping: (T,) int64 on
+        the device; word: what :meth:`reshape_and_cache_word` returned for these tensors."""
         tokens = key.shape[0]
         if tokens == 0:
             return
         item = key.element_size()
-        row_bytes = key_cache.shape[2] * key_cache.shape[3] * item
-        word = word_size(
-            row_bytes,
-            key.stride(0) * item,
-            value.stride(0) * item,
-            key.data_ptr(),
-            value.data_ptr(),
-            key_cache.data_ptr(),
-            value_cache.data_ptr(),
-        )
-        if word is None:
-            raise ValueError("reshape_and_cache: rows are not 2-byte aligned")
+        row_bytes = _row_bytes(key_cache, item)
         cp = self._cupy
         stream = torch.cuda.current_stream(key.device)
         with cp.cuda.Device(self.device_index), cp.cuda.ExternalStream(stream.cuda_stream):

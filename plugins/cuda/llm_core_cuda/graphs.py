@@ -21,7 +21,7 @@ GPU.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from llm_core_cuda.attention_inputs import AttentionInputs
 if TYPE_CHECKING:
     from llm_core_cuda.triton_backend import TritonBackend
 
+_T = TypeVar("_T")
+
 #: ``step(input_ids (B,) int64, positions (B,) int64, meta) -> (B, ...)``: one decode step.
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
@@ -43,6 +45,24 @@ DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192
 def bucket_for(batch: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> int | None:
     """The smallest bucket holding ``batch`` sequences, or None if it exceeds them all."""
     return next((b for b in sorted(buckets) if b >= batch), None)
+
+
+def _capture(
+    device: torch.device, fn: Callable[[], _T], pool: Any, warmups: int
+) -> tuple[torch.cuda.CUDAGraph, _T]:
+    """``fn`` recorded as a CUDA graph on ``device`` (in ``pool``), and what the recorded
+    call returned. ``fn`` first runs ``warmups`` times on a side stream: that compiles the
+    Triton kernels and creates cuBLAS workspaces, neither of which may happen during capture."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 class DecodeGraph:
@@ -110,18 +130,10 @@ class DecodeGraph:
     def _record(self, step: DecodeStep, pool: Any) -> torch.Tensor:
         if self._device.type != "cuda":
             return step(self.input_ids, self.positions, self.meta)
-        # Warm up on a side stream: compiles the Triton kernels and creates cuBLAS
-        # workspaces, neither of which may happen during capture. All slots are -1, so
-        # the warm-up writes nothing to the KV cache.
-        side = torch.cuda.Stream(self._device)
-        side.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step(self.input_ids, self.positions, self.meta)
-        torch.cuda.current_stream(self._device).wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph, pool=pool):
-            out = step(self.input_ids, self.positions, self.meta)
+        # All slots are -1, so the warm-up runs write nothing to the KV cache.
+        self._graph, out = _capture(
+            self._device, lambda: step(self.input_ids, self.positions, self.meta), pool, 2
+        )
         return out
 
     def fits(self, meta: AttentionMetadata) -> bool:
@@ -200,15 +212,7 @@ class StepGraph(CapturedGraph):
         backend._recording = self
         try:
             if self._device.type == "cuda":
-                side = torch.cuda.Stream(self._device)
-                side.wait_stream(torch.cuda.current_stream(self._device))
-                with torch.cuda.stream(side):
-                    fn()
-                torch.cuda.current_stream(self._device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    fn()
-                self._graph = graph
+                self._graph, _ = _capture(self._device, fn, pool, 1)
             else:
                 fn()
         finally:
@@ -230,15 +234,7 @@ class StepGraph(CapturedGraph):
 
     def replay(self) -> None:
         for meta, inputs in self._inputs:
-            for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping"):
-                dst: torch.Tensor = getattr(inputs, name)
-                src = np.asarray(getattr(meta, name))
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise ValueError(
-                        f"the step was recorded with {name} of shape {tuple(dst.shape)} and is "
-                        f"replayed with {tuple(src.shape)}: update the metadata in place"
-                    )
-                dst.copy_(torch.from_numpy(src), non_blocking=True)
+            inputs.copy_from(meta)
             self._backend.set_attention_inputs(meta, inputs)
         if self._graph is not None:
             self._graph.replay()

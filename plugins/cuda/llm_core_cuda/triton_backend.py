@@ -27,7 +27,6 @@ from llm_hal import (
     TorchBackend,
 )
 from llm_hal.backend import CapturedGraph, Tensor
-from llm_hal.dtypes import to_torch
 
 from llm_core_cuda import triton_kernels as kernels
 from llm_core_cuda.attention_inputs import AttentionInputs
@@ -39,6 +38,16 @@ log = logging.getLogger("llm_core.backends.cuda")
 
 #: Largest head size the attention kernels take (their register tiles grow with it).
 MAX_HEAD_SIZE = 256
+
+
+def gpu_device(index: int, config: KernelConfig) -> tuple[torch.device, Any, KernelConfig]:
+    """``torch.device("cuda", index)`` made the current device (Triton launches on the
+    current device: one backend per process), its properties, and ``config`` sized to its
+    multiprocessor count. ROCm builds of torch keep the ``cuda`` name."""
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    props = torch.cuda.get_device_properties(device)
+    return device, props, config.with_device(props.multi_processor_count)
 
 
 class TritonBackend(TorchBackend):
@@ -54,6 +63,12 @@ class TritonBackend(TorchBackend):
         self._meta_key = f"{self.name}:{self.device}"
         self._graph_pool: Any = None
         self._recording: StepGraph | None = None  # set while capture_graph records
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        else:
+            super().synchronize()
 
     # ------------------------------------------------------------------------------------------
     # metadata
@@ -78,6 +93,13 @@ class TritonBackend(TorchBackend):
     # graphs
     # ------------------------------------------------------------------------------------------
 
+    def _pool(self) -> Any:
+        """The memory pool every graph of this backend records into (made on first use on
+        CUDA; None elsewhere)."""
+        if self.device.type == "cuda" and self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return self._graph_pool
+
     def capture_graph(self, fn: Callable[[], object]) -> CapturedGraph | None:
         """The HAL hook: ``fn`` (the engine's decode step for one padded batch size) recorded
         as a CUDA graph; see :class:`StepGraph`. None when graphs are off, or when ``fn`` does
@@ -87,14 +109,12 @@ class TritonBackend(TorchBackend):
             return super().capture_graph(fn)
         if self._recording is not None:
             raise RuntimeError("capture_graph calls cannot nest")
-        if self.device.type == "cuda" and self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
+        pool = self._pool()
         try:
-            return StepGraph(self, fn, self._graph_pool)
+            return StepGraph(self, fn, pool)
         except Exception as exc:  # any failure to record means: run eagerly
             log.warning("%s: decode step not captured as a CUDA graph: %s", self.name, exc)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            self.synchronize()
             fn()  # the contract: fn's results are valid whatever this returns
             return None
 
@@ -110,9 +130,7 @@ class TritonBackend(TorchBackend):
         """
         if not self.graphs_enabled:
             return None
-        if self.device.type == "cuda" and self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        return DecodeGraph(self, step, batch_size, max_blocks_per_seq, block_size, self._graph_pool)
+        return DecodeGraph(self, step, batch_size, max_blocks_per_seq, block_size, self._pool())
 
     # ------------------------------------------------------------------------------------------
     # capability
@@ -129,9 +147,12 @@ class TritonBackend(TorchBackend):
             "paged_attention_prefill",
             "paged_attention_decode",
         ):
-            kv_dtype = kv if isinstance(kv, DType) else DType.parse(str(kv))
-            return kv_dtype in self.float_dtypes or kv_dtype is self.fp8_dtype
+            return self._kv_dtype_ok(kv if isinstance(kv, DType) else DType.parse(str(kv)))
         return True
+
+    def _kv_dtype_ok(self, dtype: DType) -> bool:
+        """Can the attention and cache kernels read and write a KV cache of ``dtype``?"""
+        return dtype in self.float_dtypes or dtype is self.fp8_dtype
 
     # ------------------------------------------------------------------------------------------
     # operators
@@ -294,15 +315,10 @@ class TritonBackend(TorchBackend):
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, dtype: DType
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if dtype.is_float and dtype not in self.float_dtypes and dtype is not self.fp8_dtype:
+        if dtype.is_float and not self._kv_dtype_ok(dtype):
             raise ValueError(
                 f"backend {self.name} cannot hold a KV cache in {dtype.value}; "
                 f"use one of {sorted(d.value for d in self.float_dtypes)}"
                 + (f" or {self.fp8_dtype.value}" if self.fp8_dtype else "")
             )
-        shape = (num_blocks, block_size, num_kv_heads, head_size)
-        t = to_torch(dtype)
-        return (
-            torch.zeros(shape, dtype=t, device=self.device),
-            torch.zeros(shape, dtype=t, device=self.device),
-        )
+        return super().allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_size, dtype)

@@ -267,11 +267,11 @@ class OpenCLBackend(Backend):
         zeros: Array | None = None,
         group_size: int = 0,
     ) -> LinearWeight:
-        if scheme is not QuantScheme.NONE:
-            raise UnsupportedOpError(self.name, "linear", f"quantization {scheme.value}")
-        n, k = self.shape(weight)
-        b = None if bias is None else self._contig(bias)
-        return LinearWeight(self._contig(weight), b, scheme, out_features=n, in_features=k)
+        prepared = super().prepare_linear(weight, bias, scheme, scales, zeros, group_size)
+        if prepared.bias is not None:
+            prepared.bias = self._contig(prepared.bias)
+        prepared.weight = self._contig(prepared.weight)
+        return prepared
 
     def capture_graph(self, fn: Callable[[], object]) -> CapturedGraph | None:
         """Record every kernel launch, device copy and metadata upload ``fn`` makes; a replay
@@ -316,9 +316,7 @@ class OpenCLBackend(Backend):
         t, hidden = int(ids.shape[0]), int(table.shape[1])
         target, pending = self._target(out, (t, hidden), dtype)
         name = "embedding_i32" if ids.dtype == np.int32 else "embedding_i64"
-        ids = self._contig(
-            ids if ids.dtype in (np.int32, np.int64) else self._astype(ids, np.int64)
-        )
+        ids = self._contig(ids if ids.dtype == np.int32 else self._astype(ids, np.int64))
         kernel = self._kernel("elementwise.cl", name, dtype)
         self._run(
             kernel, (hidden, t), None, self._contig(table).data, ids.data, target.data, _i32(hidden)
@@ -370,11 +368,9 @@ class OpenCLBackend(Backend):
         hidden = int(x.shape[-1])
         rows = x.size // hidden if hidden else 0
         target, pending = self._target(out, x.shape, dtype)
-        s = None
-        if residual is not None:
-            # The sum s is written over residual (allowed by the contract) when it can be.
-            s = residual if self._plain(residual) and self.dtype_of(residual) is dtype else None
-            s = s if s is not None else self._as(self._contig(residual), dtype, copy=True)
+        # The sum s is written over residual (allowed by the contract) when it is plain and of
+        # x's dtype; else over a plain copy of it in x's dtype.
+        s = None if residual is None else self._as(residual, dtype)
         kernel = self._kernel("norm.cl", "rms_norm", dtype, WG=self.row_wg)
         self._run(
             kernel, (self.row_wg * rows,), (self.row_wg,), x.data,
@@ -419,7 +415,7 @@ class OpenCLBackend(Backend):
         tokens = int(pos.shape[0])
         for x in (q, k):
             dtype = self._float(x, "rotary_embedding")
-            work = x if self._plain(x) else self._contig(x)
+            work = self._contig(x)
             heads = int(work.shape[-1]) // head_size
             kernel = self._kernel("rotary_cache.cl", "rotary", dtype)
             self._run(
@@ -740,9 +736,10 @@ class OpenCLBackend(Backend):
             )
         return self.copy_(cla.empty(self.queue, a.shape, a.dtype, allocator=self.allocator), a)
 
-    def _as(self, a: Array, dtype: DType, copy: bool = False) -> Array:
-        """``a`` as a plain array of ``dtype`` (converted when it is another type)."""
-        if self.dtype_of(a) is dtype and not copy:
+    def _as(self, a: Array, dtype: DType) -> Array:
+        """``a`` as a plain array of ``dtype``: ``a`` itself when it is one already, else a new
+        array (a copy, converted when ``a`` is another type)."""
+        if self.dtype_of(a) is dtype:
             return self._contig(a)
         return self.copy_(self.empty(a.shape, dtype), a)
 

@@ -15,9 +15,8 @@ from typing import ClassVar
 
 import torch
 from llm_core_cuda.platform import describe_device
-from llm_core_cuda.triton_backend import TritonBackend
+from llm_core_cuda.triton_backend import TritonBackend, gpu_device
 from llm_core_cuda.triton_kernels import ROCM_CONFIG, KernelConfig
-from llm_hal import MemoryInfo
 from llm_hal.spec import DeviceInfo
 
 from llm_core_rocm.arch import fp8_dtype, has_native_fp8
@@ -32,11 +31,8 @@ class RocmBackend(TritonBackend):
     def __init__(
         self, device_index: int = 0, config: KernelConfig | None = None, graphs: bool = True
     ):
-        device = torch.device("cuda", device_index)
-        torch.cuda.set_device(device)
-        props = torch.cuda.get_device_properties(device)
-        base = config or ROCM_CONFIG
-        super().__init__(device, base.with_device(props.multi_processor_count), graphs)
+        device, props, sized = gpu_device(device_index, config or ROCM_CONFIG)
+        super().__init__(device, sized, graphs)
         self.gcn_arch = str(getattr(props, "gcnArchName", ""))
         self.fp8_dtype = fp8_dtype(self.gcn_arch) if has_native_fp8(self.gcn_arch) else None
 
@@ -47,10 +43,3 @@ class RocmBackend(TritonBackend):
             hip=str(torch.version.hip), fp8=self.fp8_dtype.value if self.fp8_dtype else "none"
         )
         return DeviceInfo(info.index, info.name, info.total_memory, props)
-
-    def memory_info(self) -> MemoryInfo:
-        free, total = torch.cuda.mem_get_info(self.device)
-        return MemoryInfo(total=int(total), free=int(free))
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self.device)

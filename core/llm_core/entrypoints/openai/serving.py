@@ -30,7 +30,7 @@ from llm_core.engine.async_llm import (
 from llm_core.engine.llm_engine import RequestError
 from llm_core.entrypoints.openai.config import ServerConfig
 from llm_core.entrypoints.openai.errors import APIError
-from llm_core.entrypoints.openai.protocol import ChatMessage, SamplingRequest
+from llm_core.entrypoints.openai.protocol import ChatMessage, SamplingRequest, UsageInfo
 from llm_core.metrics import EngineMetrics
 from llm_core.outputs import CompletionOutput
 from llm_core.sampling_params import SamplingParams
@@ -323,7 +323,7 @@ class OpenAIServing:
         if isinstance(exc, APIError):
             error = exc
         elif isinstance(exc, EngineDeadError):
-            error = APIError(503, f"the engine stopped: {exc}", code="engine_dead")
+            error = engine_stopped(exc)
         else:
             error = APIError(500, f"internal error: {exc!r}")
         return OpenAIServing.sse(error.body())
@@ -375,3 +375,16 @@ def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
     if message.name is not None:
         result["name"] = message.name
     return result
+
+
+def engine_stopped(exc: EngineDeadError) -> APIError:
+    """The error a request gets when the engine stopped while serving it."""
+    return APIError(503, f"the engine stopped: {exc}", code="engine_dead")
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )

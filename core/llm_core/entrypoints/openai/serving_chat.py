@@ -34,6 +34,8 @@ from llm_core.entrypoints.openai.serving import (
     ChoiceState,
     ClientDisconnectedError,
     OpenAIServing,
+    engine_stopped,
+    usage,
 )
 from llm_core.entrypoints.openai.streaming import EventStreamResponse
 from llm_core.outputs import CompletionOutput, RequestOutput
@@ -117,7 +119,7 @@ class OpenAIServingChat:
                 async for output in job.stream:
                     final = output
         except EngineDeadError as exc:
-            raise APIError(503, f"the engine stopped: {exc}", code="engine_dead") from None
+            raise engine_stopped(exc) from None
         assert final is not None and final.finished
         choices = [
             ChatCompletionChoice(
@@ -135,7 +137,7 @@ class OpenAIServingChat:
             created=job.created,
             model=job.model,
             choices=choices,
-            usage=_usage(job.num_prompt_tokens, generated),
+            usage=usage(job.num_prompt_tokens, generated),
         )
 
     async def _stream(self, job: _Job) -> AsyncGenerator[str, None]:
@@ -155,7 +157,7 @@ class OpenAIServingChat:
             return serving.sse(response)
 
         def usage_now() -> UsageInfo | None:
-            return _usage(job.num_prompt_tokens, generated) if continuous else None
+            return usage(job.num_prompt_tokens, generated) if continuous else None
 
         try:
             async with job.stream:
@@ -183,7 +185,7 @@ class OpenAIServingChat:
                         )
                         yield chunk([choice], usage_now())
             if include_usage:
-                yield chunk([], _usage(job.num_prompt_tokens, generated))
+                yield chunk([], usage(job.num_prompt_tokens, generated))
         except Exception as exc:  # the 200 is already sent: report in the stream
             yield serving.error_event(exc)
         yield "data: [DONE]\n\n"
@@ -205,11 +207,3 @@ class OpenAIServingChat:
             for item in self.serving.token_logprobs(out, first, last, job.top_logprobs)
         ]
         return ChoiceLogprobs(content=content)
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
-    return UsageInfo(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )

@@ -28,6 +28,8 @@ from llm_core.entrypoints.openai.serving import (
     ChoiceState,
     ClientDisconnectedError,
     OpenAIServing,
+    engine_stopped,
+    usage,
 )
 from llm_core.entrypoints.openai.streaming import EventStreamResponse
 from llm_core.outputs import CompletionOutput, RequestOutput
@@ -126,7 +128,7 @@ class OpenAIServingCompletion:
                     if output.finished:
                         finals[job.prompt_index(output)] = output
         except EngineDeadError as exc:
-            raise APIError(503, f"the engine stopped: {exc}", code="engine_dead") from None
+            raise engine_stopped(exc) from None
         choices = []
         completion_tokens = 0
         n, k = job.request.n, job.request.logprobs
@@ -151,7 +153,7 @@ class OpenAIServingCompletion:
             created=job.created,
             model=job.model,
             choices=choices,
-            usage=_usage(sum(job.prompt_lengths), completion_tokens),
+            usage=usage(sum(job.prompt_lengths), completion_tokens),
         )
 
     async def _stream(self, job: _Job) -> AsyncGenerator[str, None]:
@@ -173,7 +175,7 @@ class OpenAIServingCompletion:
             return serving.sse(response)
 
         def usage_now() -> UsageInfo:
-            return _usage(sum(job.prompt_lengths), sum(generated))
+            return usage(sum(job.prompt_lengths), sum(generated))
 
         try:
             async with job.stream:
@@ -226,11 +228,3 @@ class OpenAIServingCompletion:
             result.text_offset.append(offset)
             offset += len(item.token)
         return result, offset
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
-    return UsageInfo(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )

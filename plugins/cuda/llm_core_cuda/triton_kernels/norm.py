@@ -20,11 +20,9 @@ def rms_norm_kernel(
     res_ptr,
     w_ptr,
     y_ptr,
-    s_ptr,
     stride_x,
     stride_r,
     stride_y,
-    stride_s,
     n_cols,
     eps,
     HAS_RESIDUAL: tl.constexpr,
@@ -40,7 +38,7 @@ def rms_norm_kernel(
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + row * stride_r + c, mask=m, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
-            tl.store(s_ptr + row * stride_s + c, x, mask=m)
+            tl.store(res_ptr + row * stride_r + c, x, mask=m)  # s replaces the residual
         xf = x.to(tl.float32)
         sum_sq += xf * xf
     rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / n_cols + eps)
@@ -49,7 +47,7 @@ def rms_norm_kernel(
         c = c0 + cols
         m = c < n_cols
         if HAS_RESIDUAL:
-            s = tl.load(s_ptr + row * stride_s + c, mask=m, other=0.0)
+            s = tl.load(res_ptr + row * stride_r + c, mask=m, other=0.0)
         else:
             s = tl.load(x_ptr + row * stride_x + c, mask=m, other=0.0)
         normed = (s.to(tl.float32) * rstd).to(x_ptr.dtype.element_ty)
@@ -81,11 +79,9 @@ def rms_norm(
         res,
         weight,
         y,
-        res,
         x.stride(0),
         res.stride(0),
         y.stride(0),
-        res.stride(0),
         cols,
         eps,
         HAS_RESIDUAL=residual is not None,

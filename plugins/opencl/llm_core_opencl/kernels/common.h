@@ -71,3 +71,27 @@ inline float round_half(float v) {
 #define LOAD8(p, i) CAT(LOAD8_, STORAGE)(p, i)
 #define STORE(p, i, v) CAT(STORE_, STORAGE)(p, i, v)
 #define ROUND(v) CAT(ROUND_, STORAGE)(v)
+
+#ifdef WG
+/* Work-group reductions, in programs built with -DWG=n (the work-group size, a power of two).
+ * DEFINE_GROUP_REDUCE(name, type, combine) defines type name(type v, local type* scratch): v
+ * combined over the work-group by a tree of combine(a, b) calls; every work-item gets it.
+ * scratch: WG elements of type, free for reuse once the call returns. */
+#define DEFINE_GROUP_REDUCE(name, type, combine)                                               \
+    inline type name(type v, local type* scratch) {                                            \
+        size_t lid = get_local_id(0);                                                          \
+        scratch[lid] = v;                                                                      \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                          \
+        for (size_t s = WG / 2; s > 0; s >>= 1) {                                              \
+            if (lid < s) scratch[lid] = combine(scratch[lid], scratch[lid + s]);               \
+            barrier(CLK_LOCAL_MEM_FENCE);                                                      \
+        }                                                                                      \
+        type r = scratch[0];                                                                   \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                          \
+        return r;                                                                              \
+    }
+
+#define GROUP_ADD(a, b) ((a) + (b))
+DEFINE_GROUP_REDUCE(group_sum, float, GROUP_ADD)
+DEFINE_GROUP_REDUCE(group_count, uint, GROUP_ADD)
+#endif

@@ -1,18 +1,5 @@
-/* Row norms: one work-group of WG work-items per row (WG a power of two, -DWG=n). */
-
-/* The sum of v over the work-group; every work-item gets it. scratch: WG floats. */
-inline float group_sum(float v, local float* scratch) {
-    size_t lid = get_local_id(0);
-    scratch[lid] = v;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (size_t s = WG / 2; s > 0; s >>= 1) {
-        if (lid < s) scratch[lid] += scratch[lid + s];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    float total = scratch[0];
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return total;
-}
+/* Row norms: one work-group of WG work-items per row (WG a power of two, -DWG=n); group_sum is
+ * in common.h. */
 
 /* y = round(s * rsqrt(mean(s^2) + eps)) * w with s = x, or s = round(x + residual), which is
  * then written over residual. Global (WG * rows), local (WG). */

@@ -3,22 +3,8 @@
  * head size the program serves).
  */
 
-/* The sum or the max of v over the work-group (WG a power of two); every work-item gets it. */
-inline float group_reduce(float v, local float* scratch, int is_max) {
-    size_t lid = get_local_id(0);
-    scratch[lid] = v;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (size_t s = WG / 2; s > 0; s >>= 1) {
-        if (lid < s) {
-            float o = scratch[lid + s];
-            scratch[lid] = is_max ? fmax(scratch[lid], o) : scratch[lid] + o;
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    float r = scratch[0];
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return r;
-}
+/* The max of v over the work-group (group_sum, its sum, is in common.h). */
+DEFINE_GROUP_REDUCE(group_max, float, fmax)
 
 #define DIMS_PER_ITEM ((MAX_HEAD + WG - 1) / WG)
 
@@ -62,10 +48,10 @@ void paged_attention(global const T* query, global const T* key_cache,
             s = dot * scale;
             if (soft_cap > 0.0f) s = soft_cap * tanh(s / soft_cap);
         }
-        float m_new = fmax(m, group_reduce(s, scratch, 1));
+        float m_new = fmax(m, group_max(s, scratch));
         float p = j < end ? exp(s - m_new) : 0.0f;
         float correction = exp(m - m_new); /* 0 on the first chunk, where m = -inf */
-        l = l * correction + group_reduce(p, scratch, 0);
+        l = l * correction + group_sum(p, scratch);
         probs[lid] = p;
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int k = 0; k < DIMS_PER_ITEM; ++k) acc[k] *= correction;

@@ -1,36 +1,7 @@
 /* Logits processing, sampling and log-probabilities on fp32 logits (B, V).
- * The row kernels run one work-group of WG work-items (a power of two) per row.
+ * The row kernels run one work-group of WG work-items (a power of two) per row; group_sum and
+ * group_count, the work-group reductions, are in common.h.
  */
-
-/* ---------------------------------------------------------------------------------------- */
-/* work-group reductions                                                                     */
-/* ---------------------------------------------------------------------------------------- */
-
-inline float group_sum(float v, local float* scratch) {
-    size_t lid = get_local_id(0);
-    scratch[lid] = v;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (size_t s = WG / 2; s > 0; s >>= 1) {
-        if (lid < s) scratch[lid] += scratch[lid + s];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    float r = scratch[0];
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return r;
-}
-
-inline uint group_count(uint v, local uint* scratch) {
-    size_t lid = get_local_id(0);
-    scratch[lid] = v;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (size_t s = WG / 2; s > 0; s >>= 1) {
-        if (lid < s) scratch[lid] += scratch[lid + s];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    uint r = scratch[0];
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return r;
-}
 
 /* (value, index) pairs ordered by value descending, then index ascending. */
 inline int before(float v, int i, float best_v, int best_i) {
