@@ -51,7 +51,7 @@ def spec() -> BackendSpec:
 
 def test_the_spec() -> None:
     s = spec()
-    assert (s.name, s.api_version) == ("ascend", "1.0")
+    assert (s.name, s.api_version) == ("ascend", "1.1")
     assert s.priority > 0  # an accelerator wins over cpu when it can run
 
 

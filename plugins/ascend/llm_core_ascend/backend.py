@@ -16,6 +16,8 @@ with the ``nz_weights`` option, dense weights are kept in the forms the NPU matm
 from __future__ import annotations
 
 import logging
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,10 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from llm_hal import AttentionMetadata, DType, LinearWeight, QuantScheme, TorchBackend
-from llm_hal.backend import Tensor
+from llm_hal.backend import CapturedGraph, Tensor
 from llm_hal.reference import _into
 from llm_hal.spec import DeviceInfo
 
+from llm_core_ascend import graphs
 from llm_core_ascend.ops import ACL_FORMAT_FRACTAL_NZ, load
 
 log = logging.getLogger(__name__)
@@ -86,10 +89,17 @@ class AscendBackend(TorchBackend):
     preferred_block_size: ClassVar[int] = PREFILL_BLOCK_ALIGN
 
     def __init__(
-        self, device: str | torch.device = "npu:0", *, ops: Any = None, nz_weights: bool = False
+        self,
+        device: str | torch.device = "npu:0",
+        *,
+        ops: Any = None,
+        nz_weights: bool = False,
+        graph_runtime: Any = None,
     ):
         """``ops``: the namespace holding torch-npu's operators (default: torch-npu's own,
-        imported now). ``nz_weights``: store dense linear weights in FRACTAL_NZ format."""
+        imported now). ``nz_weights``: store dense linear weights in FRACTAL_NZ format.
+        ``graph_runtime``: the namespace with torch-npu's graph API that ``capture_graph``
+        records with (default: ``torch.npu`` on an NPU; none elsewhere, so no graphs)."""
         # torch knows the "npu" device type only once torch-npu is imported.
         self.npu = ops if ops is not None else load()
         super().__init__(device)
@@ -97,6 +107,16 @@ class AscendBackend(TorchBackend):
         self._mask: torch.Tensor | None = None
         self._rope: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._told: set[str] = set()
+        if graph_runtime is None and self.device.type == "npu":
+            graph_runtime = self._runtime()
+        self._graph_runtime = graph_runtime
+        self._graph_pool: Any = None
+        self._recording: graphs.Recorder | None = None
+        #: KV caches handed out (by data pointer) -> the allocation with their scratch blocks,
+        #: for as long as the cache (a view of it) lives.
+        self._kv_allocations: weakref.WeakValueDictionary[int, torch.Tensor] = (
+            weakref.WeakValueDictionary()
+        )
         if self.device.type == "npu":
             self._runtime().set_device(self.device)
 
@@ -105,6 +125,9 @@ class AscendBackend(TorchBackend):
 
     def _unfused(self, op: str, why: str) -> None:
         """Say once per reason that an operator runs the unfused reference code."""
+        if self._recording is not None and op.startswith("paged_attention"):
+            # The reference attention reads the host metadata: a graph would freeze it.
+            self._recording.refuse(f"{op} runs unfused ({why})")
         if why not in self._told:
             self._told.add(why)
             log.warning("ascend: %s runs the unfused torch path on the NPU: %s", op, why)
@@ -124,6 +147,35 @@ class AscendBackend(TorchBackend):
     def synchronize(self) -> None:
         if self.device.type == "npu":
             self._runtime().synchronize(self.device)
+
+    def allocate_kv_cache(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, dtype: DType
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The HAL's caches, each the first ``num_blocks`` blocks of an allocation with
+        scratch blocks past them, where recorded steps write their padding rows (see
+        :mod:`llm_core_ascend.graphs`)."""
+        scratch = -(-graphs.SCRATCH_TOKENS // block_size)
+        full = super().allocate_kv_cache(
+            num_blocks + scratch, block_size, num_kv_heads, head_size, dtype
+        )
+        caches = tuple(t[:num_blocks] for t in full)
+        for cache, allocation in zip(caches, full, strict=True):
+            self._kv_allocations[cache.data_ptr()] = allocation
+        return caches[0], caches[1]
+
+    # ------------------------------------------------------------------------------------------
+    # graph mode
+    # ------------------------------------------------------------------------------------------
+
+    def capture_graph(self, fn: Callable[[], object]) -> CapturedGraph | None:
+        """``fn`` recorded as one torch-npu NPUGraph, its attention lengths updated at each
+        replay (:mod:`llm_core_ascend.graphs`); None without a graph runtime."""
+        runtime = self._graph_runtime
+        if runtime is None:
+            return super().capture_graph(fn)
+        if self._graph_pool is None:
+            self._graph_pool = runtime.graph_pool_handle()  # shared by every recorded size
+        return graphs.AscendStepGraph.record(self, runtime, fn, self._graph_pool)
 
     # ------------------------------------------------------------------------------------------
     # linear layers
@@ -304,18 +356,38 @@ class AscendBackend(TorchBackend):
         value_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> None:
-        rows, slots = self._slots(meta)
-        if slots.numel() == 0:
-            return
         hkv, d = key_cache.shape[2], key_cache.shape[3]
         t = key.shape[0]
         k, v = key.view(t, hkv, d), value.view(t, hkv, d)  # (T, Hkv, D)
-        if rows is not None:  # padding tokens (slot -1) are dropped: the op takes no -1
-            k, v = k.index_select(0, rows), v.index_select(0, rows)
+        recording = self._recording
+        full = self._scratch_allocations(key_cache, value_cache) if recording else None
+        if recording is not None and full is not None:
+            # A recorded step keeps every row: padding rows write to the scratch blocks.
+            scratch_start = key_cache.shape[0] * key_cache.shape[1]
+            slots = recording.slots(meta, scratch_start)
+            key_cache, value_cache = full
+        else:
+            if recording is not None:
+                recording.refuse("a KV cache not from allocate_kv_cache: no scratch blocks")
+            rows, slots = self._slots(meta)
+            if slots.numel() == 0:
+                return
+            if rows is not None:  # padding tokens (slot -1) are dropped: the op takes no -1
+                k, v = k.index_select(0, rows), v.index_select(0, rows)
         # The scatter takes contiguous inputs of the cache's dtype.
         k = k.to(key_cache.dtype).contiguous()
         v = v.to(value_cache.dtype).contiguous()
         self.npu.npu_scatter_pa_kv_cache(k, v, key_cache, value_cache, slots, cache_mode="Norm")
+
+    def _scratch_allocations(
+        self, key_cache: torch.Tensor, value_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The allocations (with scratch blocks) behind two caches from allocate_kv_cache."""
+        full_k = self._kv_allocations.get(key_cache.data_ptr())
+        full_v = self._kv_allocations.get(value_cache.data_ptr())
+        if full_k is None or full_v is None:
+            return None
+        return full_k, full_v
 
     def _slots(self, meta: AttentionMetadata) -> tuple[torch.Tensor | None, torch.Tensor]:
         cached = meta.device_cache.get("ascend.slots")
@@ -326,24 +398,27 @@ class AscendBackend(TorchBackend):
             cached = meta.device_cache["ascend.slots"] = (rows, slots)
         return cached
 
-    def _lengths(self, meta: AttentionMetadata) -> tuple[list[int], list[int]]:
-        """The host lists the fused attention takes: the cumulative query counts
-        (``query_start_loc[1:]``) and each sequence's key count (``seq_lens``)."""
+    def _lengths(
+        self, meta: AttentionMetadata, updated: tuple[str, ...]
+    ) -> tuple[list[int], list[int]]:
+        """The host lists of one fused attention call (:func:`graphs.lengths`); a recorded
+        step re-issues the arguments named in ``updated`` with each replay's lengths."""
+        if self._recording is not None:
+            self._recording.attention(meta, updated)
+            return graphs.lengths(meta)
         cached = meta.device_cache.get("ascend.lengths")
         if cached is None:
-            cached = (meta.query_start_loc[1:].tolist(), meta.seq_lens.tolist())
-            meta.device_cache["ascend.lengths"] = cached
+            cached = meta.device_cache["ascend.lengths"] = graphs.lengths(meta)
         return cached
 
     def _block_table(self, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
-        """(B, max_blocks) int32 on the device; entries past a sequence's blocks set to 0, so
-        the kernel never sees whatever the engine left there."""
+        """(B, max_blocks) int32 on the device (:func:`graphs.masked_block_table`)."""
+        if self._recording is not None:
+            return self._recording.block_table(meta, block_size)
         key = f"ascend.block_table.{block_size}"
         table = meta.device_cache.get(key)
         if table is None:
-            host = meta.block_tables.copy()
-            needed = -(-meta.seq_lens.astype(np.int64) // block_size)  # (B,)
-            host[np.arange(host.shape[1])[None, :] >= needed[:, None]] = 0
+            host = graphs.masked_block_table(meta, block_size)
             table = meta.device_cache[key] = torch.from_numpy(host).to(self.device)
         return table
 
@@ -397,7 +472,7 @@ class AscendBackend(TorchBackend):
         # TND: the query rows of all sequences back to back; the kernel reads each sequence's
         # keys through its block table. Query lengths go in cumulatively, key lengths per
         # sequence (the page-attention convention), both as host lists.
-        query_ends, kv_lens = self._lengths(meta)
+        query_ends, kv_lens = self._lengths(meta, graphs.PREFILL_LENGTHS)
         band = {}
         sparse_mode = SPARSE_RIGHT_DOWN_CAUSAL
         if sliding_window:
@@ -446,7 +521,7 @@ class AscendBackend(TorchBackend):
         # One query per sequence (BSH with S = 1) takes the kernel's incremental path, which
         # needs no causal mask; a sliding window is a mask over the table's key positions.
         mask = self._window_mask(meta, table.shape[1] * block_size, sliding_window)
-        _, kv_lens = self._lengths(meta)
+        _, kv_lens = self._lengths(meta, graphs.DECODE_LENGTHS)
         o, _lse = self.npu.npu_fused_infer_attention_score(
             query.view(b, 1, hq * d).contiguous(),
             key_cache.view(num_blocks, block_size, hkv * d),
@@ -465,15 +540,14 @@ class AscendBackend(TorchBackend):
     def _window_mask(
         self, meta: AttentionMetadata, kv_span: int, sliding_window: int | None
     ) -> torch.Tensor | None:
-        """(B, 1, 1, kv_span) bool, True (masked) for keys that left the window: the decode
-        query at position ``seq_len - 1`` sees keys at positions ``> seq_len - 1 - w``."""
+        """The sliding window as a mask on the device (:func:`graphs.window_mask`)."""
         if not sliding_window:
             return None
+        if self._recording is not None:
+            return self._recording.window_mask(meta, kv_span, sliding_window)
         key = f"ascend.window.{kv_span}.{sliding_window}"
         mask = meta.device_cache.get(key)
         if mask is None:
-            first = meta.seq_lens.astype(np.int64)[:, None] - sliding_window  # (B, 1)
-            host = np.arange(kv_span)[None, :] < first  # (B, kv_span)
-            mask = torch.from_numpy(host[:, None, None, :]).to(self.device)
-            meta.device_cache[key] = mask
+            host = graphs.window_mask(meta, kv_span, sliding_window)
+            mask = meta.device_cache[key] = torch.from_numpy(host).to(self.device)
         return mask

@@ -16,7 +16,7 @@ from llm_core_ascend.version import __version__
 
 #: The HAL API this plugin was built and tested against (a literal, so the registry's check
 #: compares it with the host's).
-BUILT_FOR_HAL_API = "1.0"
+BUILT_FOR_HAL_API = "1.1"
 
 #: ``BackendConfig.options`` the factory understands, with what each does.
 OPTIONS = {

@@ -13,6 +13,7 @@ torch-npu's signature and its shapes pass torch-npu's own shape checks.
 
 from __future__ import annotations
 
+import ast
 import functools
 import os
 import subprocess
@@ -33,6 +34,8 @@ WHEEL_ENV = "LLM_CORE_TORCH_NPU_WHEEL"
 DEFAULT_CACHE = Path("~/.cache/llm-core/wheels").expanduser()
 SCHEMA_FILE = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
 META_FILE = "torch_npu/op_plugin/meta/_meta_registrations.py"
+GRAPHS_FILE = "torch_npu/npu/graphs.py"
+GRAPH_HANDLERS = "torch_npu/npu/_npugraph_handlers/"
 #: The wheel's contents do not depend on the platform; this one exists for every release.
 WHEEL_PLATFORM = ("manylinux_2_28_x86_64", "3.11")
 
@@ -135,6 +138,74 @@ class WheelOps:
 def read_wheel(wheel: Path) -> WheelOps:
     """:meth:`WheelOps.read`, once per wheel and process."""
     return WheelOps.read(wheel)
+
+
+@dataclass(frozen=True, slots=True)
+class GraphAPI:
+    """torch-npu's graph API as its source in the wheel defines it (read, never imported).
+
+    ``signatures``: parameter names (``self`` dropped) of the functions and methods of
+    ``torch_npu/npu/graphs.py``, keyed ``"name"`` or ``"Class.method"``. ``update_keys``: for
+    every operator overload torch-npu records as an updatable task group under
+    ``auto_dispatch_capture`` (its graph handlers), the arguments ``NPUGraph.update`` re-issues
+    (the handler's ``UPDATE_SPECS``)."""
+
+    signatures: dict[str, tuple[str, ...]]
+    update_keys: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def read(cls, wheel: Path) -> GraphAPI:
+        with zipfile.ZipFile(wheel) as z:
+            graphs_source = z.read(GRAPHS_FILE).decode()
+            handlers = [
+                z.read(name).decode()
+                for name in z.namelist()
+                if name.startswith(GRAPH_HANDLERS) and name.endswith(".py")
+            ]
+        signatures: dict[str, tuple[str, ...]] = {}
+        for node in ast.parse(graphs_source).body:
+            if isinstance(node, ast.FunctionDef):
+                signatures[node.name] = _parameters(node)
+            elif isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, ast.FunctionDef):
+                        signatures[f"{node.name}.{item.name}"] = _parameters(item)
+        update_keys: dict[str, tuple[str, ...]] = {}
+        for source in handlers:
+            for found in ast.walk(ast.parse(source)):
+                if isinstance(found, ast.ClassDef):
+                    update_keys.update(_handled_ops(found))
+        return cls(signatures, update_keys)
+
+
+def _parameters(fn: ast.FunctionDef) -> tuple[str, ...]:
+    a = fn.args
+    names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+    return tuple(n for n in names if n not in ("self", "cls"))
+
+
+def _handled_ops(node: ast.ClassDef) -> dict[str, tuple[str, ...]]:
+    """Operator overload -> updatable arguments, for a class decorated with torch-npu's
+    ``register_npu_graph_handler([...])`` (the keys of its ``UPDATE_SPECS``, if any)."""
+    names: list[str] = []
+    for deco in node.decorator_list:
+        if isinstance(deco, ast.Call) and getattr(deco.func, "id", "") == (
+            "register_npu_graph_handler"
+        ):
+            names += ast.literal_eval(deco.args[0])
+    specs: dict[str, list[tuple[str, Any, str]]] = {}
+    for item in node.body:
+        if isinstance(item, ast.Assign) and any(
+            getattr(t, "id", "") == "UPDATE_SPECS" for t in item.targets
+        ):
+            specs = ast.literal_eval(item.value)
+    return {name: tuple(key for _, _, key in specs.get(name, ())) for name in names}
+
+
+@functools.cache
+def read_graph_api(wheel: Path) -> GraphAPI:
+    """:meth:`GraphAPI.read`, once per wheel and process."""
+    return GraphAPI.read(wheel)
 
 
 def _yaml_loader() -> Any:
