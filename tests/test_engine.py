@@ -122,6 +122,32 @@ def test_logprobs_match_transformers(llama: tuple[pathlib.Path, PreTrainedModel]
     )
 
 
+def test_prompt_logprobs_match_transformers(llama: tuple[pathlib.Path, PreTrainedModel]) -> None:
+    """Every prompt token's log-probability (and the top 2) equal transformers' log-softmax,
+    with the prompt split over 7-token chunks, its blocks already in the prefix cache (a
+    request asking for prompt logprobs computes every position anyway) and n=2; the
+    generated tokens are those of a request that asked for none."""
+    path, model = llama
+    prompt = PROMPTS[3]
+    llm = make_llm(path, max_num_batched_tokens=7, block_size=4)
+    plain = llm.generate([prompt], GREEDY, use_tqdm=False)[0]  # fills the prefix cache
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, prompt_logprobs=2, n=2)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt)
+    assert out.prompt_logprobs[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), dim=-1)
+    for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        assert entry is not None
+        row, tok = ref[i - 1], prompt[i]
+        assert entry[tok].logprob == pytest.approx(row[tok].item(), abs=1e-4)
+        assert entry[tok].rank == int((row > row[tok]).sum()) + 1
+        assert sorted(entry) == sorted(set(row.topk(2).indices.tolist()) | {tok})
+        assert all(e.decoded_token is not None for e in entry.values())
+    assert [o.token_ids for o in out.outputs] == [plain.outputs[0].token_ids] * 2
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].prompt_logprobs is None
+
+
 def test_alone_equals_mixed_batch(llama: tuple[pathlib.Path, PreTrainedModel]) -> None:
     path, _ = llama
     llm = make_llm(path)

@@ -274,6 +274,60 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
 
 
+def test_echo_with_logprobs_and_prompt_logprobs(
+    server: InProcessServer, model_dir: pathlib.Path, client: openai.OpenAI
+) -> None:
+    """echo + logprobs reports the prompt tokens' log-probabilities (None for the first)
+    before the completion's, equal to transformers' log-softmax, whole and streamed; vLLM's
+    ``prompt_logprobs`` gives the same numbers keyed by token id; chat returns them too."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = PROMPTS[2]
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": prompt}, headers=_auth()).json()
+    ids = ids["tokens"]
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
+    kwargs = {"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0,
+              "logprobs": 2, "echo": True}  # fmt: skip
+    whole = client.completions.create(
+        **kwargs, extra_body={"ignore_eos": True, "prompt_logprobs": 2}
+    ).choices[0]
+    lp = whole.logprobs
+    assert whole.text.startswith(prompt) and lp is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(ids) + 4
+    assert "".join(lp.tokens[: len(ids)]) == prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        top = lp.top_logprobs[i]
+        assert top is not None and max(top.values()) == pytest.approx(
+            ref[i - 1].max().item(), abs=1e-4
+        )
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    vllm_form = whole.model_extra["prompt_logprobs"]
+    assert vllm_form[0] is None and len(vllm_form) == len(ids)
+    for i in range(1, len(ids)):
+        entry = vllm_form[i][str(ids[i])]
+        assert entry["logprob"] == pytest.approx(lp.token_logprobs[i], abs=1e-6)
+        assert entry["rank"] == int((ref[i - 1] > ref[i - 1, ids[i]]).sum()) + 1
+    streamed = list(
+        client.completions.create(stream=True, **kwargs, extra_body={"ignore_eos": True})
+    )
+    first = streamed[0].choices[0]
+    assert first.text == prompt and first.logprobs is not None
+    assert first.logprobs.token_logprobs == lp.token_logprobs[: len(ids)]
+    assert "".join(c.choices[0].text for c in streamed) == whole.text
+    chat = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": prompt}],
+              "max_tokens": 2, "prompt_logprobs": 1},
+        headers=_auth(), timeout=30,
+    ).json()  # fmt: skip
+    assert chat["prompt_logprobs"][0] is None
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+
+
 def test_stop_string_whole_and_streamed(client: openai.OpenAI) -> None:
     full = _greedy(client, PROMPTS[1], max_tokens=24).choices[0].text
     stop = full[6:8]
@@ -390,6 +444,7 @@ def _post(server: Server, path: str, body: bytes | dict, **headers: str) -> http
         ({"prompt": [[5, 6], [99999]]}, 400, None, "outside the vocabulary"),  # all or none
         ({"prompt": "x", "model": "gpt-4"}, 404, "model", "does not exist"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", ""),
+        ({"prompt": "x", "stream": True, "prompt_logprobs": 1}, 400, "prompt_logprobs", "non-"),
     ],
 )
 def test_completion_errors(

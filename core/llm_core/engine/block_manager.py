@@ -110,11 +110,12 @@ class BlockManager:
         tokens they cover.
 
         Only full blocks match, and never all of the sequence's tokens: at least one token is
-        left to compute so the step that finishes the prefill produces logits. Meant for a
-        sequence that holds no blocks yet; it changes nothing (no reference taken, no
-        statistics counted).
+        left to compute so the step that finishes the prefill produces logits. A sequence with
+        ``skip_prefix_cache`` (prompt logprobs need every position computed) matches nothing.
+        Meant for a sequence that holds no blocks yet; it changes nothing (no reference taken,
+        no statistics counted).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.skip_prefix_cache:
             return [], 0
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hits: list[int] = []

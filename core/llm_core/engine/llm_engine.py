@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from llm_core.config import EngineArgs
 from llm_core.engine.block_manager import BlockManager
 from llm_core.engine.detokenizer import IncrementalDetokenizer
-from llm_core.engine.model_runner import ModelRunner, SampledToken, SeqSampling
+from llm_core.engine.model_runner import ModelRunner, SampledToken, SeqSampling, StepResult
 from llm_core.engine.scheduler import Scheduler, SchedulerConfig
 from llm_core.engine.sequence import Sequence
 from llm_core.loaders.checkpoint import open_checkpoint
@@ -74,6 +74,9 @@ class _Request:
     prompt_token_ids: list[int]
     completions: list[_Completion]
     metrics: RequestMetrics
+    #: None first (the first token has no context), then one entry per prompt token; None
+    #: when not asked for.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -84,7 +87,7 @@ class _Request:
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            prompt_logprobs=None,
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
             outputs=[c.output() for c in self.completions],
             finished=self.finished,
             metrics=self.metrics,
@@ -226,14 +229,14 @@ class LLMEngine:
         else:
             text, token_ids = prompt_text, [int(t) for t in prompt]
         self._validate(token_ids, params)
-        if params.prompt_logprobs is not None:
-            raise RequestError("prompt_logprobs is not supported yet; leave it unset")
         now = time.time() if arrival_time is None else arrival_time
         room = self.max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         completions = []
         for index in range(params.n):
             seq = Sequence(request_id, token_ids, max_tokens, arrival_time=now)
+            # Prompt log-probabilities need every prompt position computed: no cache reads.
+            seq.skip_prefix_cache = params.prompt_logprobs is not None
             seed = (params.seed + index) if params.seed is not None else self._rng.getrandbits(62)
             detok = IncrementalDetokenizer(
                 self.tokenizer,
@@ -242,11 +245,15 @@ class LLMEngine:
                 params.spaces_between_special_tokens,
             )
             sampling = SeqSampling(params, seed, self._banned(params, 0))
+            if index == 0:  # the completions share the prompt: compute its logprobs once
+                sampling.prompt_logprobs = params.prompt_logprobs
             comp = _Completion(index, seq, detok, sampling)
             if params.logprobs is not None:
                 comp.logprobs, comp.cumulative_logprob = [], 0.0
             completions.append(comp)
         request = _Request(request_id, text, token_ids, completions, RequestMetrics(now))
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
         self._requests[request_id] = request
         for comp in completions:
             self._by_seq[comp.seq.seq_id] = (request, comp)
@@ -310,9 +317,26 @@ class LLMEngine:
         sampling = {
             s.seq.seq_id: self._by_seq[s.seq.seq_id][1].sampling for s in scheduled.scheduled
         }
-        sampled = self.runner.execute(scheduled, sampling)
+        result = self.runner.execute(scheduled, sampling)
+        self._add_prompt_logprobs(result)
+        sampled = result.sampled
         self.scheduler.postprocess(scheduled, {sid: t.token_id for sid, t in sampled.items()})
         return self._process(sampled) + self._ignored(scheduled.ignored)
+
+    def _add_prompt_logprobs(self, result: StepResult) -> None:
+        for seq_id, tokens in result.prompt_logprobs.items():
+            request = self._by_seq[seq_id][0]
+            assert request.prompt_logprobs is not None, "only requests that asked get them"
+            request.prompt_logprobs.extend(self._logprob_entry(t) for t in tokens)
+
+    def _logprob_entry(self, token: SampledToken) -> dict[int, Logprob]:
+        """The token's log-probability and the top ones, with their text (vLLM's form)."""
+        assert token.logprob is not None, "a token with log-probabilities"
+        entry = {i: Logprob(v, rank + 1) for rank, (i, v) in enumerate(token.top or [])}
+        entry[token.token_id] = Logprob(token.logprob, token.rank)
+        for i, lp in entry.items():
+            lp.decoded_token = str(self.tokenizer.decode([i]))
+        return entry
 
     def _ignored(self, seqs: list[Sequence]) -> list[RequestOutput]:
         """Sequences the scheduler gave up on (they outgrew the model or the cache): they end
@@ -354,11 +378,7 @@ class LLMEngine:
         seq, params = comp.seq, comp.sampling.params
         tid = token.token_id
         if comp.logprobs is not None and token.logprob is not None:
-            entry = {i: Logprob(v, rank + 1) for rank, (i, v) in enumerate(token.top or [])}
-            entry[tid] = Logprob(token.logprob, token.rank)
-            for i, lp in entry.items():
-                lp.decoded_token = str(self.tokenizer.decode([i]))
-            comp.logprobs.append(entry)
+            comp.logprobs.append(self._logprob_entry(token))
             comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + token.logprob
         num_out = seq.num_output_tokens
         comp.sampling.banned = self._banned(params, num_out)

@@ -60,6 +60,31 @@ class SeqSampling:
     params: SamplingParams
     seed: int  # base seed of the request (its own, or one drawn by the engine)
     banned: list[int]  # token ids that may not be drawn yet (EOS before min_tokens)
+    #: Top log-probabilities to report per prompt position (None: no prompt logprobs; the
+    #: engine asks for them on one completion of a request only).
+    prompt_logprobs: int | None = None
+    #: Prompt positions whose next-token log-probabilities were reported: a recomputed
+    #: prefill (after preemption) does not report them again.
+    prompt_logprobs_done: int = 0
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What one step gives back: the sampled token of every sequence whose chunk produced
+    logits, and for sequences that asked for them the log-probabilities of the prompt tokens
+    the step's chunk predicted (``token_id`` is the prompt token), in prompt order."""
+
+    sampled: dict[int, SampledToken] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[SampledToken]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _PromptRows:
+    """Logits rows of one sequence's chunk whose next tokens are prompt tokens."""
+
+    seq_id: int
+    targets: list[int]  # the prompt tokens those rows predict
+    top: int
 
 
 @dataclass(slots=True)
@@ -98,19 +123,29 @@ class ModelRunner:
         self.capture = capture
         self._graphs: dict[int, _DecodeGraph] = {}
 
-    def execute(
-        self, output: SchedulerOutput, sampling: dict[int, SeqSampling]
-    ) -> dict[int, SampledToken]:
-        """Run one step; returns the sampled token of every sequence whose chunk produced
-        logits (keyed by seq_id)."""
+    def execute(self, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> StepResult:
+        """Run one step: sample a token for every sequence whose chunk produced logits and
+        compute the prompt log-probabilities that were asked for (both keyed by seq_id)."""
+        prompt_rows: list[_PromptRows] = []
         if self.capture and _is_decode(output) and len(output.scheduled) <= MAX_CAPTURE_BATCH:
             logits, sampled_seqs = self._run_decode_graph(output)
         else:
-            batch, sampled_seqs = self._prepare(output)
-            logits = self.model.forward(batch, self.kv_caches)  # (B', V) fp32
-        if not sampled_seqs:
-            return {}
-        return self._sample(logits, sampled_seqs, sampling)
+            batch, sampled_seqs, prompt_rows = self._prepare(output, sampling)
+            logits = self.model.forward(batch, self.kv_caches)  # (B' + P, V) fp32
+        result = StepResult()
+        be = self.backend
+        if prompt_rows:
+            n = len(sampled_seqs)
+            rows = np.arange(n, be.shape(logits)[0], dtype=np.int64)
+            result.prompt_logprobs = self._prompt_logprobs(
+                be.gather_rows(logits, be.from_host(rows, DType.INT64)), prompt_rows
+            )
+            if n:
+                first = be.from_host(np.arange(n, dtype=np.int64), DType.INT64)
+                logits = be.gather_rows(logits, first)
+        if sampled_seqs:
+            result.sampled = self._sample(logits, sampled_seqs, sampling)
+        return result
 
     # ------------------------------------------------------------------------------------------
     # captured decode
@@ -190,7 +225,11 @@ class ModelRunner:
     # eager steps
     # ------------------------------------------------------------------------------------------
 
-    def _prepare(self, output: SchedulerOutput) -> tuple[ForwardBatch, list[Sequence]]:
+    def _prepare(
+        self, output: SchedulerOutput, sampling: dict[int, SeqSampling]
+    ) -> tuple[ForwardBatch, list[Sequence], list[_PromptRows]]:
+        """The step's inputs. Its logits rows: one per sampled sequence, in batch order,
+        then the rows of the prompt positions whose log-probabilities were asked for."""
         ids: list[int] = []
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
@@ -198,6 +237,8 @@ class ModelRunner:
         seq_lens: list[int] = []
         logits_rows: list[int] = []
         sampled: list[Sequence] = []
+        prompt: list[_PromptRows] = []
+        prompt_positions: list[int] = []
         max_blocks = max(len(s.seq.block_table) for s in output.scheduled)
         tables = np.zeros((len(output.scheduled), max_blocks), dtype=np.int32)
         for row, item in enumerate(output.scheduled):
@@ -213,6 +254,18 @@ class ModelRunner:
             if item.produces_logits:  # the chunk reaches the last token: sample the next
                 logits_rows.append(starts[-1] - 1)
                 sampled.append(seq)
+            info = sampling[seq.seq_id]
+            if info.prompt_logprobs is not None:
+                # Position p's logits predict token p + 1: prompt tokens for p < prompt - 1.
+                first = max(start, info.prompt_logprobs_done)
+                last = min(end, seq.num_prompt_tokens - 1)
+                if first < last:
+                    base = starts[-2] - start
+                    prompt_positions.extend(range(base + first, base + last))
+                    targets = seq.token_ids[first + 1 : last + 1]
+                    prompt.append(_PromptRows(seq.seq_id, targets, info.prompt_logprobs))
+                    info.prompt_logprobs_done = last
+        logits_rows.extend(prompt_positions)
         be = self.backend
         attn = AttentionMetadata(
             query_start_loc=np.asarray(starts),
@@ -227,7 +280,30 @@ class ModelRunner:
             attn=attn,
             logits_indices=be.from_host(np.asarray(logits_rows, dtype=np.int64), DType.INT64),
         )
-        return batch, sampled
+        return batch, sampled, prompt
+
+    def _prompt_logprobs(
+        self, logits: Tensor, rows: list[_PromptRows]
+    ) -> dict[int, list[SampledToken]]:
+        """Raw log-probabilities of the prompt tokens (and the top ones) from their rows."""
+        be = self.backend
+        targets = np.asarray([t for r in rows for t in r.targets], dtype=np.int64)
+        lp = be.compute_logprobs(
+            logits, be.from_host(targets, DType.INT64), max(r.top for r in rows)
+        )
+        token_lp = be.to_host(lp.token_logprobs).tolist()
+        ranks = be.to_host(lp.token_ranks).tolist()
+        top_lp = be.to_host(lp.top_logprobs).tolist()
+        top_ids = be.to_host(lp.top_ids).tolist()
+        out: dict[int, list[SampledToken]] = {}
+        i = 0
+        for r in rows:
+            entries = out.setdefault(r.seq_id, [])
+            for t in r.targets:
+                top = [(int(k), float(v)) for k, v in zip(top_ids[i][: r.top], top_lp[i][: r.top])]
+                entries.append(SampledToken(t, float(token_lp[i]), int(ranks[i]), top))
+                i += 1
+        return out
 
     def _sample(
         self, logits: Tensor, seqs: list[Sequence], sampling: dict[int, SeqSampling]

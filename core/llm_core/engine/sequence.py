@@ -65,6 +65,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []
         self.num_committed_blocks = 0
+        #: Take no prefix-cache hits: every prompt position is computed (prompt logprobs).
+        self.skip_prefix_cache = False
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

@@ -30,9 +30,15 @@ from llm_core.engine.async_llm import (
 from llm_core.engine.llm_engine import RequestError
 from llm_core.entrypoints.openai.config import ServerConfig
 from llm_core.entrypoints.openai.errors import APIError
-from llm_core.entrypoints.openai.protocol import ChatMessage, SamplingRequest, UsageInfo
+from llm_core.entrypoints.openai.protocol import (
+    ChatMessage,
+    PromptLogprob,
+    PromptLogprobs,
+    SamplingRequest,
+    UsageInfo,
+)
 from llm_core.metrics import EngineMetrics
-from llm_core.outputs import CompletionOutput
+from llm_core.outputs import CompletionOutput, RequestOutput
 from llm_core.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -197,8 +203,10 @@ class OpenAIServing:
         max_tokens: int | None,
         logprobs: int | None,
         prompt_param: str,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
-        """SamplingParams for one prompt, or a 400 that says what to change."""
+        """SamplingParams for one prompt, or a 400 that says what to change.
+        ``prompt_logprobs`` overrides the request's (echo with logprobs needs them)."""
         limit = self.max_model_len
         room = limit - num_prompt_tokens
         if room < 1:
@@ -225,6 +233,13 @@ class OpenAIServing:
             raise APIError(
                 400, "stream_options is only allowed when stream is true", param="stream_options"
             )
+        if request.prompt_logprobs is not None and request.stream:
+            raise APIError(
+                400,
+                "prompt_logprobs are returned in non-streamed responses only; set stream to "
+                "false or leave prompt_logprobs out",
+                param="prompt_logprobs",
+            )
 
         def pick(value: Any, default: Any) -> Any:
             return default if value is None else value
@@ -246,6 +261,7 @@ class OpenAIServing:
                 max_tokens=max_tokens,
                 min_tokens=request.min_tokens,
                 logprobs=logprobs,
+                prompt_logprobs=pick(prompt_logprobs, request.prompt_logprobs),
                 skip_special_tokens=request.skip_special_tokens,
                 spaces_between_special_tokens=request.spaces_between_special_tokens,
                 include_stop_str_in_output=request.include_stop_str_in_output,
@@ -305,6 +321,23 @@ class OpenAIServing:
                 )
             )
         return result
+
+    @staticmethod
+    def prompt_logprobs(output: RequestOutput) -> PromptLogprobs | None:
+        """The request's prompt log-probabilities in vLLM's JSON form (None if not asked)."""
+        if output.prompt_logprobs is None:
+            return None
+        return [
+            None
+            if entry is None
+            else {
+                str(token): PromptLogprob(
+                    logprob=clamp_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token
+                )
+                for token, lp in entry.items()
+            }
+            for entry in output.prompt_logprobs
+        ]
 
     @staticmethod
     def sse(payload: BaseModel | dict[str, Any] | str) -> str:

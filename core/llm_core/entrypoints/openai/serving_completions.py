@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -28,11 +28,12 @@ from llm_core.entrypoints.openai.serving import (
     ChoiceState,
     ClientDisconnectedError,
     OpenAIServing,
+    clamp_logprob,
     engine_stopped,
     usage,
 )
 from llm_core.entrypoints.openai.streaming import EventStreamResponse
-from llm_core.outputs import CompletionOutput, RequestOutput
+from llm_core.outputs import CompletionOutput, Logprob, RequestOutput
 from llm_core.sampling_params import SamplingParams
 
 
@@ -67,14 +68,9 @@ class OpenAIServingCompletion:
             raise APIError(
                 400, "best_of is not supported; leave it out (or equal to n)", param="best_of"
             )
-        if req.echo and req.logprobs is not None:
-            raise APIError(
-                400,
-                "echo with logprobs needs the prompt's log-probabilities, which this server "
-                "does not compute; drop echo or logprobs",
-                param="echo",
-            )
         texts, prompts = await self._prompts(req)
+        # Echo with logprobs reports the prompt tokens' log-probabilities too.
+        echo_logprobs = req.logprobs if req.echo else None
         params = [
             serving.sampling_params(
                 req,
@@ -82,6 +78,7 @@ class OpenAIServingCompletion:
                 max_tokens=req.max_tokens,
                 logprobs=req.logprobs,
                 prompt_param="prompt",
+                prompt_logprobs=_larger(echo_logprobs, req.prompt_logprobs),
             )
             for ids in prompts
         ]
@@ -133,11 +130,14 @@ class OpenAIServingCompletion:
         completion_tokens = 0
         n, k = job.request.n, job.request.logprobs
         for p in range(len(job.prompt_lengths)):
-            for out in finals[p].outputs:
+            final = finals[p]
+            for out in final.outputs:
                 prefix = job.prompt_texts[p] if job.request.echo else ""
                 logprobs = None
                 if k is not None:
-                    logprobs, _ = self._logprobs(out, 0, len(out.token_ids), k, len(prefix))
+                    logprobs = await self._echo_logprobs(final, k) if job.request.echo else None
+                    more, _ = self._logprobs(out, 0, len(out.token_ids), k, len(prefix))
+                    logprobs = _joined(logprobs, more)
                 choices.append(
                     CompletionChoice(
                         index=p * n + out.index,
@@ -145,6 +145,11 @@ class OpenAIServingCompletion:
                         logprobs=logprobs,
                         finish_reason=out.finish_reason,
                         stop_reason=out.stop_reason,
+                        prompt_logprobs=(
+                            self.serving.prompt_logprobs(final)
+                            if job.request.prompt_logprobs is not None
+                            else None
+                        ),
                     )
                 )
                 completion_tokens += len(out.token_ids)
@@ -179,13 +184,21 @@ class OpenAIServingCompletion:
 
         try:
             async with job.stream:
-                if req.echo:
-                    for (p, j), state in states.items():
-                        offsets[(p, j)] = len(job.prompt_texts[p])
-                        echo = CompletionChoice(index=state.index, text=job.prompt_texts[p])
-                        yield chunk([echo], usage_now() if continuous else None)
+                echoed: set[int] = set()
                 async for output in job.stream:
                     p = job.prompt_index(output)
+                    if req.echo and p not in echoed:
+                        # Sent with the prompt's first output: its prompt logprobs exist then.
+                        echoed.add(p)
+                        echo_logprobs = None if k is None else await self._echo_logprobs(output, k)
+                        for j in range(n):
+                            offsets[(p, j)] = len(job.prompt_texts[p])
+                            echo = CompletionChoice(
+                                index=states[(p, j)].index,
+                                text=job.prompt_texts[p],
+                                logprobs=echo_logprobs,
+                            )
+                            yield chunk([echo], usage_now() if continuous else None)
                     holdback = serving.holdback(job.params[p])
                     generated[p] = sum(len(c.token_ids) for c in output.outputs)
                     for out in output.outputs:
@@ -215,6 +228,31 @@ class OpenAIServingCompletion:
             yield serving.error_event(exc)
         yield "data: [DONE]\n\n"
 
+    async def _echo_logprobs(self, output: RequestOutput, k: int) -> CompletionLogProbs:
+        """OpenAI's legacy logprobs of the echoed prompt: its tokens, None for the first
+        (nothing precedes it), then each token's log-probability and the top ``k``."""
+        result = CompletionLogProbs()
+        entries = output.prompt_logprobs or []
+        offset = 0
+        for token, entry in zip(output.prompt_token_ids, entries, strict=False):
+            if entry is None:
+                text = await self.serving.decode([token])
+            else:
+                text = entry[token].decoded_token or ""
+            result.tokens.append(text)
+            result.text_offset.append(offset)
+            offset += len(text)
+            if entry is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
+            top = sorted((lp for lp in entry.values() if lp.rank and lp.rank <= k), key=_rank)
+            result.token_logprobs.append(clamp_logprob(entry[token].logprob))
+            result.top_logprobs.append(
+                _by_text((lp.decoded_token or "", clamp_logprob(lp.logprob)) for lp in top[:k])
+            )
+        return result
+
     def _logprobs(
         self, out: CompletionOutput, first: int, last: int, k: int, offset: int
     ) -> tuple[CompletionLogProbs, int]:
@@ -224,7 +262,36 @@ class OpenAIServingCompletion:
         for item in self.serving.token_logprobs(out, first, last, k):
             result.tokens.append(item.token)
             result.token_logprobs.append(item.logprob)
-            result.top_logprobs.append(dict(item.top))
+            result.top_logprobs.append(_by_text(item.top))
             result.text_offset.append(offset)
             offset += len(item.token)
         return result, offset
+
+
+def _larger(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _by_text(top: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """OpenAI's legacy top_logprobs map text to logprob: of tokens that decode to the same
+    text, the most likely (the first, in rank order) is kept."""
+    out: dict[str, float] = {}
+    for text, logprob in top:
+        out.setdefault(text, logprob)
+    return out
+
+
+def _rank(lp: Logprob) -> int:
+    return lp.rank or 0
+
+
+def _joined(first: CompletionLogProbs | None, second: CompletionLogProbs) -> CompletionLogProbs:
+    """The echoed prompt's logprobs followed by the completion's."""
+    if first is None:
+        return second
+    return CompletionLogProbs(
+        text_offset=first.text_offset + second.text_offset,
+        token_logprobs=first.token_logprobs + second.token_logprobs,
+        tokens=first.tokens + second.tokens,
+        top_logprobs=first.top_logprobs + second.top_logprobs,
+    )
