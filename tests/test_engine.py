@@ -182,8 +182,9 @@ def test_prefix_cache_on_off_and_chunked_whole_prefill_agree(
 def test_preemption_and_recompute_keep_outputs(llama: tuple[pathlib.Path, PreTrainedModel]) -> None:
     path, _ = llama
     prompts = [[(7 * i + j) % 290 + 3 for j in range(20 + i)] for i in range(8)]
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    reference = tokens(make_llm(path).generate(prompts, params, use_tqdm=False))
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, prompt_logprobs=1)
+    whole = make_llm(path).generate(prompts, params, use_tqdm=False)
+    reference = tokens(whole)
     # 8 blocks of 16 tokens: far less than 8 sequences of ~70 tokens need at once.
     small = make_llm(
         path, kv_cache_memory=8 * 16 * 2 * 2 * 2 * 16 * 4
@@ -199,8 +200,16 @@ def test_preemption_and_recompute_keep_outputs(llama: tuple[pathlib.Path, PreTra
         return out
 
     engine.scheduler.schedule = schedule  # type: ignore[method-assign]
-    assert tokens(small.generate(prompts, params, use_tqdm=False)) == reference
+    outputs = small.generate(prompts, params, use_tqdm=False)
+    assert tokens(outputs) == reference
     assert preempted, "the small cache should have forced preemption"
+    # A recomputed prefill reports no prompt position twice.
+    for got, want in zip(outputs, whole):
+        assert got.prompt_logprobs is not None and want.prompt_logprobs is not None
+        assert len(got.prompt_logprobs) == len(want.prompt_logprobs) == len(got.prompt_token_ids)
+        for g, w in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:]):
+            assert g is not None and w is not None and g.keys() == w.keys()
+            assert all(g[t].logprob == pytest.approx(w[t].logprob, abs=1e-5) for t in g)
     assert engine.block_manager.num_available_blocks == 8  # nothing leaked
 
 
