@@ -283,3 +283,44 @@ def test_replay_refuses_metadata_of_another_shape(npu: Any, runtime: Any) -> Non
     meta.block_tables = np.zeros((2, 2), dtype=np.int32)
     with pytest.raises(ValueError, match="changed shape"):
         graph.replay()
+
+
+def test_a_failed_capture_leaves_the_step_eager(
+    npu: Any, runtime: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step the capture refuses (here it reads a device value on the host) is run eagerly
+    and not recorded: the engine keeps serving, and the log says why."""
+    backend = AscendBackend("cpu", ops=npu, graph_runtime=runtime)
+    key_cache, value_cache = backend.allocate_kv_cache(2, BLOCK, 2, 16, DType.BF16)
+    meta = _two_sequences()
+    q = torch.randn(2, 64).to(BF16)
+    results = []
+
+    def step() -> None:
+        backend.reshape_and_cache(q[:, :32], q[:, 32:], key_cache, value_cache, meta)
+        o = backend.paged_attention_decode(q, key_cache, value_cache, meta, 0.25)
+        results.append(float(o.float().sum().item()))
+
+    with caplog.at_level(logging.WARNING, logger="llm_core_ascend"):
+        assert backend.capture_graph(step) is None
+    assert "host" in caplog.text and "not recorded" in caplog.text
+    assert len(results) == 2 and results[0] == results[1]  # the eager pass, then the fallback
+    assert backend._recording is None
+
+
+def test_a_slice_of_a_cache_is_not_recorded(npu: Any, runtime: Any) -> None:
+    """Padding rows go to the scratch blocks past the blocks handed out; a slice of a cache
+    has none of its own, so a step writing into one is not recorded."""
+    backend = AscendBackend("cpu", ops=npu, graph_runtime=runtime)
+    key_cache, value_cache = backend.allocate_kv_cache(4, BLOCK, 2, 16, DType.BF16)
+    meta = _two_sequences()
+    q = torch.randn(2, 64).to(BF16)
+
+    def step() -> None:
+        backend.reshape_and_cache(q[:, :32], q[:, 32:], key_cache[:2], value_cache[:2], meta)
+
+    assert backend.capture_graph(step) is None
+    whole = backend.capture_graph(
+        lambda: backend.reshape_and_cache(q[:, :32], q[:, 32:], key_cache, value_cache, meta)
+    )
+    assert whole is not None

@@ -112,11 +112,9 @@ class AscendBackend(TorchBackend):
         self._graph_runtime = graph_runtime
         self._graph_pool: Any = None
         self._recording: graphs.Recorder | None = None
-        #: KV caches handed out (by data pointer) -> the allocation with their scratch blocks,
-        #: for as long as the cache (a view of it) lives.
-        self._kv_allocations: weakref.WeakValueDictionary[int, torch.Tensor] = (
-            weakref.WeakValueDictionary()
-        )
+        #: KV caches handed out, by data pointer: (the cache, its allocation with the scratch
+        #: blocks, the blocks handed out); dropped when the cache is.
+        self._kv_allocations: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor, int]] = {}
         if self.device.type == "npu":
             self._runtime().set_device(self.device)
 
@@ -151,16 +149,21 @@ class AscendBackend(TorchBackend):
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, dtype: DType
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The HAL's caches, each the first ``num_blocks`` blocks of an allocation with
-        scratch blocks past them, where recorded steps write their padding rows (see
-        :mod:`llm_core_ascend.graphs`)."""
+        """The HAL's caches. Where graphs can be recorded, each is the first ``num_blocks``
+        blocks of an allocation with scratch blocks past them, where recorded steps write their
+        padding rows (see :mod:`llm_core_ascend.graphs`)."""
+        if self._graph_runtime is None:
+            return super().allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_size, dtype)
         scratch = -(-graphs.SCRATCH_TOKENS // block_size)
         full = super().allocate_kv_cache(
             num_blocks + scratch, block_size, num_kv_heads, head_size, dtype
         )
         caches = tuple(t[:num_blocks] for t in full)
+        for ptr, entry in list(self._kv_allocations.items()):
+            if entry[0]() is None:
+                del self._kv_allocations[ptr]
         for cache, allocation in zip(caches, full, strict=True):
-            self._kv_allocations[cache.data_ptr()] = allocation
+            self._kv_allocations[cache.data_ptr()] = (weakref.ref(cache), allocation, num_blocks)
         return caches[0], caches[1]
 
     # ------------------------------------------------------------------------------------------
@@ -173,9 +176,32 @@ class AscendBackend(TorchBackend):
         runtime = self._graph_runtime
         if runtime is None:
             return super().capture_graph(fn)
-        if self._graph_pool is None:
-            self._graph_pool = runtime.graph_pool_handle()  # shared by every recorded size
-        return graphs.AscendStepGraph.record(self, runtime, fn, self._graph_pool)
+        if self._recording is not None:
+            raise RuntimeError("capture_graph calls cannot nest")
+        try:
+            if self._graph_pool is None:
+                self._graph_pool = runtime.graph_pool_handle()  # shared by every recorded size
+            return graphs.AscendStepGraph.record(self, runtime, fn, self._graph_pool)
+        except Exception as exc:  # any failure to record means: run eagerly
+            log.warning("ascend: the decode step is not recorded as a graph: %s", exc)
+            self.synchronize()
+            fn()  # the contract: fn's results are valid whatever this returns
+            return None
+
+    def moe_experts(
+        self,
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        activation: str = "silu",
+        out: Tensor | None = None,
+    ) -> Tensor:
+        if self._recording is not None:
+            # The reference picks the experts to run on the host: a graph would freeze them.
+            self._recording.refuse("moe_experts chooses its experts on the host")
+        return super().moe_experts(x, w13, w2, topk_weights, topk_ids, activation, out)
 
     # ------------------------------------------------------------------------------------------
     # linear layers
@@ -382,12 +408,15 @@ class AscendBackend(TorchBackend):
     def _scratch_allocations(
         self, key_cache: torch.Tensor, value_cache: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The allocations (with scratch blocks) behind two caches from allocate_kv_cache."""
-        full_k = self._kv_allocations.get(key_cache.data_ptr())
-        full_v = self._kv_allocations.get(value_cache.data_ptr())
-        if full_k is None or full_v is None:
-            return None
-        return full_k, full_v
+        """The allocations (with scratch blocks) behind two whole caches from
+        allocate_kv_cache; None for anything else (a slice of one included)."""
+        found = []
+        for cache in (key_cache, value_cache):
+            entry = self._kv_allocations.get(cache.data_ptr())
+            if entry is None or entry[0]() is None or cache.shape[0] != entry[2]:
+                return None
+            found.append(entry[1])
+        return found[0], found[1]
 
     def _slots(self, meta: AttentionMetadata) -> tuple[torch.Tensor | None, torch.Tensor]:
         cached = meta.device_cache.get("ascend.slots")

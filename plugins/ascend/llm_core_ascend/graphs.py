@@ -1,7 +1,8 @@
 """Graph mode on Ascend: the engine's decode step recorded as one torch-npu ``NPUGraph``.
 
-A decode step launches a few hundred small operators; recorded once and replayed with one
-call, the host no longer bounds a small batch. torch-npu 2.13.0 offers graphs with CUDA's
+A decode step launches a few hundred small operators; recorded once, a replay costs one graph
+launch plus a few small uploads and one attention update per layer instead of every operator's
+host-side dispatch. torch-npu 2.13.0 offers graphs with CUDA's
 shape (``torch.npu.NPUGraph``, ``torch.npu.graph(...)``, ``torch.npu.graph_pool_handle()``)
 and one difference that matters here: ``npu_fused_infer_attention_score`` takes the sequence
 lengths as host integer lists, which a recording freezes. torch-npu's answer is
@@ -24,8 +25,9 @@ slots no sequence ever reads.
 The recording runs ``fn`` twice: once eagerly (it creates the static copies, the rotary
 tables and the causal mask, which must not be allocated and uploaded during capture), then
 inside the capture. A step that reads the metadata through an unfused path (fp32 attention,
-say: host code a graph would freeze) is not recorded: ``capture_graph`` returns None and the
-reason is logged; the eager call's results stand.
+say: host code a graph would freeze) or picks MoE experts on the host is not recorded, and a
+capture that fails for any reason leaves the step eager: ``capture_graph`` returns None, the
+reason is logged, and ``fn``'s results are valid.
 """
 
 from __future__ import annotations
