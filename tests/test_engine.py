@@ -122,11 +122,16 @@ def test_logprobs_match_transformers(llama: tuple[pathlib.Path, PreTrainedModel]
     )
 
 
-def test_prompt_logprobs_match_transformers(llama: tuple[pathlib.Path, PreTrainedModel]) -> None:
+def test_prompt_logprobs_match_transformers(
+    llama: tuple[pathlib.Path, PreTrainedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every prompt token's log-probability (and the top 2) equal transformers' log-softmax,
-    with the prompt split over 7-token chunks, its blocks already in the prefix cache (a
-    request asking for prompt logprobs computes every position anyway) and n=2; the
-    generated tokens are those of a request that asked for none."""
+    with the prompt split over 7-token chunks, computed 4 rows at a time, its blocks already
+    in the prefix cache (a request asking for prompt logprobs computes every position anyway)
+    and n=2; the generated tokens are those of a request that asked for none."""
+    from llm_core.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "PROMPT_LOGPROB_ROWS", 4)
     path, model = llama
     prompt = PROMPTS[3]
     llm = make_llm(path, max_num_batched_tokens=7, block_size=4)
@@ -179,7 +184,12 @@ def test_prefix_cache_on_off_and_chunked_whole_prefill_agree(
     assert tokens(chunked.generate(prompts, GREEDY, use_tqdm=False)) == reference
 
 
-def test_preemption_and_recompute_keep_outputs(llama: tuple[pathlib.Path, PreTrainedModel]) -> None:
+@pytest.mark.parametrize("budget", [2048, 7])
+def test_preemption_and_recompute_keep_outputs(
+    llama: tuple[pathlib.Path, PreTrainedModel], budget: int
+) -> None:
+    """With a 7-token step budget the prompts are prefilled in chunks, and sequences are
+    preempted in the middle of their prompts too."""
     path, _ = llama
     prompts = [[(7 * i + j) % 290 + 3 for j in range(20 + i)] for i in range(8)]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, prompt_logprobs=1)
@@ -187,7 +197,7 @@ def test_preemption_and_recompute_keep_outputs(llama: tuple[pathlib.Path, PreTra
     reference = tokens(whole)
     # 8 blocks of 16 tokens: far less than 8 sequences of ~70 tokens need at once.
     small = make_llm(
-        path, kv_cache_memory=8 * 16 * 2 * 2 * 2 * 16 * 4
+        path, kv_cache_memory=8 * 16 * 2 * 2 * 2 * 16 * 4, max_num_batched_tokens=budget
     )  # blocks, tokens, k+v, layers, heads, D, fp32
     engine = small.llm_engine
     assert engine.block_manager.num_blocks == 8

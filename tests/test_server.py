@@ -289,9 +289,9 @@ def test_echo_with_logprobs_and_prompt_logprobs(
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
     kwargs = {"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0,
-              "logprobs": 2, "echo": True}  # fmt: skip
+              "logprobs": 3, "echo": True}  # fmt: skip
     whole = client.completions.create(
-        **kwargs, extra_body={"ignore_eos": True, "prompt_logprobs": 2}
+        **kwargs, extra_body={"ignore_eos": True, "prompt_logprobs": 1}
     ).choices[0]
     lp = whole.logprobs
     assert whole.text.startswith(prompt) and lp is not None
@@ -304,10 +304,13 @@ def test_echo_with_logprobs_and_prompt_logprobs(
         assert top is not None and max(top.values()) == pytest.approx(
             ref[i - 1].max().item(), abs=1e-4
         )
-    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert lp.text_offset[0] == 0  # offsets run on from the prompt's tokens to the completion's
+    for i in range(1, len(lp.tokens)):
+        assert lp.text_offset[i] == lp.text_offset[i - 1] + len(lp.tokens[i - 1])
     vllm_form = whole.model_extra["prompt_logprobs"]
     assert vllm_form[0] is None and len(vllm_form) == len(ids)
     for i in range(1, len(ids)):
+        assert 1 <= len(vllm_form[i]) <= 2  # the prompt token and the top 1 asked for
         entry = vllm_form[i][str(ids[i])]
         assert entry["logprob"] == pytest.approx(lp.token_logprobs[i], abs=1e-6)
         assert entry["rank"] == int((ref[i - 1] > ref[i - 1, ids[i]]).sum()) + 1

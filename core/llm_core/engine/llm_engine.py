@@ -87,7 +87,8 @@ class _Request:
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
+            # Outputs come once the prefill is done: the list is whole and no longer changes.
+            prompt_logprobs=self.prompt_logprobs,
             outputs=[c.output() for c in self.completions],
             finished=self.finished,
             metrics=self.metrics,
@@ -235,8 +236,9 @@ class LLMEngine:
         completions = []
         for index in range(params.n):
             seq = Sequence(request_id, token_ids, max_tokens, arrival_time=now)
-            # Prompt log-probabilities need every prompt position computed: no cache reads.
-            seq.skip_prefix_cache = params.prompt_logprobs is not None
+            # The prompt's log-probabilities are computed once, by the first completion, which
+            # must compute every prompt position: it reads no prefix-cache hits (until done).
+            seq.skip_prefix_cache = index == 0 and params.prompt_logprobs is not None
             seed = (params.seed + index) if params.seed is not None else self._rng.getrandbits(62)
             detok = IncrementalDetokenizer(
                 self.tokenizer,
@@ -325,9 +327,11 @@ class LLMEngine:
 
     def _add_prompt_logprobs(self, result: StepResult) -> None:
         for seq_id, tokens in result.prompt_logprobs.items():
-            request = self._by_seq[seq_id][0]
+            request, comp = self._by_seq[seq_id]
             assert request.prompt_logprobs is not None, "only requests that asked get them"
             request.prompt_logprobs.extend(self._logprob_entry(t) for t in tokens)
+            if len(request.prompt_logprobs) == len(request.prompt_token_ids):
+                comp.seq.skip_prefix_cache = False  # done: a recompute may use the cache
 
     def _logprob_entry(self, token: SampledToken) -> dict[int, Logprob]:
         """The token's log-probability and the top ones, with their text (vLLM's form)."""

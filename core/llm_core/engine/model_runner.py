@@ -78,13 +78,19 @@ class StepResult:
     prompt_logprobs: dict[int, list[SampledToken]] = field(default_factory=dict)
 
 
+#: Prompt rows whose log-probabilities are computed at once: bounds the (rows, vocab)
+#: temporaries of a long prefill chunk.
+PROMPT_LOGPROB_ROWS = 256
+
+
 @dataclass(slots=True)
 class _PromptRows:
     """Logits rows of one sequence's chunk whose next tokens are prompt tokens."""
 
     seq_id: int
     targets: list[int]  # the prompt tokens those rows predict
-    top: int
+    info: SeqSampling
+    done: int  # info.prompt_logprobs_done once these are reported
 
 
 @dataclass(slots=True)
@@ -136,10 +142,7 @@ class ModelRunner:
         be = self.backend
         if prompt_rows:
             n = len(sampled_seqs)
-            rows = np.arange(n, be.shape(logits)[0], dtype=np.int64)
-            result.prompt_logprobs = self._prompt_logprobs(
-                be.gather_rows(logits, be.from_host(rows, DType.INT64)), prompt_rows
-            )
+            result.prompt_logprobs = self._prompt_logprobs(logits, n, prompt_rows)
             if n:
                 first = be.from_host(np.arange(n, dtype=np.int64), DType.INT64)
                 logits = be.gather_rows(logits, first)
@@ -263,8 +266,7 @@ class ModelRunner:
                     base = starts[-2] - start
                     prompt_positions.extend(range(base + first, base + last))
                     targets = seq.token_ids[first + 1 : last + 1]
-                    prompt.append(_PromptRows(seq.seq_id, targets, info.prompt_logprobs))
-                    info.prompt_logprobs_done = last
+                    prompt.append(_PromptRows(seq.seq_id, targets, info, last))
         logits_rows.extend(prompt_positions)
         be = self.backend
         attn = AttentionMetadata(
@@ -283,26 +285,36 @@ class ModelRunner:
         return batch, sampled, prompt
 
     def _prompt_logprobs(
-        self, logits: Tensor, rows: list[_PromptRows]
+        self, logits: Tensor, first_row: int, rows: list[_PromptRows]
     ) -> dict[int, list[SampledToken]]:
-        """Raw log-probabilities of the prompt tokens (and the top ones) from their rows."""
+        """Raw log-probabilities of the prompt tokens (and the top ones) from logits rows
+        ``first_row`` on, ``PROMPT_LOGPROB_ROWS`` rows at a time."""
         be = self.backend
-        targets = np.asarray([t for r in rows for t in r.targets], dtype=np.int64)
-        lp = be.compute_logprobs(
-            logits, be.from_host(targets, DType.INT64), max(r.top for r in rows)
-        )
-        token_lp = be.to_host(lp.token_logprobs).tolist()
-        ranks = be.to_host(lp.token_ranks).tolist()
-        top_lp = be.to_host(lp.top_logprobs).tolist()
-        top_ids = be.to_host(lp.top_ids).tolist()
-        out: dict[int, list[SampledToken]] = {}
-        i = 0
-        for r in rows:
-            entries = out.setdefault(r.seq_id, [])
-            for t in r.targets:
-                top = [(int(k), float(v)) for k, v in zip(top_ids[i][: r.top], top_lp[i][: r.top])]
-                entries.append(SampledToken(t, float(token_lp[i]), int(ranks[i]), top))
-                i += 1
+        targets = [t for r in rows for t in r.targets]
+        owners = [(r, j) for r in rows for j in range(len(r.targets))]
+        out: dict[int, list[SampledToken]] = {r.seq_id: [] for r in rows}
+        for lo in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+            hi = min(lo + PROMPT_LOGPROB_ROWS, len(targets))
+            whole = first_row == 0 and lo == 0 and hi == be.shape(logits)[0]
+            part = logits
+            if not whole:
+                picked = np.arange(first_row + lo, first_row + hi, dtype=np.int64)
+                part = be.gather_rows(logits, be.from_host(picked, DType.INT64))
+            num_top = max(r.info.prompt_logprobs or 0 for r, _ in owners[lo:hi])
+            ids = be.from_host(np.asarray(targets[lo:hi], dtype=np.int64), DType.INT64)
+            lp = be.compute_logprobs(part, ids, num_top)
+            token_lp = be.to_host(lp.token_logprobs).tolist()
+            ranks = be.to_host(lp.token_ranks).tolist()
+            top_lp = be.to_host(lp.top_logprobs).tolist()
+            top_ids = be.to_host(lp.top_ids).tolist()
+            for i, (r, j) in enumerate(owners[lo:hi]):
+                k = r.info.prompt_logprobs or 0
+                top = [(int(a), float(b)) for a, b in zip(top_ids[i][:k], top_lp[i][:k])]
+                out[r.seq_id].append(
+                    SampledToken(r.targets[j], float(token_lp[i]), int(ranks[i]), top)
+                )
+        for r in rows:  # reported: a recomputed prefill will not report these again
+            r.info.prompt_logprobs_done = r.done
         return out
 
     def _sample(

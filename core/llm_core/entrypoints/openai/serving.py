@@ -323,21 +323,32 @@ class OpenAIServing:
         return result
 
     @staticmethod
-    def prompt_logprobs(output: RequestOutput) -> PromptLogprobs | None:
-        """The request's prompt log-probabilities in vLLM's JSON form (None if not asked)."""
-        if output.prompt_logprobs is None:
+    def prompt_logprobs(output: RequestOutput, k: int | None) -> PromptLogprobs | None:
+        """The prompt's log-probabilities in vLLM's JSON form: each prompt token and its top
+        ``k`` (the engine may hold more, for echo); None when ``k`` is None."""
+        if k is None or output.prompt_logprobs is None:
             return None
-        return [
-            None
-            if entry is None
-            else {
-                str(token): PromptLogprob(
-                    logprob=clamp_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token
-                )
-                for token, lp in entry.items()
+        result: PromptLogprobs = []
+        for token, entry in zip(output.prompt_token_ids, output.prompt_logprobs, strict=False):
+            if entry is None:
+                result.append(None)
+                continue
+            kept = {
+                t: lp
+                for t, lp in entry.items()
+                if t == token or (lp.rank is not None and lp.rank <= k)
             }
-            for entry in output.prompt_logprobs
-        ]
+            result.append(
+                {
+                    str(t): PromptLogprob(
+                        logprob=clamp_logprob(lp.logprob),
+                        rank=lp.rank,
+                        decoded_token=lp.decoded_token,
+                    )
+                    for t, lp in kept.items()
+                }
+            )
+        return result
 
     @staticmethod
     def sse(payload: BaseModel | dict[str, Any] | str) -> str:

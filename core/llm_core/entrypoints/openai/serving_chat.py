@@ -138,7 +138,7 @@ class OpenAIServingChat:
             model=job.model,
             choices=choices,
             usage=usage(job.num_prompt_tokens, generated),
-            prompt_logprobs=self.serving.prompt_logprobs(final),
+            prompt_logprobs=self.serving.prompt_logprobs(final, job.request.prompt_logprobs),
         )
 
     async def _stream(self, job: _Job) -> AsyncGenerator[str, None]:

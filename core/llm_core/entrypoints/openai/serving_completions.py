@@ -131,13 +131,17 @@ class OpenAIServingCompletion:
         n, k = job.request.n, job.request.logprobs
         for p in range(len(job.prompt_lengths)):
             final = finals[p]
+            prefix = job.prompt_texts[p] if job.request.echo else ""
+            # Built once per prompt; the completions' offsets continue the prompt's.
+            echoed, offset = None, len(prefix)
+            if k is not None and job.request.echo:
+                echoed, offset = await self._echo_logprobs(final, k)
+            prompt_logprobs = self.serving.prompt_logprobs(final, job.request.prompt_logprobs)
             for out in final.outputs:
-                prefix = job.prompt_texts[p] if job.request.echo else ""
                 logprobs = None
                 if k is not None:
-                    logprobs = await self._echo_logprobs(final, k) if job.request.echo else None
-                    more, _ = self._logprobs(out, 0, len(out.token_ids), k, len(prefix))
-                    logprobs = _joined(logprobs, more)
+                    more, _ = self._logprobs(out, 0, len(out.token_ids), k, offset)
+                    logprobs = _joined(echoed, more)
                 choices.append(
                     CompletionChoice(
                         index=p * n + out.index,
@@ -145,11 +149,7 @@ class OpenAIServingCompletion:
                         logprobs=logprobs,
                         finish_reason=out.finish_reason,
                         stop_reason=out.stop_reason,
-                        prompt_logprobs=(
-                            self.serving.prompt_logprobs(final)
-                            if job.request.prompt_logprobs is not None
-                            else None
-                        ),
+                        prompt_logprobs=prompt_logprobs,
                     )
                 )
                 completion_tokens += len(out.token_ids)
@@ -190,9 +190,11 @@ class OpenAIServingCompletion:
                     if req.echo and p not in echoed:
                         # Sent with the prompt's first output: its prompt logprobs exist then.
                         echoed.add(p)
-                        echo_logprobs = None if k is None else await self._echo_logprobs(output, k)
+                        echo_logprobs, offset = None, len(job.prompt_texts[p])
+                        if k is not None:
+                            echo_logprobs, offset = await self._echo_logprobs(output, k)
                         for j in range(n):
-                            offsets[(p, j)] = len(job.prompt_texts[p])
+                            offsets[(p, j)] = offset
                             echo = CompletionChoice(
                                 index=states[(p, j)].index,
                                 text=job.prompt_texts[p],
@@ -228,13 +230,15 @@ class OpenAIServingCompletion:
             yield serving.error_event(exc)
         yield "data: [DONE]\n\n"
 
-    async def _echo_logprobs(self, output: RequestOutput, k: int) -> CompletionLogProbs:
+    async def _echo_logprobs(self, output: RequestOutput, k: int) -> tuple[CompletionLogProbs, int]:
         """OpenAI's legacy logprobs of the echoed prompt: its tokens, None for the first
-        (nothing precedes it), then each token's log-probability and the top ``k``."""
+        (nothing precedes it), then each token's log-probability and the top ``k``; and the
+        text offset after the prompt's tokens, where the completion's offsets continue."""
         result = CompletionLogProbs()
         entries = output.prompt_logprobs or []
         offset = 0
-        for token, entry in zip(output.prompt_token_ids, entries, strict=False):
+        for i, token in enumerate(output.prompt_token_ids):
+            entry = entries[i] if i < len(entries) else None
             if entry is None:
                 text = await self.serving.decode([token])
             else:
@@ -251,7 +255,7 @@ class OpenAIServingCompletion:
             result.top_logprobs.append(
                 _by_text((lp.decoded_token or "", clamp_logprob(lp.logprob)) for lp in top[:k])
             )
-        return result
+        return result, offset
 
     def _logprobs(
         self, out: CompletionOutput, first: int, last: int, k: int, offset: int
