@@ -17,6 +17,7 @@ so a torch-device backend subclasses it and accelerates op by op.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,6 +29,8 @@ from llm_hal.spec import DeviceInfo
 from llm_hal.weights import LinearWeight, QuantScheme
 
 Tensor = Any  # a backend-native tensor handle
+
+log = logging.getLogger("llm_hal.backend")
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +200,20 @@ class Backend:
         """
         fn()
         return None
+
+    def _record_or_run(
+        self, fn: Callable[[], object], record: Callable[[], CapturedGraph | None], what: str
+    ) -> CapturedGraph | None:
+        """For ``capture_graph`` implementations: ``record()``, and if that fails in any way,
+        log why (``what``: the kind of graph), wait for the device and run ``fn`` eagerly, so
+        its results are valid as the contract asks and the step simply stays eager."""
+        try:
+            return record()
+        except Exception as exc:  # any failure to record means: run eagerly
+            log.warning("%s: the decode step is not recorded as %s: %s", self.name, what, exc)
+            self.synchronize()
+            fn()
+            return None
 
     # ------------------------------------------------------------------------------------------
     # capability

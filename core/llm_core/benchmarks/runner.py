@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from llm_hal.spec import host_cpu_name
+
 from llm_core.benchmarks.ceilings import MachineCeilings
 from llm_core.benchmarks.errors import BaselineUnavailableError
 from llm_core.benchmarks.prompts import BenchPrompts
@@ -226,7 +228,7 @@ class BenchRunner:
             "llm_core": _version("llm-core"),
             "torch": torch.__version__,
             "python": platform.python_version(),
-            "cpu": _cpu_name(),
+            "cpu": host_cpu_name(),
             "threads": torch.get_num_threads(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "git_sha": _git_sha(),
@@ -250,17 +252,6 @@ def _version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_sha() -> str | None:

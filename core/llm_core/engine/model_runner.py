@@ -300,19 +300,11 @@ class ModelRunner:
             if not whole:
                 picked = np.arange(first_row + lo, first_row + hi, dtype=np.int64)
                 part = be.gather_rows(logits, be.from_host(picked, DType.INT64))
-            num_top = max(r.info.prompt_logprobs or 0 for r, _ in owners[lo:hi])
             ids = be.from_host(np.asarray(targets[lo:hi], dtype=np.int64), DType.INT64)
-            lp = be.compute_logprobs(part, ids, num_top)
-            token_lp = be.to_host(lp.token_logprobs).tolist()
-            ranks = be.to_host(lp.token_ranks).tolist()
-            top_lp = be.to_host(lp.top_logprobs).tolist()
-            top_ids = be.to_host(lp.top_ids).tolist()
-            for i, (r, j) in enumerate(owners[lo:hi]):
-                k = r.info.prompt_logprobs or 0
-                top = [(int(a), float(b)) for a, b in zip(top_ids[i][:k], top_lp[i][:k])]
-                out[r.seq_id].append(
-                    SampledToken(r.targets[j], float(token_lp[i]), int(ranks[i]), top)
-                )
+            tops = [r.info.prompt_logprobs or 0 for r, _ in owners[lo:hi]]
+            scored = self._logprobs_of(part, ids, targets[lo:hi], tops)
+            for (r, _), token in zip(owners[lo:hi], scored, strict=True):
+                out[r.seq_id].append(token)
         for r in rows:  # reported: a recomputed prefill will not report these again
             r.info.prompt_logprobs_done = r.done
         return out
@@ -323,7 +315,6 @@ class ModelRunner:
         be = self.backend
         infos = [sampling[s.seq_id] for s in seqs]
         params = [i.params for i in infos]
-        num_top = max((p.logprobs or 0) for p in params)
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logits = logits
         penalize = any(
@@ -349,30 +340,33 @@ class ModelRunner:
         tokens = be.to_host(tokens_dev).tolist()
         results = {s.seq_id: SampledToken(int(t)) for s, t in zip(seqs, tokens)}
         if want_logprobs:
-            self._attach_logprobs(raw_logits, tokens_dev, num_top, seqs, params, results)
+            tops = [p.logprobs or 0 for p in params]
+            scored = self._logprobs_of(raw_logits, tokens_dev, tokens, tops)
+            for seq, p, token in zip(seqs, params, scored, strict=True):
+                if p.logprobs is not None:
+                    results[seq.seq_id] = token
         return results
 
-    def _attach_logprobs(
-        self,
-        logits: Tensor,
-        tokens: Tensor,
-        num_top: int,
-        seqs: list[Sequence],
-        params: list[SamplingParams],
-        results: dict[int, SampledToken],
-    ) -> None:
-        lp = self.backend.compute_logprobs(logits, tokens, num_top)
-        token_lp = self.backend.to_host(lp.token_logprobs).tolist()
-        ranks = self.backend.to_host(lp.token_ranks).tolist()
-        top_lp = self.backend.to_host(lp.top_logprobs).tolist()
-        top_ids = self.backend.to_host(lp.top_ids).tolist()
-        for row, (seq, p) in enumerate(zip(seqs, params)):
-            if p.logprobs is None:
-                continue
-            r = results[seq.seq_id]
-            r.logprob, r.rank = float(token_lp[row]), int(ranks[row])
-            k = p.logprobs
-            r.top = [(int(i), float(v)) for i, v in zip(top_ids[row][:k], top_lp[row][:k])]
+    def _logprobs_of(
+        self, logits: Tensor, ids: Tensor, host_ids: list[int], tops: list[int]
+    ) -> list[SampledToken]:
+        """Row ``i``'s token ``host_ids[i]`` (``ids`` on the device) with its raw
+        log-probability, its rank and the ``tops[i]`` most likely tokens."""
+        be = self.backend
+        lp = be.compute_logprobs(logits, ids, max(tops))
+        token_lp = be.to_host(lp.token_logprobs).tolist()
+        ranks = be.to_host(lp.token_ranks).tolist()
+        top_lp = be.to_host(lp.top_logprobs).tolist()
+        top_ids = be.to_host(lp.top_ids).tolist()
+        return [
+            SampledToken(
+                int(t),
+                float(token_lp[i]),
+                int(ranks[i]),
+                [(int(a), float(b)) for a, b in zip(top_ids[i][:k], top_lp[i][:k])],
+            )
+            for i, (t, k) in enumerate(zip(host_ids, tops, strict=True))
+        ]
 
 
 def _is_decode(output: SchedulerOutput) -> bool:

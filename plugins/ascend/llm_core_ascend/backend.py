@@ -178,15 +178,12 @@ class AscendBackend(TorchBackend):
             return super().capture_graph(fn)
         if self._recording is not None:
             raise RuntimeError("capture_graph calls cannot nest")
-        try:
-            if self._graph_pool is None:
-                self._graph_pool = runtime.graph_pool_handle()  # shared by every recorded size
-            return graphs.AscendStepGraph.record(self, runtime, fn, self._graph_pool)
-        except Exception as exc:  # any failure to record means: run eagerly
-            log.warning("ascend: the decode step is not recorded as a graph: %s", exc)
-            self.synchronize()
-            fn()  # the contract: fn's results are valid whatever this returns
-            return None
+        if self._graph_pool is None:
+            self._graph_pool = runtime.graph_pool_handle()  # shared by every recorded size
+        pool = self._graph_pool
+        return self._record_or_run(
+            fn, lambda: graphs.AscendStepGraph.record(self, runtime, fn, pool), "an NPU graph"
+        )
 
     def moe_experts(
         self,

@@ -33,7 +33,7 @@ reason is logged, and ``fn``'s results are valid.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -174,9 +174,6 @@ class Recorder:
         if self.capturing:
             self.attention_calls.append((meta, updated))
 
-    def metas(self) -> Iterator[_MetaStatics]:
-        return iter(self.statics.values())
-
 
 class AscendStepGraph(CapturedGraph):
     """``Backend.capture_graph`` on Ascend: ``fn`` recorded as one NPU graph.
@@ -185,8 +182,7 @@ class AscendStepGraph(CapturedGraph):
     an emulation with the same signatures).
     """
 
-    def __init__(self, runtime: Any, graph: Any, recorder: Recorder):
-        self._runtime = runtime
+    def __init__(self, graph: Any, recorder: Recorder):
         self._graph = graph
         self._recorder = recorder
 
@@ -208,12 +204,12 @@ class AscendStepGraph(CapturedGraph):
                 fn()
         finally:
             backend._recording = None
-        step = cls(runtime, graph, recorder)
+        step = cls(graph, recorder)
         step.replay()  # a capture records without running: the results hold values after this
         return step
 
     def replay(self) -> None:
-        for entry in self._recorder.metas():
+        for entry in self._recorder.statics.values():
             if _shapes(entry.meta) != entry.shapes:
                 raise ValueError(
                     "the metadata of a recorded step changed shape (sequences or block-table "

@@ -30,6 +30,7 @@ from llm_hal import (
     TorchBackend,
 )
 from llm_hal.backend import CapturedGraph, Tensor
+from llm_hal.spec import host_cpu_name
 
 from llm_core_cpu.arena import HugePageArena
 from llm_core_cpu.graph import CpuGraph
@@ -75,10 +76,8 @@ class CpuBackend(TorchBackend):
         self._native_gemm = not self._fast_bf16_gemm
 
     def device_info(self) -> DeviceInfo:
-        from llm_core_cpu.plugin import _cpu_name
-
         props = {"threads": str(torch.get_num_threads()), "kernels": self.kernels}
-        return DeviceInfo(0, _cpu_name(), self.memory_info().total, props)
+        return DeviceInfo(0, host_cpu_name(), self.memory_info().total, props)
 
     @property
     def kernels(self) -> str:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 from llm_hal import HAL_API_VERSION, Availability, BackendConfig, BackendSpec, DeviceInfo, hookimpl
 from llm_hal.backend import Backend
+from llm_hal.spec import host_cpu_name
 
 from llm_core_cpu.version import __version__
 
@@ -13,7 +12,7 @@ from llm_core_cpu.version import __version__
 def _probe() -> Availability:
     from llm_hal.reference import host_memory_info
 
-    name = _cpu_name()
+    name = host_cpu_name()
     return Availability.yes([DeviceInfo(0, name, host_memory_info().total,
                                         {"threads": str(_threads())})])  # fmt: skip
 
@@ -22,17 +21,6 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return os.uname().machine
 
 
 def _factory(config: BackendConfig) -> Backend:

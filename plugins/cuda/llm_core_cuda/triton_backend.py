@@ -12,7 +12,6 @@ interpreter: that is how the tests check the kernels and the operator plumbing w
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -34,7 +33,6 @@ from llm_core_cuda.graphs import DecodeGraph, DecodeStep, StepGraph
 from llm_core_cuda.triton_kernels import KernelConfig
 
 _GPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-log = logging.getLogger("llm_core.backends.cuda")
 
 #: Largest head size the attention kernels take (their register tiles grow with it).
 MAX_HEAD_SIZE = 256
@@ -110,13 +108,7 @@ class TritonBackend(TorchBackend):
         if self._recording is not None:
             raise RuntimeError("capture_graph calls cannot nest")
         pool = self._pool()
-        try:
-            return StepGraph(self, fn, pool)
-        except Exception as exc:  # any failure to record means: run eagerly
-            log.warning("%s: decode step not captured as a CUDA graph: %s", self.name, exc)
-            self.synchronize()
-            fn()  # the contract: fn's results are valid whatever this returns
-            return None
+        return self._record_or_run(fn, lambda: StepGraph(self, fn, pool), "a CUDA graph")
 
     def capture_decode(
         self, step: DecodeStep, batch_size: int, max_blocks_per_seq: int, block_size: int

@@ -38,7 +38,7 @@ from llm_core.entrypoints.openai.protocol import (
     UsageInfo,
 )
 from llm_core.metrics import EngineMetrics
-from llm_core.outputs import CompletionOutput, RequestOutput
+from llm_core.outputs import CompletionOutput, Logprob, RequestOutput
 from llm_core.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -305,22 +305,26 @@ class OpenAIServing:
         """Tokens ``[first, last)`` of ``output`` with their logprobs and top ``k``."""
         if output.logprobs is None:
             return []
-        result = []
-        for i in range(first, min(last, len(output.token_ids), len(output.logprobs))):
-            entry = output.logprobs[i]
-            chosen = entry.get(output.token_ids[i])
-            top = sorted(
-                (lp for lp in entry.values() if lp.rank is not None and lp.rank <= k),
-                key=lambda lp: lp.rank or 0,
-            )[:k]
-            result.append(
-                TokenLogprobs(
-                    token=(chosen.decoded_token or "") if chosen else "",
-                    logprob=clamp_logprob(chosen.logprob) if chosen else MIN_LOGPROB,
-                    top=[(lp.decoded_token or "", clamp_logprob(lp.logprob)) for lp in top],
-                )
-            )
-        return result
+        end = min(last, len(output.token_ids), len(output.logprobs))
+        return [
+            OpenAIServing.entry_logprobs(output.token_ids[i], output.logprobs[i], k)
+            for i in range(first, end)
+        ]
+
+    @staticmethod
+    def entry_logprobs(token: int, entry: dict[int, Logprob], k: int) -> TokenLogprobs:
+        """``token``'s text and log-probability in an engine logprobs entry, with the top
+        ``k`` of the entry in rank order."""
+        chosen = entry.get(token)
+        top = sorted(
+            (lp for lp in entry.values() if lp.rank is not None and lp.rank <= k),
+            key=lambda lp: lp.rank or 0,
+        )[:k]
+        return TokenLogprobs(
+            token=(chosen.decoded_token or "") if chosen else "",
+            logprob=clamp_logprob(chosen.logprob) if chosen else MIN_LOGPROB,
+            top=[(lp.decoded_token or "", clamp_logprob(lp.logprob)) for lp in top],
+        )
 
     @staticmethod
     def prompt_logprobs(output: RequestOutput, k: int | None) -> PromptLogprobs | None:

@@ -28,12 +28,11 @@ from llm_core.entrypoints.openai.serving import (
     ChoiceState,
     ClientDisconnectedError,
     OpenAIServing,
-    clamp_logprob,
     engine_stopped,
     usage,
 )
 from llm_core.entrypoints.openai.streaming import EventStreamResponse
-from llm_core.outputs import CompletionOutput, Logprob, RequestOutput
+from llm_core.outputs import CompletionOutput, RequestOutput
 from llm_core.sampling_params import SamplingParams
 
 
@@ -239,22 +238,18 @@ class OpenAIServingCompletion:
         offset = 0
         for i, token in enumerate(output.prompt_token_ids):
             entry = entries[i] if i < len(entries) else None
-            if entry is None:
+            if entry is None:  # nothing precedes the first token
                 text = await self.serving.decode([token])
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
             else:
-                text = entry[token].decoded_token or ""
+                item = self.serving.entry_logprobs(token, entry, k)
+                text = item.token
+                result.token_logprobs.append(item.logprob)
+                result.top_logprobs.append(_by_text(item.top))
             result.tokens.append(text)
             result.text_offset.append(offset)
             offset += len(text)
-            if entry is None:
-                result.token_logprobs.append(None)
-                result.top_logprobs.append(None)
-                continue
-            top = sorted((lp for lp in entry.values() if lp.rank and lp.rank <= k), key=_rank)
-            result.token_logprobs.append(clamp_logprob(entry[token].logprob))
-            result.top_logprobs.append(
-                _by_text((lp.decoded_token or "", clamp_logprob(lp.logprob)) for lp in top[:k])
-            )
         return result, offset
 
     def _logprobs(
@@ -283,10 +278,6 @@ def _by_text(top: Iterable[tuple[str, float]]) -> dict[str, float]:
     for text, logprob in top:
         out.setdefault(text, logprob)
     return out
-
-
-def _rank(lp: Logprob) -> int:
-    return lp.rank or 0
 
 
 def _joined(first: CompletionLogProbs | None, second: CompletionLogProbs) -> CompletionLogProbs:
