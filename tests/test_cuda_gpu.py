@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 def test_selfcheck_on_cuda_device():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, "-m", "llm_core_cuda.selfcheck", "--backend", "cuda"],
+        [sys.executable, "-m", "llm_triton.selfcheck", "--backend", "cuda"],
         capture_output=True,
         text=True,
         env=env,

@@ -19,14 +19,14 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
-from llm_core_cuda.triton_kernels.config import require_interpreter
+from llm_triton.kernels.config import require_interpreter
 
 require_interpreter()
 
-from llm_core_cuda.graphs import bucket_for  # noqa: E402
-from llm_core_cuda.selfcheck import ToyDecoder, compare, decode_step_inputs  # noqa: E402
-from llm_core_cuda.triton_backend import TritonBackend  # noqa: E402
-from llm_core_cuda.triton_kernels import KernelConfig  # noqa: E402
+from llm_triton.graphs import bucket_for  # noqa: E402
+from llm_triton.selfcheck import ToyDecoder, compare, decode_step_inputs  # noqa: E402
+from llm_triton.backend import TritonBackend  # noqa: E402
+from llm_triton.kernels import KernelConfig  # noqa: E402
 from llm_hal import AttentionMetadata, TorchBackend  # noqa: E402
 
 CONFIG = KernelConfig(

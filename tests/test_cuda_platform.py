@@ -13,7 +13,8 @@ import importlib.metadata as md
 import pytest
 import torch
 from llm_core_cuda import plugin as cuda_plugin
-from llm_core_cuda.platform import (
+from llm_triton.options import option_enabled
+from llm_triton.platform import (
     GpuFacts,
     cuda_availability,
     gather_facts,
@@ -207,9 +208,9 @@ def test_cuda_options(monkeypatch):
     from llm_hal import BackendConfig
 
     monkeypatch.delenv("LLM_CORE_CUDA_GRAPHS", raising=False)
-    assert cuda_plugin.option_enabled(BackendConfig(), "cuda_graphs")
-    assert not cuda_plugin.option_enabled(
+    assert option_enabled(BackendConfig(), "cuda_graphs")
+    assert not option_enabled(
         BackendConfig(options={"cuda_graphs": "off"}), "cuda_graphs"
     )
     monkeypatch.setenv("LLM_CORE_CUDA_CUPY", "0")
-    assert not cuda_plugin.option_enabled(BackendConfig(), "cupy")
+    assert not option_enabled(BackendConfig(), "cupy")

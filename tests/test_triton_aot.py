@@ -2,7 +2,7 @@
 no GPU: ``triton.compile`` down to a cubin / hsaco for each target (a CUDA-only intrinsic, or
 a tile that does not fit a wavefront-64 target, fails here).
 
-The compiles run in child processes (``python -m llm_core_cuda.triton_kernels.aot``): this
+The compiles run in child processes (``python -m llm_triton.kernels.aot``): this
 test process runs Triton in interpreter mode, where kernels cannot be compiled. They reuse
 Triton's on-disk cache, so only a changed kernel is compiled again.
 """
@@ -81,7 +81,7 @@ def compiled() -> dict[str, dict[str, dict]]:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     procs = {
         target: subprocess.Popen(
-            [sys.executable, "-m", "llm_core_cuda.triton_kernels.aot", "--target", target, *extra],
+            [sys.executable, "-m", "llm_triton.kernels.aot", "--target", target, *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -114,7 +114,7 @@ def test_kernel_compiles(compiled, target, kernel):
 
 
 def test_parse_target_rejects_unknown_targets():
-    from llm_core_cuda.triton_kernels.aot import parse_target
+    from llm_triton.kernels.aot import parse_target
 
     assert parse_target("hip:gfx942").warp_size == 64
     assert parse_target("cuda:90").arch == 90

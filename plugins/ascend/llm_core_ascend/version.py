@@ -1,8 +1,8 @@
-"""The plugin's version: that of the installed llm-core distribution that ships it."""
+"""The plugin's version: that of its own distribution, llm-core-ascend (one version for the repo)."""
 
 import importlib.metadata
 
 try:
-    __version__ = importlib.metadata.version("llm-core")
+    __version__ = importlib.metadata.version("llm-core-ascend")
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"

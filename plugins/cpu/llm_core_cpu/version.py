@@ -1,3 +1,5 @@
+"""The CPU plugin's version: that of the llm-core distribution that ships it."""
+
 import importlib.metadata
 
 try:

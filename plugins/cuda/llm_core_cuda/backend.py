@@ -17,9 +17,9 @@ from llm_hal import AttentionMetadata, DType
 from llm_hal.spec import DeviceInfo
 
 from llm_core_cuda.cupy_kernels import CupyKernels
-from llm_core_cuda.platform import describe_device, driver_cuda_version, nvidia_driver_version
-from llm_core_cuda.triton_backend import TritonBackend, gpu_device
-from llm_core_cuda.triton_kernels import CUDA_CONFIG, KernelConfig
+from llm_triton.platform import describe_device, driver_cuda_version, nvidia_driver_version
+from llm_triton.backend import TritonBackend, gpu_device
+from llm_triton.kernels import CUDA_CONFIG, KernelConfig
 
 
 def fp8_kv_dtype(capability: tuple[int, int]) -> DType | None:

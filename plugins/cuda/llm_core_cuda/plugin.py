@@ -1,35 +1,25 @@
 """Entry-point module of the CUDA backend: the spec pluggy discovers.
 
 Importing it imports neither torch's CUDA runtime, Triton nor CuPy: the probe reads facts
-(:mod:`llm_core_cuda.platform`) and the factory imports the backend.
+(:mod:`llm_triton.platform`) and the factory imports the backend.
 """
 
 from __future__ import annotations
 
-import os
-
 from llm_hal import Availability, BackendConfig, BackendSpec, hookimpl
 from llm_hal.backend import Backend
+
+from llm_triton.options import option_enabled
 
 from llm_core_cuda.version import __version__
 
 #: The HAL API this plugin was built and tested against (a literal, not the host's version).
 BUILT_FOR_HAL_API = "1.1"  # 1.1: capture_graph (CUDA graphs of decode steps)
 
-#: Backend options (``BackendConfig.options``) and the environment variables that set them.
-OPTION_ENV = {"cupy": "LLM_CORE_CUDA_CUPY", "cuda_graphs": "LLM_CORE_CUDA_GRAPHS"}
-
-
 def probe() -> Availability:
-    from llm_core_cuda.platform import cuda_availability, gather_facts
+    from llm_triton.platform import cuda_availability, gather_facts
 
     return cuda_availability(gather_facts())
-
-
-def option_enabled(config: BackendConfig, name: str) -> bool:
-    """An on/off option: ``config.options[name]``, else its environment variable, else on."""
-    value = config.options.get(name, os.environ.get(OPTION_ENV[name], "1"))
-    return value.strip().lower() not in ("0", "false", "off", "no")
 
 
 def factory(config: BackendConfig) -> Backend:

@@ -1,8 +1,8 @@
-"""The plugin's version: that of the llm-core distribution it ships in."""
+"""The plugin's version: that of its own distribution, llm-core-opencl (one version for the repo)."""
 
 import importlib.metadata
 
 try:
-    __version__ = importlib.metadata.version("llm-core")
+    __version__ = importlib.metadata.version("llm-core-opencl")
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"

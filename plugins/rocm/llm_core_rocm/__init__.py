@@ -1,4 +1,4 @@
-"""llm_core_rocm: the ROCm backend of llm-core (PyTorch ROCm + the CUDA backend's Triton kernels).
+"""llm_core_rocm: the ROCm backend of llm-core (PyTorch ROCm + the Triton kernels of llm_triton).
 
 Importing this package is cheap: the backend lives in ``llm_core_rocm.backend``.
 """

@@ -1,7 +1,7 @@
 """Entry-point module of the ROCm backend: the spec pluggy discovers.
 
 The probe accepts only a ROCm (HIP) build of torch: on a CUDA build the cuda backend is the
-one, and the two never both claim a machine (see ``llm_core_cuda.platform``).
+one, and the two never both claim a machine (see ``llm_triton.platform``).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ BUILT_FOR_HAL_API = "1.1"  # 1.1: capture_graph (CUDA graphs of decode steps)
 
 
 def probe() -> Availability:
-    from llm_core_cuda.platform import gather_facts, rocm_availability
+    from llm_triton.platform import gather_facts, rocm_availability
 
     return rocm_availability(gather_facts())
 
 
 def factory(config: BackendConfig) -> Backend:
-    from llm_core_cuda.plugin import option_enabled
+    from llm_triton.options import option_enabled
 
     from llm_core_rocm.backend import RocmBackend
 

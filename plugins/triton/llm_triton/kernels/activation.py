@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llm_core_cuda.triton_kernels._math import gelu, silu
-from llm_core_cuda.triton_kernels.config import KernelConfig, next_power_of_2
+from llm_triton.kernels._math import gelu, silu
+from llm_triton.kernels.config import KernelConfig, next_power_of_2
 
 SILU, GELU, GELU_TANH = 0, 1, 2
 

@@ -28,10 +28,10 @@ import torch
 from llm_hal import AttentionMetadata
 from llm_hal.backend import CapturedGraph
 
-from llm_core_cuda.attention_inputs import AttentionInputs
+from llm_triton.attention_inputs import AttentionInputs
 
 if TYPE_CHECKING:
-    from llm_core_cuda.triton_backend import TritonBackend
+    from llm_triton.backend import TritonBackend
 
 _T = TypeVar("_T")
 

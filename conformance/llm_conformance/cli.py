@@ -1,5 +1,8 @@
 """``llm-core conformance``: certify model x backend pairs, verify certificates, replay failures.
 
+Plugged into the ``llm-core`` command by the entry point ``llm_core.commands: conformance``
+(the engine does not import the suite).
+
     llm-core conformance [--backend NAME ...] [--model NAME ...] [--dtype D ...] [--report DIR]
     llm-core conformance verify FILE [--key PUBLIC.pem]
     llm-core conformance replay --backend NAME --op OP --case N --dtype D --seed S

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llm_core_cuda.triton_kernels._math import dot, tanh
-from llm_core_cuda.triton_kernels.config import KernelConfig, fp32_dot, next_power_of_2
+from llm_triton.kernels._math import dot, tanh
+from llm_triton.kernels.config import KernelConfig, fp32_dot, next_power_of_2
 
 
 @triton.jit

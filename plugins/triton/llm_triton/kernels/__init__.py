@@ -6,22 +6,22 @@ kernels use portable Triton only, so one source serves NVIDIA (warp 32) and AMD 
 64). Under ``TRITON_INTERPRET=1`` they run on CPU tensors, which is how the tests check them.
 """
 
-from llm_core_cuda.triton_kernels.activation import gelu_and_mul, silu_and_mul
-from llm_core_cuda.triton_kernels.attention_decode import (
+from llm_triton.kernels.activation import gelu_and_mul, silu_and_mul
+from llm_triton.kernels.attention_decode import (
     choose_num_splits,
     paged_attention_decode,
 )
-from llm_core_cuda.triton_kernels.attention_prefill import paged_attention_prefill
-from llm_core_cuda.triton_kernels.config import (
+from llm_triton.kernels.attention_prefill import paged_attention_prefill
+from llm_triton.kernels.config import (
     CUDA_CONFIG,
     INTERPRETER_CONFIG,
     ROCM_CONFIG,
     KernelConfig,
 )
-from llm_core_cuda.triton_kernels.kv_cache import reshape_and_cache
-from llm_core_cuda.triton_kernels.norm import rms_norm
-from llm_core_cuda.triton_kernels.rotary import rotary_embedding
-from llm_core_cuda.triton_kernels.sampling import exponential_race
+from llm_triton.kernels.kv_cache import reshape_and_cache
+from llm_triton.kernels.norm import rms_norm
+from llm_triton.kernels.rotary import rotary_embedding
+from llm_triton.kernels.sampling import exponential_race
 
 __all__ = [
     "CUDA_CONFIG",

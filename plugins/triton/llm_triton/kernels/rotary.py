@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llm_core_cuda.triton_kernels.config import KernelConfig, next_power_of_2
+from llm_triton.kernels.config import KernelConfig, next_power_of_2
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every kernel for a GPU target, with no GPU present.
 
-``python -m llm_core_cuda.triton_kernels.aot --target cuda:90 --target hip:gfx942`` compiles
+``python -m llm_triton.kernels.aot --target cuda:90 --target hip:gfx942`` compiles
 each kernel in the variants the backends launch (dtypes, GQA, odd head sizes, fp8 caches,
 the split and direct decode paths) down to a cubin / hsaco and prints one JSON line per
 kernel and target. CI runs it for sm_90, gfx942 and gfx90a: it proves the kernels use nothing
@@ -43,7 +43,7 @@ def _fp8(target: GPUTarget) -> str | None:
 
 
 def variants(target: GPUTarget) -> Iterator[Variant]:
-    from llm_core_cuda.triton_kernels import (
+    from llm_triton.kernels import (
         activation,
         attention_decode,
         attention_prefill,

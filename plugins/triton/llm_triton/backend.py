@@ -27,10 +27,10 @@ from llm_hal import (
 )
 from llm_hal.backend import CapturedGraph, Tensor
 
-from llm_core_cuda import triton_kernels as kernels
-from llm_core_cuda.attention_inputs import AttentionInputs
-from llm_core_cuda.graphs import DecodeGraph, DecodeStep, StepGraph
-from llm_core_cuda.triton_kernels import KernelConfig
+from llm_triton import kernels
+from llm_triton.attention_inputs import AttentionInputs
+from llm_triton.graphs import DecodeGraph, DecodeStep, StepGraph
+from llm_triton.kernels import KernelConfig
 
 _GPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -1,7 +1,7 @@
 """Numerical self-check of a GPU backend against the reference, and the test-case builders
 the project's tests share.
 
-``python -m llm_core_cuda.selfcheck --backend cuda`` (or ``rocm``) runs every operator the
+``python -m llm_triton.selfcheck --backend cuda`` (or ``rocm``) runs every operator the
 backend implements natively on small seeded inputs, the CuPy KV-cache kernel, and a CUDA-graph
 replay, against the reference run in float64 on the CPU; it prints one JSON line per check
 and exits non-zero on any failure. It is a quick smoke test for a GPU machine: certification
