@@ -23,11 +23,11 @@ from llm_triton.kernels.config import require_interpreter
 
 require_interpreter()
 
-from llm_triton.graphs import bucket_for  # noqa: E402
-from llm_triton.selfcheck import ToyDecoder, compare, decode_step_inputs  # noqa: E402
-from llm_triton.backend import TritonBackend  # noqa: E402
-from llm_triton.kernels import KernelConfig  # noqa: E402
 from llm_hal import AttentionMetadata, TorchBackend  # noqa: E402
+from llm_triton.backend import TritonBackend  # noqa: E402
+from llm_triton.graphs import bucket_for  # noqa: E402
+from llm_triton.kernels import KernelConfig  # noqa: E402
+from llm_triton.selfcheck import ToyDecoder, compare, decode_step_inputs  # noqa: E402
 
 CONFIG = KernelConfig(
     prefill_block_m=16, prefill_block_n=16, decode_block_n=16, num_sms=8, elementwise_block=64

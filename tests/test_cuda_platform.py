@@ -13,6 +13,9 @@ import importlib.metadata as md
 import pytest
 import torch
 from llm_core_cuda import plugin as cuda_plugin
+from llm_core_rocm import plugin as rocm_plugin
+from llm_hal import HAL_API_VERSION, BackendSpec, DeviceInfo
+from llm_hal.version import api_compatible
 from llm_triton.options import option_enabled
 from llm_triton.platform import (
     GpuFacts,
@@ -21,9 +24,6 @@ from llm_triton.platform import (
     gpu_platform,
     rocm_availability,
 )
-from llm_core_rocm import plugin as rocm_plugin
-from llm_hal import HAL_API_VERSION, BackendSpec, DeviceInfo
-from llm_hal.version import api_compatible
 
 H100 = DeviceInfo(0, "NVIDIA H100 80GB HBM3", 85 << 30, {"compute_capability": "9.0"})
 P100 = DeviceInfo(0, "Tesla P100", 16 << 30, {"compute_capability": "6.0"})
@@ -209,8 +209,6 @@ def test_cuda_options(monkeypatch):
 
     monkeypatch.delenv("LLM_CORE_CUDA_GRAPHS", raising=False)
     assert option_enabled(BackendConfig(), "cuda_graphs")
-    assert not option_enabled(
-        BackendConfig(options={"cuda_graphs": "off"}), "cuda_graphs"
-    )
+    assert not option_enabled(BackendConfig(options={"cuda_graphs": "off"}), "cuda_graphs")
     monkeypatch.setenv("LLM_CORE_CUDA_CUPY", "0")
     assert not option_enabled(BackendConfig(), "cupy")

@@ -46,10 +46,10 @@ def test_rocm_launch_parameters_run_the_shared_kernels():
     """ROCM_CONFIG's tile sizes (32-key tiles, one pipeline stage, 304 CUs) drive the same
     kernels to the reference's results."""
     pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
-    from llm_triton.selfcheck import attention_case, compare
     from llm_triton.backend import TritonBackend
     from llm_triton.kernels import ROCM_CONFIG
     from llm_triton.kernels.config import require_interpreter
+    from llm_triton.selfcheck import attention_case, compare
 
     require_interpreter()
     assert ROCM_CONFIG.warp_size == 64

@@ -22,10 +22,10 @@ from llm_triton.kernels.config import require_interpreter
 
 require_interpreter()
 
-from llm_triton.selfcheck import attention_case, compare  # noqa: E402
+from llm_hal import DType, SamplingMetadata, TorchBackend  # noqa: E402
 from llm_triton.backend import TritonBackend  # noqa: E402
 from llm_triton.kernels import KernelConfig, paged_attention_decode  # noqa: E402
-from llm_hal import DType, SamplingMetadata, TorchBackend  # noqa: E402
+from llm_triton.selfcheck import attention_case, compare  # noqa: E402
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 #: Tiny tiles, and a device of 16 "SMs" so that few sequences make decode split its context.

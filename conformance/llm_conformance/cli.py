@@ -190,8 +190,9 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    from llm_conformance.replay import explain, replay
     from llm_hal import DType, get_registry
+
+    from llm_conformance.replay import explain, replay
 
     backend = get_registry().create(args.backend)
     result = replay(backend, args.op, args.case, DType.parse(args.dtype), args.seed)

@@ -15,11 +15,11 @@ from typing import ClassVar
 import torch
 from llm_hal import AttentionMetadata, DType
 from llm_hal.spec import DeviceInfo
-
-from llm_core_cuda.cupy_kernels import CupyKernels
-from llm_triton.platform import describe_device, driver_cuda_version, nvidia_driver_version
 from llm_triton.backend import TritonBackend, gpu_device
 from llm_triton.kernels import CUDA_CONFIG, KernelConfig
+from llm_triton.platform import describe_device, driver_cuda_version, nvidia_driver_version
+
+from llm_core_cuda.cupy_kernels import CupyKernels
 
 
 def fp8_kv_dtype(capability: tuple[int, int]) -> DType | None:

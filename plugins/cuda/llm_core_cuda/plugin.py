@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from llm_hal import Availability, BackendConfig, BackendSpec, hookimpl
 from llm_hal.backend import Backend
-
 from llm_triton.options import option_enabled
 
 from llm_core_cuda.version import __version__
 
 #: The HAL API this plugin was built and tested against (a literal, not the host's version).
 BUILT_FOR_HAL_API = "1.1"  # 1.1: capture_graph (CUDA graphs of decode steps)
+
 
 def probe() -> Availability:
     from llm_triton.platform import cuda_availability, gather_facts

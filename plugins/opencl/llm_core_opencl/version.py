@@ -1,4 +1,4 @@
-"""The plugin's version: that of its own distribution, llm-core-opencl (one version for the repo)."""
+"""The plugin's version: that of its distribution (the repository's one version)."""
 
 import importlib.metadata
 

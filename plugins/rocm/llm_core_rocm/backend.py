@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from llm_triton.platform import describe_device
+from llm_hal.spec import DeviceInfo
 from llm_triton.backend import TritonBackend, gpu_device
 from llm_triton.kernels import ROCM_CONFIG, KernelConfig
-from llm_hal.spec import DeviceInfo
+from llm_triton.platform import describe_device
 
 from llm_core_rocm.arch import fp8_dtype, has_native_fp8
 
