@@ -335,3 +335,113 @@ def test_unknown_backend_name_says_what_is_installed(write_plugin: WritePlugin) 
     with pytest.raises(BackendUnavailableError, match="no such backend is installed") as err:
         Registry().create("no-such-backend")
     assert "alpha" in str(err.value) and "cpu" in str(err.value)
+
+
+def test_hook_that_raises_is_listed_and_the_others_still_load(write_plugin: WritePlugin) -> None:
+    source = (
+        "from llm_hal import hookimpl\n\n\n@hookimpl\ndef llm_core_backends():\n"
+        "    raise RuntimeError('vendor runtime 7 not initialised')\n"
+    )
+    write_plugin("raiser", source=source)
+    write_plugin("fine")
+    registry = Registry()
+    record = registry.records["raiser"]
+    assert not record.loaded
+    assert record.error == "RuntimeError: vendor runtime 7 not initialised"
+    assert not record.availability().available
+    assert "vendor runtime 7" in record.availability().reason
+    assert registry.records["fine"].loaded and registry.records["cpu"].loaded
+
+
+def test_each_plugin_is_asked_through_the_pluggy_hook(write_plugin: WritePlugin) -> None:
+    """Discovery calls the hook through pluggy's relay (a monitor sees one call per plugin)."""
+    write_plugin("seen")
+    calls: list[set[str]] = []
+    original = Registry._specs_of
+
+    def monitored(self: Registry, name: str, module: object) -> list[object]:
+        undo = self.plugin_manager.add_hookcall_monitoring(
+            lambda hook_name, impls, kwargs: calls.append({i.plugin_name for i in impls}),
+            lambda outcome, hook_name, impls, kwargs: None,
+        )
+        try:
+            return original(self, name, module)
+        finally:
+            undo()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Registry, "_specs_of", monitored)
+        registry = Registry()
+    assert registry.records["seen"].loaded
+    assert {"seen"} in calls and {"cpu"} in calls  # each plugin's hook alone, through pluggy
+
+
+# -------------------------------------------------------------------------------------------
+# every plugin of this repository declares the HAL version it was written against
+# -------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _entry_point_modules() -> list[tuple[str, Path]]:
+    """(backend name, source file) of every ``llm_core.backends`` entry point in the tree."""
+    import tomllib
+
+    found = []
+    for pyproject in sorted(ROOT.glob("**/pyproject.toml")):
+        if ".git" in pyproject.parts or "build" in pyproject.parts:
+            continue
+        project = tomllib.loads(pyproject.read_text()).get("project", {})
+        for name, target in project.get("entry-points", {}).get("llm_core.backends", {}).items():
+            module = target.split(":")[0].replace(".", "/") + ".py"
+            hits = [p for p in pyproject.parent.glob(f"**/{module}") if "build" not in p.parts]
+            assert len(hits) == 1, f"{pyproject}: entry point {name} = {target} not found"
+            found.append((name, hits[0]))
+    return found
+
+
+def declared_api_version(source: str) -> str | None:
+    """The literal HAL version a plugin module hands to ``BackendSpec(api_version=...)``:
+    a string constant, or a module-level name bound to one; None for anything else."""
+    import ast
+
+    tree = ast.parse(source)
+    constants = {
+        target.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "api_version":
+            if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                return node.value.value
+            if isinstance(node.value, ast.Name):
+                return constants.get(node.value.id)
+    return None
+
+
+def test_every_plugin_declares_its_hal_version_as_a_literal() -> None:
+    plugins = _entry_point_modules()
+    assert {name for name, _ in plugins} >= {"cpu", "opencl", "cuda", "rocm", "ascend", "example"}
+    for name, path in plugins:
+        version = declared_api_version(path.read_text())
+        assert version is not None, f"{path}: api_version must be a literal such as '1.1'"
+        major, minor = (int(x) for x in version.split("."))
+        assert (major, minor) >= (1, 0), f"{name}: {version}"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ('BackendSpec(name="a", api_version="1.1")', "1.1"),
+        ('V = "1.0"\nBackendSpec(api_version=V)', "1.0"),
+        ("from llm_hal import HAL_API_VERSION\nBackendSpec(api_version=HAL_API_VERSION)", None),
+        ("BackendSpec(api_version=compute())", None),
+    ],
+)
+def test_declared_api_version_reads_only_literals(source: str, expected: str | None) -> None:
+    assert declared_api_version(source) == expected

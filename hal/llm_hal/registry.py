@@ -94,20 +94,24 @@ class Registry:
                 self._add(spec, ep.value, dist, dist_version)
 
     def _specs_of(self, name: str, module: object) -> list[object]:
-        """Register one plugin module with pluggy and collect what its hook returns."""
+        """Register one plugin module with pluggy and call its hook through pluggy's relay.
+
+        The hook is called for this plugin alone (a subset hook caller), so a plugin whose
+        hook raises is reported with its error and never stops the others.
+        """
         pm = self.plugin_manager
         if pm.get_plugin(name) is None:
             pm.register(module, name=name)
         try:
             pm.check_pending()  # a misspelled hook name is an error, not a silent no-op
+            if not any(i.plugin is module for i in pm.hook.llm_core_backends.get_hookimpls()):
+                raise HALError("the module implements no llm_core_backends hook")
         except Exception:
             pm.unregister(name=name)
             raise
-        impls = [i for i in pm.hook.llm_core_backends.get_hookimpls() if i.plugin is module]
-        if not impls:
-            pm.unregister(name=name)
-            raise HALError("the module implements no llm_core_backends hook")
-        return [spec for impl in impls for spec in _as_list(impl.function())]
+        others = [plugin for plugin in pm.get_plugins() if plugin is not module]
+        call_this_plugin = pm.subset_hook_caller("llm_core_backends", remove_plugins=others)
+        return [spec for answer in call_this_plugin() for spec in _as_list(answer)]
 
     def _add(self, spec: object, entry: str, dist: str, dist_version: str) -> None:
         if not isinstance(spec, BackendSpec):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from llm_hal import HAL_API_VERSION, Availability, BackendConfig, BackendSpec, DeviceInfo, hookimpl
+from llm_hal import Availability, BackendConfig, BackendSpec, DeviceInfo, hookimpl
 from llm_hal.backend import Backend
 from llm_hal.spec import host_cpu_name
 
 from llm_core_cpu.version import __version__
+
+#: The HAL API this plugin was written and tested against: a literal, so that the registry
+#: can refuse it when the host's HAL is incompatible (it must never be the host's version).
+BUILT_FOR_HAL_API = "1.1"
 
 
 def _probe() -> Availability:
@@ -34,7 +38,7 @@ def llm_core_backends() -> BackendSpec:
     return BackendSpec(
         name="cpu",
         version=__version__,
-        api_version=HAL_API_VERSION,
+        api_version=BUILT_FOR_HAL_API,
         priority=0,  # the last resort: any accelerator that is available wins
         probe=_probe,
         factory=_factory,

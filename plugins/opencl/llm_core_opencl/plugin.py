@@ -7,10 +7,14 @@ the selector).
 
 from __future__ import annotations
 
-from llm_hal import HAL_API_VERSION, Availability, BackendConfig, BackendSpec, DeviceInfo, hookimpl
+from llm_hal import Availability, BackendConfig, BackendSpec, DeviceInfo, hookimpl
 from llm_hal.backend import Backend
 
 from llm_core_opencl.version import __version__
+
+#: The HAL API this plugin was written and tested against: a literal, so that the registry
+#: can refuse it when the host's HAL is incompatible (it must never be the host's version).
+BUILT_FOR_HAL_API = "1.1"
 
 
 def _probe() -> Availability:
@@ -57,7 +61,7 @@ def llm_core_backends() -> BackendSpec:
     return BackendSpec(
         name="opencl",
         version=__version__,
-        api_version=HAL_API_VERSION,
+        api_version=BUILT_FOR_HAL_API,
         # Below the CPU backend: on a CPU-only machine PoCL is slower than torch, so OpenCL runs
         # only when asked for (--backend opencl).
         priority=-5,
