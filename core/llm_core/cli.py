@@ -41,8 +41,9 @@ def _plugged_commands() -> dict[str, Callable[[argparse._SubParsersAction], None
 
 
 def _unavailable(sub: argparse._SubParsersAction, name: str, why: str) -> None:
-    parser = sub.add_parser(name, help=f"(unavailable) {why}", add_help=False)
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    # No option prefix: whatever follows the name is taken as is, and the reason is printed.
+    parser = sub.add_parser(name, help=f"(unavailable) {why}", add_help=False, prefix_chars="\0")
+    parser.add_argument("rest", nargs="*")
 
     def explain(args: argparse.Namespace) -> int:
         print(f"llm-core {name}: {why}", file=sys.stderr)
