@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import venv
@@ -104,12 +105,18 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every distribution built as a wheel, as a user's ``pip install ./folder`` would."""
     out = tmp_path_factory.mktemp("wheels")
     for folder, _ in DISTRIBUTIONS.values():
-        subprocess.run(
-            [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out)],
-            cwd=ROOT / folder,
-            check=True,
-            capture_output=True,
-        )
+        scratch = ROOT / folder / "build"
+        existed = scratch.exists()
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out)],
+                cwd=ROOT / folder,
+                check=True,
+                capture_output=True,
+            )
+        finally:
+            if not existed:  # setuptools' copies of the sources would shadow them in greps
+                shutil.rmtree(scratch, ignore_errors=True)
     built = {}
     for wheel in out.glob("*.whl"):
         name = wheel.name.split("-")[0].replace("_", "-")
