@@ -1,9 +1,20 @@
 """The layer rules of DESIGN.md, checked on the source with ``ast``.
 
-- core/ and hal/ import no plugin (``llm_core_*``) and no vendor SDK;
+Import rules, on the import graph of tests/test_module_graph.py (every import, those under
+``if TYPE_CHECKING:`` too, since a type is a dependency as well):
+
+- core/ (``llm_core``) and hal/ (``llm_hal``) import no plugin (``llm_core_*``), not
+  ``llm_triton``, no vendor SDK and never the conformance suite; the HAL imports nothing of core;
+- the conformance suite imports no plugin and not ``llm_triton``: it reaches backends through
+  the HAL's registry;
+- a plugin (in-tree and the example) imports, of this repository, only ``llm_hal``, its own
+  package and, for cuda and rocm, ``llm_triton``: never ``llm_core`` nor another plugin;
+- ``llm_triton`` imports no plugin and not ``llm_core``.
+
+Source rules:
+
 - core/ does not name CUDA (``torch.cuda``, ``.cuda()``, ``device="cuda"``): devices belong
   to backends;
-- plugins (in-tree and the example) reach llm-core only through ``llm_hal``;
 - nothing monkeypatches: no assignment to an attribute of an imported module or class, no
   ``setattr`` on one, no writes into ``sys.modules``.
 
@@ -18,12 +29,77 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_module_graph import ROOT, Import, ImportGraph, tree_graph
 
-ROOT = Path(__file__).resolve().parents[1]
 VENDOR_SDKS = {"torch_npu", "cupy", "pyopencl", "triton", "pycuda", "tensorrt"}
+TRITON_PLUGINS = {"llm_core_cuda", "llm_core_rocm"}
 CUDA_DEVICE = re.compile(r"^cuda(:\d+)?$")
 
 Finding = tuple[int, str]  # line, what
+
+
+def _is_plugin(package: str) -> bool:
+    return package.startswith("llm_core_")
+
+
+def layer_violation(module: str, target: str) -> str | None:
+    """Why ``module`` may not import ``target`` (both dotted names), or None when it may."""
+    own, top = module.split(".")[0], target.split(".")[0]
+    if own in {"llm_core", "llm_hal"}:
+        if _is_plugin(top):
+            return f"imports the plugin {target}"
+        if top == "llm_triton":
+            return f"imports {target}: Triton kernels belong to the cuda and rocm plugins"
+        if top in VENDOR_SDKS:
+            return f"imports the vendor SDK {target}"
+        if top == "llm_conformance":
+            return f"imports {target}: the conformance suite depends on core, not the reverse"
+        if own == "llm_hal" and top == "llm_core":
+            return f"imports {target}: the HAL is below core"
+    elif own == "llm_conformance":
+        if _is_plugin(top) or top == "llm_triton":
+            return f"imports {target}: the suite reaches backends through the HAL only"
+    elif own == "llm_triton":
+        if _is_plugin(top):
+            return f"imports the plugin {target}: llm_triton serves plugins, not the reverse"
+        if top == "llm_core":
+            return f"imports {target}: llm_triton reaches core only through llm_hal"
+    elif _is_plugin(own) and top != own:
+        if top == "llm_core":
+            return f"imports {target}: plugins reach core only through llm_hal"
+        if _is_plugin(top):
+            return f"imports the plugin {target}: a plugin never imports another plugin"
+        if top == "llm_triton" and own not in TRITON_PLUGINS:
+            return f"imports {target}: only the cuda and rocm plugins use llm_triton"
+        if top == "llm_conformance":
+            return f"imports {target}: plugins use llm_hal only"
+    return None
+
+
+def _violations(imports: list[Import], graph: ImportGraph) -> list[str]:
+    found = []
+    for imp in imports:
+        why = layer_violation(imp.module, imp.target)
+        if why is not None:
+            found.append(f"{graph.paths[imp.module]}:{imp.line}: {why}")
+    return found
+
+
+def _tree_violations(*packages: str) -> list[str]:
+    graph = tree_graph()
+    imports = [i for i in graph.imports if _package_kind(i.module) in packages]
+    return _violations(imports, graph)
+
+
+def _package_kind(module: str) -> str:
+    top = module.split(".")[0]
+    return "plugin" if _is_plugin(top) else top
+
+
+def _snippet_violations(source: str, module: str, label: str | None = None) -> list[str]:
+    relative = module.replace(".", "/") + ".py"
+    graph = ImportGraph({relative: source}, {relative: label or relative})
+    return _violations(graph.imports, graph)
 
 
 def _sources(*folders: str) -> list[Path]:
@@ -39,46 +115,12 @@ def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
 
-def _imports(tree: ast.AST) -> list[Finding]:
-    """Absolute modules imported, statically or through ``importlib.import_module("...")``."""
-    found: list[Finding] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.append((node.lineno, node.module))
-        elif (
-            isinstance(node, ast.Call)
-            and _dotted(node.func) in {"importlib.import_module", "import_module", "__import__"}
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-        ):
-            found.append((node.lineno, node.args[0].value))
-    return found
-
-
 def _dotted(node: ast.AST) -> str:
     if isinstance(node, ast.Name):
         return node.id
     if isinstance(node, ast.Attribute):
         return f"{_dotted(node.value)}.{node.attr}"
     return "?"
-
-
-def forbidden_imports(tree: ast.AST, layer: str) -> list[Finding]:
-    """``layer`` is "core" (hal follows the same rule) or "plugin"."""
-    bad = []
-    for line, module in _imports(tree):
-        top = module.split(".")[0]
-        if layer == "plugin":
-            if top == "llm_core":
-                bad.append((line, f"imports {module}: plugins use llm_hal only"))
-        elif top.startswith("llm_core_"):
-            bad.append((line, f"imports the plugin {module}"))
-        elif top in VENDOR_SDKS:
-            bad.append((line, f"imports the vendor SDK {module}"))
-    return bad
 
 
 def cuda_names(tree: ast.AST) -> list[Finding]:
@@ -149,22 +191,42 @@ def test_there_is_source_to_check() -> None:
     assert {"backend.py", "registry.py"} <= names
     assert any(p.parent.name == "llm_core_cpu" for p in _plugin_sources())
     assert any(p.parent.name == "llm_core_example" for p in _plugin_sources())
+    kinds = {_package_kind(i.module) for i in tree_graph().imports}
+    assert {"llm_core", "llm_hal", "llm_conformance", "llm_triton", "plugin"} <= kinds
 
 
-def test_core_and_hal_import_no_plugin_and_no_vendor_sdk() -> None:
-    assert _report(_sources("core", "hal"), forbidden_imports, "core") == []
+def test_core_and_hal_import_no_plugin_no_triton_no_vendor_sdk_and_not_the_suite() -> None:
+    assert _tree_violations("llm_core", "llm_hal") == []
+
+
+def test_the_conformance_suite_imports_no_plugin_and_not_llm_triton() -> None:
+    assert _tree_violations("llm_conformance") == []
+
+
+def test_plugins_import_only_the_hal_their_own_package_and_llm_triton() -> None:
+    assert _tree_violations("plugin") == []
+
+
+def test_the_example_plugins_tests_follow_the_plugin_rule() -> None:
+    found = []
+    for path in _sources("examples"):
+        if "tests" in path.relative_to(ROOT).parts:
+            label = path.relative_to(ROOT).as_posix()
+            found += _snippet_violations(path.read_text(), "llm_core_example.tests", label)
+    assert found == []
+
+
+def test_llm_triton_imports_no_plugin_and_not_llm_core() -> None:
+    assert _tree_violations("llm_triton") == []
 
 
 def test_core_does_not_name_cuda() -> None:
     assert _report(_sources("core"), cuda_names) == []
 
 
-def test_plugins_reach_core_only_through_the_hal() -> None:
-    assert _report(_plugin_sources(), forbidden_imports, "plugin") == []
-
-
 def test_nothing_monkeypatches() -> None:
-    assert _report(_plugin_sources() + _sources("hal", "core"), monkeypatches) == []
+    files = _plugin_sources() + _sources("hal", "core", "conformance")
+    assert _report(files, monkeypatches) == []
 
 
 # -------------------------------------------------------------------------------------------
@@ -173,32 +235,74 @@ def test_nothing_monkeypatches() -> None:
 
 
 @pytest.mark.parametrize(
-    ("source", "layer"),
+    ("source", "module"),
     [
-        ("import llm_core_cuda", "core"),
-        ("from llm_core_cpu.backend import CpuBackend", "core"),
-        ("import importlib\nimportlib.import_module('llm_core_opencl')", "core"),
-        ("import torch_npu", "core"),
-        ("from cupy import cuda", "core"),
-        ("def f():\n    import triton.language as tl", "core"),
-        ("from llm_core.engine import LLMEngine", "plugin"),
-        ("import llm_core", "plugin"),
+        ("import llm_core_cuda", "llm_core.engine.x"),
+        ("from llm_core_cpu.backend import CpuBackend", "llm_core.engine.x"),
+        ("import importlib\nimportlib.import_module('llm_core_opencl')", "llm_core.x"),
+        ("import torch_npu", "llm_core.x"),
+        ("from cupy import cuda", "llm_core.x"),
+        ("def f():\n    import triton.language as tl", "llm_core.x"),
+        ("from llm_triton.backend import TritonBackend", "llm_core.x"),
+        ("from llm_conformance import Conformance", "llm_core.commands.x"),
+        ("def f():\n    import llm_conformance.runner", "llm_core.x"),
+        (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import llm_core_cpu",
+            "llm_core.x",
+        ),
+        ("import llm_core_ascend.ops", "llm_hal.x"),
+        ("import llm_triton", "llm_hal.x"),
+        ("import pyopencl as cl", "llm_hal.x"),
+        ("from llm_conformance.runner import Conformance", "llm_hal.x"),
+        ("from llm_core.engine import LLMEngine", "llm_hal.x"),
+        ("import llm_core_cpu", "llm_conformance.x"),
+        ("from llm_triton.kernels import rms_norm", "llm_conformance.x"),
+        (
+            "import importlib\nimportlib.import_module('llm_core_opencl.plugin')",
+            "llm_conformance.x",
+        ),
+        ("from llm_core.engine import LLMEngine", "llm_core_cpu.x"),
+        ("import llm_core", "llm_core_opencl.x"),
+        ("from llm_core_cpu.backend import CpuBackend", "llm_core_opencl.x"),
+        ("def f():\n    import llm_core_cuda.plugin", "llm_core_rocm.x"),
+        ("import llm_core_cpu", "llm_core_example.x"),
+        ("from llm_triton.backend import TritonBackend", "llm_core_cpu.x"),
+        ("import llm_triton", "llm_core_ascend.x"),
+        ("import llm_conformance", "llm_core_cuda.x"),
+        ("from llm_core_cuda.backend import CudaBackend", "llm_triton.x"),
+        ("import llm_core.engine", "llm_triton.x"),
     ],
 )
-def test_forbidden_imports_are_caught(source: str, layer: str) -> None:
-    assert len(forbidden_imports(ast.parse(source), layer)) == 1
+def test_forbidden_imports_are_caught(source: str, module: str) -> None:
+    assert len(_snippet_violations(source, module)) == 1
 
 
 @pytest.mark.parametrize(
-    ("source", "layer"),
+    ("source", "module"),
     [
-        ("import torch\nfrom llm_hal import TorchBackend\nimport llm_core_cpu", "plugin"),
-        ("from llm_hal import get_registry\nimport numpy\nimport llm_core.engine", "core"),
-        ("from .backend import X", "plugin"),
+        ("import torch\nfrom llm_hal import TorchBackend\nimport llm_core_cpu", "llm_core_cpu.x"),
+        ("from llm_hal import get_registry\nimport numpy\nimport llm_core.engine", "llm_core.x"),
+        ("from llm_hal.dtypes import DType\nimport torch", "llm_hal.x"),
+        ("from .backend import X", "llm_core_cpu.plugin"),
+        ("from ..backend import X", "llm_core_opencl.kernels.x"),
+        (
+            "from llm_triton.backend import TritonBackend\nimport llm_core_cuda.ops",
+            "llm_core_cuda.x",
+        ),
+        ("from llm_triton import kernels\nfrom llm_hal import DType", "llm_core_rocm.x"),
+        (
+            "import triton\nimport triton.language as tl\nfrom llm_hal import Backend",
+            "llm_triton.x",
+        ),
+        (
+            "from llm_core import SamplingParams\nfrom llm_hal import get_registry",
+            "llm_conformance.x",
+        ),
+        ("import pytest\nimport torch", "llm_conformance.x"),
     ],
 )
-def test_allowed_imports_pass(source: str, layer: str) -> None:
-    assert forbidden_imports(ast.parse(source), layer) == []
+def test_allowed_imports_pass(source: str, module: str) -> None:
+    assert _snippet_violations(source, module) == []
 
 
 @pytest.mark.parametrize(

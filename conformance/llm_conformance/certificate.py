@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from llm_hal import HAL_API_VERSION
 
 from llm_conformance.cases import FP32_ONLY
+from llm_conformance.cell import CELL_FAILED, CELL_UNSUPPORTED, CERTIFIED, NOT_RUN
 from llm_conformance.environment import describe_backend, fingerprint
 from llm_conformance.opsuite import checked_ops
 from llm_conformance.tolerances import (
@@ -48,8 +49,6 @@ class CertificateError(ValueError):
 
 def build_certificate(run: Conformance, seconds: float) -> dict[str, Any]:
     """The unsigned certificate of a finished run, sealed with its digest."""
-    from llm_conformance.runner import CERTIFIED, NOT_RUN
-
     backends = []
     for backend in run.backends():
         entry: dict[str, Any] = {
@@ -84,7 +83,7 @@ def build_certificate(run: Conformance, seconds: float) -> dict[str, Any]:
                 cells.append(run.cell(backend, model, dtype).as_dict())
     counts = {
         s: sum(c["status"] == s for c in cells)
-        for s in (CERTIFIED, "FAILED", "UNSUPPORTED", NOT_RUN)
+        for s in (CERTIFIED, CELL_FAILED, CELL_UNSUPPORTED, NOT_RUN)
     }
     document: dict[str, Any] = {
         "format": FORMAT,

@@ -28,6 +28,7 @@ from llm_core import SamplingParams
 from llm_hal import Backend, BackendRecord, DType, FallbackBackend, UnsupportedOpError, get_registry
 
 from llm_conformance.audits import AUDITS, Auditor
+from llm_conformance.cell import CELL_FAILED, CELL_UNSUPPORTED, CERTIFIED, NOT_RUN, Cell
 from llm_conformance.metrics import backend_logits, compare_greedy, compare_logits, gate_logits
 from llm_conformance.models import (
     REAL_NAME,
@@ -59,7 +60,6 @@ from llm_conformance.tracing import RecordingBackend
 
 log = logging.getLogger("llm_conformance")
 
-CERTIFIED, CELL_FAILED, CELL_UNSUPPORTED, NOT_RUN = "CERTIFIED", "FAILED", "UNSUPPORTED", "NOT RUN"
 DEFAULT_DTYPES: tuple[DType, ...] = (DType.FP32, DType.BF16, DType.FP16)
 REAL_MODEL_ALIASES = ("smollm2", "demo", "real")
 
@@ -78,51 +78,6 @@ class BackendUnderTest:
     @property
     def available(self) -> bool:
         return self.instance is not None
-
-
-@dataclass(slots=True)
-class Cell:
-    """One model x backend x dtype verdict, with everything it was decided on."""
-
-    model: str
-    architecture: str
-    kind: str
-    backend: str
-    dtype: DType
-    status: str = NOT_RUN
-    reasons: list[str] = field(default_factory=list)
-    traced_ops: list[str] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    noise: dict[str, Any] = field(default_factory=dict)
-    greedy: dict[str, Any] = field(default_factory=dict)
-    audits: dict[str, Any] = field(default_factory=dict)
-    effective_thresholds: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    replay: str = ""
-    ran: bool = True  # False for NOT RUN and for a dtype the backend does not compute in
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "architecture": self.architecture,
-            "kind": self.kind,
-            "backend": self.backend,
-            "dtype": self.dtype.value,
-            "status": self.status,
-            "ran": self.ran,
-            "reasons": self.reasons,
-            "traced_ops": self.traced_ops,
-            "metrics": self.metrics,
-            "thresholds": MODEL_THRESHOLDS[self.dtype].as_dict()
-            if self.dtype in MODEL_THRESHOLDS
-            else {},
-            "effective_thresholds": self.effective_thresholds,
-            "reference_noise": self.noise,
-            "greedy": self.greedy,
-            "audits": self.audits,
-            "seconds": round(self.seconds, 2),
-            "replay": self.replay,
-        }
 
 
 class Conformance:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm_hal.backend import Backend, LogprobsResult, MemoryInfo, Tensor
+from llm_hal.backend import OPS, Backend, LogprobsResult, MemoryInfo, Tensor
 from llm_hal.dtypes import DType, from_torch, to_torch
 from llm_hal.errors import UnsupportedOpError
 from llm_hal.metadata import AttentionMetadata, PenaltyMetadata, SamplingMetadata
@@ -155,6 +155,12 @@ class TorchBackend(Backend):
         if group_size and k % group_size:
             raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}")
         return LinearWeight(weight, bias, scheme, n, k, scales, zeros, group_size)
+
+    def native_ops(self) -> frozenset[str]:
+        """Operators this backend implements itself: those a subclass overrides, not the
+        reference's own."""
+        inherited = {op for op in OPS if getattr(type(self), op) is getattr(TorchBackend, op)}
+        return super().native_ops() - inherited
 
     # ------------------------------------------------------------------------------------------
     # operators

@@ -72,7 +72,7 @@ class HFBaseline(WaveBaseline):
         may keep weights packed and run them through quantized kernels: another model.)"""
         from transformers import AutoModelForCausalLM
 
-        from llm_core.loaders.checkpoint import open_checkpoint
+        from llm_core.loaders.opener import open_checkpoint
 
         checkpoint = open_checkpoint(str(path))
         model = AutoModelForCausalLM.from_config(checkpoint.config, dtype=dtype)

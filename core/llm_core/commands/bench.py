@@ -175,7 +175,7 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     engine: Any = None
     if command == "serve":
-        from llm_core.loaders.checkpoint import open_checkpoint
+        from llm_core.loaders.opener import open_checkpoint
 
         driver: Any = HttpDriver(args.base_url, args.served_model, args.api_key)
         tokenizer = open_checkpoint(args.model).load_tokenizer()

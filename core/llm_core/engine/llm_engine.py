@@ -25,7 +25,7 @@ from llm_core.engine.detokenizer import IncrementalDetokenizer
 from llm_core.engine.model_runner import ModelRunner, SampledToken, SeqSampling, StepResult
 from llm_core.engine.scheduler import Scheduler, SchedulerConfig
 from llm_core.engine.sequence import Sequence
-from llm_core.loaders.checkpoint import open_checkpoint
+from llm_core.loaders.opener import open_checkpoint
 from llm_core.models.registry import model_class_for
 from llm_core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from llm_core.sampling_params import SamplingParams

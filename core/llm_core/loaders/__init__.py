@@ -5,7 +5,8 @@ weights under Hugging Face names and its tokenizer; ``open_checkpoint(None)`` op
 built-in demo model (SmolLM2-135M-Instruct, see ``default_model_path``).
 """
 
-from llm_core.loaders.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from llm_core.loaders.checkpoint import Checkpoint, CheckpointError
 from llm_core.loaders.default_model import default_model_path
+from llm_core.loaders.opener import open_checkpoint
 
 __all__ = ["Checkpoint", "CheckpointError", "default_model_path", "open_checkpoint"]

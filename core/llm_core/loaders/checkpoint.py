@@ -1,4 +1,5 @@
-"""The checkpoint contract every model format implements, and ``open_checkpoint`` that picks one.
+"""The checkpoint contract every model format implements (``open_checkpoint`` in
+:mod:`llm_core.loaders.opener` picks one).
 
 A checkpoint is read-only, host-side and lazy: opening it reads the config and the tensor
 index; ``tensors()`` streams the weights one at a time so a model never needs two copies in
@@ -8,7 +9,6 @@ from a model hub.
 
 from __future__ import annotations
 
-import os
 import pathlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -75,71 +75,6 @@ class Checkpoint(ABC):
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def open_checkpoint(
-    model: str | os.PathLike[str] | None, *, trust_remote_code: bool = False
-) -> Checkpoint:
-    """Open a local checkpoint.
-
-    Args:
-        model: a directory with ``config.json``, ``*.safetensors`` (one file, or shards with
-            ``model.safetensors.index.json``) and tokenizer files; a ``.gguf`` file; a directory
-            holding exactly one ``.gguf`` file and no ``config.json``; or ``None`` for the
-            built-in default model (SmolLM2-135M-Instruct, see ``default_model_path``).
-        trust_remote_code: let transformers run Python code shipped with the checkpoint for
-            its config and tokenizer. Off by default; weights never run code either way.
-
-    Raises:
-        CheckpointError: the path does not exist, is not a checkpoint this loader reads, holds
-            only pickle weights, or names an unsupported GGUF architecture.
-    """
-    # Imported here: the format modules subclass Checkpoint, and only the one in use is loaded.
-    if model is None:
-        from llm_core.loaders.default_model import default_model_path
-
-        model = default_model_path()
-
-    path = pathlib.Path(model).expanduser()
-    if not path.exists():
-        raise CheckpointError(
-            f"{str(model)!r} does not exist. llm-core loads local checkpoints only and never "
-            "downloads from a model hub: download the model first (for example with "
-            "`huggingface-cli download ORG/NAME --local-dir DIR`) and pass that directory, "
-            "or pass a .gguf file."
-        )
-
-    if path.is_file():
-        if path.suffix.lower() == ".gguf":
-            from llm_core.loaders.gguf_loader import GGUFCheckpoint
-
-            return GGUFCheckpoint(path)
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise CheckpointError(pickle_refusal_message(path))
-        raise CheckpointError(
-            f"{path} is a file but not a .gguf file: pass a .gguf file or a Hugging Face "
-            "checkpoint directory (config.json + *.safetensors)."
-        )
-
-    if not (path / "config.json").is_file():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            from llm_core.loaders.gguf_loader import GGUFCheckpoint
-
-            return GGUFCheckpoint(ggufs[0])
-        if len(ggufs) > 1:
-            names = ", ".join(p.name for p in ggufs)
-            raise CheckpointError(
-                f"{path} holds several .gguf files ({names}): pass the path of the one to load."
-            )
-        raise CheckpointError(
-            f"{path} has no config.json: a Hugging Face checkpoint directory needs config.json "
-            "next to its *.safetensors and tokenizer files (or pass a .gguf file)."
-        )
-
-    from llm_core.loaders.hf import HFCheckpoint
-
-    return HFCheckpoint(path, trust_remote_code=trust_remote_code)
 
 
 def pickle_refusal_message(where: pathlib.Path) -> str:
