@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from llm_conformance.cell import CERTIFIED, NOT_RUN, Cell
     from llm_conformance.certificate import (
         CertificateError,
         generate_keypair,
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from llm_conformance.opsuite import CaseResult, OpResult, OpSuite
     from llm_conformance.replay import explain, replay
     from llm_conformance.report import console, junit, markdown, to_html, write_reports
-    from llm_conformance.runner import CERTIFIED, NOT_RUN, Cell, Conformance
+    from llm_conformance.runner import Conformance
     from llm_conformance.tolerances import SUITE_VERSION, TOLERANCES, WAIVERS, Tolerance, Waiver
     from llm_conformance.tracing import RecordingBackend
 
@@ -39,7 +40,8 @@ _HOME = {
     "opsuite": ["CaseResult", "OpResult", "OpSuite"],
     "replay": ["explain", "replay"],
     "report": ["console", "junit", "markdown", "to_html", "write_reports"],
-    "runner": ["CERTIFIED", "NOT_RUN", "Cell", "Conformance"],
+    "cell": ["CERTIFIED", "NOT_RUN", "Cell"],
+    "runner": ["Conformance"],
     "tolerances": ["SUITE_VERSION", "TOLERANCES", "WAIVERS", "Tolerance", "Waiver"],
     "tracing": ["RecordingBackend"],
 }
