@@ -3,7 +3,9 @@
 The builders live in ``llm_conformance.checkpoints`` (the conformance suite needs them at run
 time) and are re-exported here under their old names, so tests keep writing
 ``from conftest_loaders import TINY_ARCHITECTURES, save_tiny_hf_checkpoint``. The real demo
-model comes from ``default_model_path()`` (fetched once, then cached).
+model comes from ``default_model_path()`` (fetched once, then cached); every test that uses it,
+through ``default_model_file`` or a fixture built on it, is marked ``slow``, so that
+``pytest -m "not slow"`` runs everything else (no download, a few minutes less).
 """
 
 from __future__ import annotations
@@ -42,6 +44,19 @@ __all__ = [
     "tiny_model",
     "write_tiny_gguf",
 ]
+
+
+# --- the slow marker -------------------------------------------------------------------------
+
+#: The fixture that fetches the real demo model; a test that depends on it is slow.
+DEMO_MODEL_FIXTURE = "default_model_file"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if DEMO_MODEL_FIXTURE in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 # --- fixtures ---------------------------------------------------------------------------------

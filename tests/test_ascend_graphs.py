@@ -2,7 +2,7 @@
 
 torch-npu's graph API is read out of the torch-npu 2.13.0 wheel (never installed):
 ``torch_npu/npu/graphs.py`` for the signatures, its graph handlers for which operators
-``NPUGraph.update`` re-issues and with which arguments. ``llm_core_ascend.graph_emulation``
+``NPUGraph.update`` re-issues and with which arguments. ``support.ascend_graph_emulation``
 stands in for that API on CPU tensors with the semantics that matter (a capture freezes host
 values and computes nothing; replay re-runs the recorded operators on the same tensors;
 ``update`` replaces the attention's lengths by name), and the npu operators run through
@@ -20,10 +20,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from llm_core_ascend import emulation, graph_emulation, graphs, schemas
+from llm_core_ascend import graphs
 from llm_core_ascend.backend import AscendBackend
 from llm_core_ascend.ops import TORCH_NPU_VERSION
 from llm_hal import AttentionMetadata, DType
+from support import ascend_emulation as emulation
+from support import ascend_graph_emulation as graph_emulation
+from support import ascend_schemas as schemas
 
 BF16 = torch.bfloat16
 ATTENTION = "npu_fused_infer_attention_score"

@@ -1,7 +1,7 @@
 """Every torch-npu call of the Ascend backend, checked against torch-npu's own schemas.
 
 The torch-npu wheel is downloaded (never installed) and its operator schemas and shape
-functions are registered under ``torch.ops.npu`` (``llm_core_ascend.schemas``). The backend's
+functions are registered under ``torch.ops.npu`` (``support.ascend_schemas``). The backend's
 operators then run under ``FakeTensorMode``: a call whose argument names, types or count differ
 from torch-npu's signature fails in the dispatcher, and one whose shapes torch-npu's own meta
 functions reject fails there. A recording dispatch mode lists which npu operators ran, so a
@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from llm_core_ascend import emulation, schemas
 from llm_core_ascend.backend import AscendBackend
 from llm_core_ascend.ops import TORCH_NPU_VERSION
 from llm_hal import AttentionMetadata, QuantScheme
+from support import ascend_emulation as emulation
+from support import ascend_schemas as schemas
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 

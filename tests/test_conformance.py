@@ -8,6 +8,8 @@ The faulty-backend tests that show the suite catches real bugs are in
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import pathlib
@@ -31,9 +33,10 @@ from llm_conformance import (
     to_html,
     verify,
 )
+from llm_conformance import tolerances as suite_tolerances
 from llm_conformance.compare import compare
 from llm_conformance.runner import serving_dtypes
-from llm_conformance.tolerances import NMSE_FLOOR, tolerance
+from llm_conformance.tolerances import NMSE_FLOOR, SUITE_VERSION, tolerance
 from llm_core.cli import main
 from llm_core_cpu import CpuBackend
 from llm_hal import (
@@ -44,6 +47,7 @@ from llm_hal import (
     DType,
     get_registry,
 )
+from llm_hal import tolerances as hal_tolerances
 
 SEED = 1234
 
@@ -58,6 +62,40 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
 # -------------------------------------------------------------------------------------------
 # comparisons and the table
 # -------------------------------------------------------------------------------------------
+
+
+#: The op-level table is defined in llm_hal.tolerances (plugins' self-checks read it too) and
+#: versioned with the suite: (SUITE_VERSION, digest of the table's numbers). A change of the
+#: table is a change of the suite: bump SUITE_VERSION and update both here.
+TABLE_PIN = ("1.0.0", "ea97ffa8c3178ae4")
+
+
+def _op_table_digest() -> str:
+    table = {
+        "classes": {
+            op_class: {dt.value: dataclasses.astuple(tol) for dt, tol in row.items()}
+            for op_class, row in hal_tolerances.TOLERANCES.items()
+        },
+        "unit_roundoff": {dt.value: u for dt, u in hal_tolerances.UNIT_ROUNDOFF.items()},
+        "nmse_floor": {dt.value: f for dt, f in hal_tolerances.NMSE_FLOOR.items()},
+        "bias": [hal_tolerances.BIAS_CAP, hal_tolerances.BIAS_MIN_ELEMENTS],
+        "attention_kv_scale": hal_tolerances.ATTENTION_KV_SCALE,
+        "sampling": [hal_tolerances.SAMPLING_TV_MAX, hal_tolerances.SAMPLING_DRAWS],
+    }
+    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_the_op_table_changes_only_with_the_suite_version() -> None:
+    assert (SUITE_VERSION, _op_table_digest()) == TABLE_PIN, (
+        "the op-level tolerance table (llm_hal/tolerances.py) or SUITE_VERSION changed: a "
+        "change of the table bumps SUITE_VERSION (llm_conformance/tolerances.py); then set "
+        f"TABLE_PIN = ({SUITE_VERSION!r}, {_op_table_digest()!r})"
+    )
+
+
+def test_the_suite_and_the_hal_share_one_table() -> None:
+    for name in hal_tolerances.__all__:
+        assert getattr(suite_tolerances, name) is getattr(hal_tolerances, name), name
 
 
 def test_nmse_floor_is_part_of_the_table() -> None:

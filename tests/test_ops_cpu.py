@@ -6,7 +6,8 @@ the same rounded values upcast to float64. A result passes only if both the elem
 parity. Shapes cover one token, block boundaries, GQA ratios 1/3/4, odd head sizes (80, 96),
 contexts over many blocks and strided inputs from ``split``.
 
-The tolerance table is local for now; the conformance suite will own the official one.
+The bounds are those of the conformance suite's tolerance table (``llm_hal.tolerances``),
+applied by :func:`support.numerics.assert_close`.
 """
 
 from __future__ import annotations
@@ -22,71 +23,10 @@ import pytest
 import torch
 from llm_core_cpu import CpuBackend
 from llm_hal import AttentionMetadata, PenaltyMetadata, QuantScheme, SamplingMetadata, TorchBackend
+from support.numerics import assert_close
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 DTYPES = [pytest.param(F32, id="fp32"), pytest.param(BF16, id="bf16")]
-
-# -------------------------------------------------------------------------------------------
-# tolerances (from /work/shared/reference/facts.md section 1)
-# -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tol:
-    rtol: float = 0.0
-    atol: float = 0.0
-    nmse: float = 0.0
-    mean_rel: float | None = None  # mean |x - g| / mean |g|, for quantized GEMMs
-
-
-#: op class -> dtype -> tolerance. ``None`` elementwise bounds mean "NMSE and mean error only".
-TOLERANCES: dict[str, dict[torch.dtype, Tol]] = {
-    "exact": {F32: Tol(), BF16: Tol()},
-    "elementwise": {F32: Tol(1.3e-6, 1e-5, 1e-7), BF16: Tol(1.6e-2, 1e-3, 1e-7)},
-    "rotary": {F32: Tol(1.3e-6, 1e-5, 1e-7), BF16: Tol(1.6e-2, 1e-3, 1e-7)},
-    "norm": {F32: Tol(1e-5, 1e-5, 1e-6), BF16: Tol(7.9e-3, 7.9e-3, 1e-6)},
-    "softmax": {F32: Tol(1e-5, 1e-6, 1e-6), BF16: Tol(1.6e-2, 1e-3, 1e-6)},
-    "linear": {F32: Tol(1e-4, 1e-5, 5e-4), BF16: Tol(2e-2, 2e-2, 5e-4)},
-    "quant": {F32: Tol(math.inf, 0, 5e-4, 0.04), BF16: Tol(math.inf, 0, 5e-4, 0.04)},
-    "w8a8": {F32: Tol(1e-1, 1.0, 5e-4), BF16: Tol(1e-1, 1.0, 5e-4)},
-    "attention": {F32: Tol(1e-4, 1e-4, 5e-4), BF16: Tol(1e-2, 2e-2, 5e-4)},
-}
-
-#: A bf16 result is off by up to u/2 relative (u = 2^-8) from rounding the output alone, so
-#: its NMSE can exceed the table's caps (1e-7, 1e-6) however right the kernel is. The cap is
-#: floored at u^2: the worst case of two roundings (the Llama rms_norm rounds twice). A wrong
-#: kernel still fails it by orders of magnitude.
-NMSE_FLOOR = {F32: 0.0, BF16: 2.0**-16}
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, kind: str, dtype: torch.dtype) -> None:
-    """The comparison every op test uses: NaN/Inf parity, then elementwise AND NMSE caps."""
-    tol = TOLERANCES[kind][dtype]
-    assert tuple(got.shape) == tuple(want.shape), f"shape {tuple(got.shape)} != {tuple(want.shape)}"
-    x, g = got.detach().double(), want.detach().double()
-    assert torch.equal(torch.isnan(x), torch.isnan(g)), "NaN positions differ"
-    assert torch.equal(torch.isinf(x), torch.isinf(g)), "Inf positions differ"
-    assert torch.equal(x[torch.isinf(g)], g[torch.isinf(g)]), "Inf signs differ"
-    finite = torch.isfinite(g)
-    x, g = x[finite], g[finite]
-    if kind == "exact":
-        assert torch.equal(x, g), f"not bit-exact: max |diff| {(x - g).abs().max():.3g}"
-        return
-    diff = (x - g).abs()
-    bound = tol.atol + tol.rtol * g.abs()
-    worst = int(torch.argmax(diff - bound)) if diff.numel() else 0
-    assert bool(torch.all(diff <= bound)), (
-        f"{kind}/{dtype}: |x-g| = {diff[worst]:.3g} > {bound[worst]:.3g} "
-        f"(x = {x[worst]:.6g}, g = {g[worst]:.6g})"
-    )
-    signal = float((g * g).sum())
-    nmse = float((diff * diff).sum()) / signal if signal else float((diff * diff).sum())
-    cap = max(tol.nmse, NMSE_FLOOR[dtype])
-    assert nmse <= cap, f"{kind}/{dtype}: NMSE {nmse:.3g} > {cap:.3g}"
-    if tol.mean_rel is not None:
-        mean_rel = float(diff.mean() / g.abs().mean())
-        assert mean_rel < tol.mean_rel, f"{kind}/{dtype}: mean relative error {mean_rel:.3g}"
-
 
 # -------------------------------------------------------------------------------------------
 # inputs
@@ -231,7 +171,7 @@ def test_linear_quantized(
     golden = ref.prepare_linear(
         weight, bias64, scheme, scales.double(), None if zeros is None else zeros.double(), group
     )
-    kind = "w8a8" if scheme is QuantScheme.W8A8 else "quant"
+    kind = "w8a8" if scheme is QuantScheme.W8A8 else "quantized"
     assert_close(got, ref.linear(x64, golden), kind, dtype)
 
 

@@ -48,7 +48,7 @@ EXTRAS = {
 }
 
 #: Names that test support goes by; no shipped module may carry one.
-TEST_SUPPORT = re.compile(r"(^|/)(tests?|conftest|.*emulat\w*|fake\w*|mock\w*|dummy\w*)(\.py|/)")
+TEST_SUPPORT = re.compile(r"(^|/)(tests?|.*emulat\w*|fake\w*|mock\w*|dummy\w*)(\.py|/)")
 
 
 def _project(folder: str) -> dict:

@@ -5,7 +5,7 @@ Plugged into the ``llm-core`` command by the entry point ``llm_core.commands: co
 
     llm-core conformance [--backend NAME ...] [--model NAME ...] [--dtype D ...] [--report DIR]
     llm-core conformance verify FILE [--key PUBLIC.pem]
-    llm-core conformance replay --backend NAME --op OP --case N --dtype D --seed S
+    llm-core conformance replay --backend NAME --op OP --case N --dtype D --seed S [--traceback]
     llm-core conformance keygen DIR
 
 A run covers every installed backend by default (those that cannot run here are listed as
@@ -58,6 +58,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     replay.add_argument("--case", type=int, required=True, help="case number, as in the report")
     replay.add_argument("--dtype", default="float32", help="dtype of the case (default float32)")
     replay.add_argument("--seed", type=int, default=1234, help="the run's seed (default 1234)")
+    replay.add_argument(
+        "--traceback",
+        action="store_true",
+        help="when the case raises, print the exception's full Python traceback (the case "
+        "runs once more to catch it)",
+    )
     replay.set_defaults(func=run_replay)
 
     keygen = sub.add_parser("keygen", help="create an Ed25519 key pair for signing certificates")
@@ -192,11 +198,18 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_replay(args: argparse.Namespace) -> int:
     from llm_hal import DType, get_registry
 
-    from llm_conformance.replay import explain, replay
+    from llm_conformance.replay import explain, raised_traceback, replay
 
     backend = get_registry().create(args.backend)
-    result = replay(backend, args.op, args.case, DType.parse(args.dtype), args.seed)
+    dtype = DType.parse(args.dtype)
+    result = replay(backend, args.op, args.case, dtype, args.seed)
     print(explain(result, args.backend))
+    if args.traceback and result.error:
+        trace = raised_traceback(backend, args.op, args.case, dtype, args.seed)
+        if trace is None:
+            print("  traceback: none, the case raised nothing when run again")
+        else:
+            print("  traceback:\n" + trace, end="")
     return 0 if result.status != "failed" else 1
 
 

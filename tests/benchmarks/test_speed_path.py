@@ -15,6 +15,7 @@ from conftest_loaders import save_tiny_hf_checkpoint
 from llm_core import LLM, SamplingParams
 from llm_core_cpu import CpuBackend
 from llm_hal import AttentionMetadata, FallbackBackend, TorchBackend
+from support.numerics import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -125,27 +126,25 @@ def test_engine_greedy_output_is_the_same_captured_or_eager(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_torch_operators_match_the_reference(dtype: torch.dtype) -> None:
     be, ref = CpuBackend(use_kernels=False), TorchBackend("cpu")
-    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
     gen = torch.Generator().manual_seed(3)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(dtype)
 
     x, w, r, norm = rand(5, 16), rand(24, 16), rand(5, 16), rand(16)
-    close = torch.testing.assert_close
     lw, lref = be.prepare_linear(w), ref.prepare_linear(w.double())
-    close(be.linear(x, lw).double(), ref.linear(x.double(), lref).to(dtype).double(), **tol)
+    assert_close(be.linear(x, lw), ref.linear(x.double(), lref), "linear", dtype)
     y, s = be.rms_norm(x, norm, 1e-6, residual=r)
     y_ref, s_ref = ref.rms_norm(x.double(), norm.double(), 1e-6, residual=r.double())
-    close(y.double(), y_ref, **tol)
-    close(s.double(), s_ref, **tol)
+    assert_close(y, y_ref, "norm", dtype)
+    assert_close(s, s_ref, "elementwise", dtype)
     gu = rand(5, 32)
-    close(be.silu_and_mul(gu).double(), ref.silu_and_mul(gu.double()), **tol)
+    assert_close(be.silu_and_mul(gu), ref.silu_and_mul(gu.double()), "elementwise", dtype)
     kc, vc, q = rand(8, 4, 2, 8), rand(8, 4, 2, 8), rand(2, 32)
     meta = _decode_meta([5, 9])
     got = be.paged_attention_decode(q, kc, vc, meta, 1 / math.sqrt(8))
     want = ref.paged_attention_decode(q.double(), kc.double(), vc.double(), meta, 1 / math.sqrt(8))
-    close(got.double(), want, **tol)
+    assert_close(got, want, "attention", dtype)
 
 
 def test_weights_on_the_huge_page_arena_keep_their_values(cpu: CpuBackend) -> None:
@@ -153,8 +152,7 @@ def test_weights_on_the_huge_page_arena_keep_their_values(cpu: CpuBackend) -> No
     prepared = cpu.prepare_linear(w)
     assert torch.equal(prepared.weight, w) and prepared.weight.data_ptr() != w.data_ptr()
     x = torch.randn(1, 70).bfloat16()
-    torch.testing.assert_close(cpu.linear(x, prepared).float(), (x.float() @ w.float().T),
-                               rtol=2e-2, atol=2e-2)  # fmt: skip
+    assert_close(cpu.linear(x, prepared), x.double() @ w.double().T, "linear", torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -171,7 +169,6 @@ def test_linear_kernel_paths_for_every_batch_size(
     b = torch.randn(n, generator=gen).to(dtype)
     prepared = cpu.prepare_linear(w, b)
     want = x.double() @ w.double().T + b.double()
-    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
     for t in sorted({1, 2, 3, 4, 5, 8, 31, 32, tokens}):
         got = cpu.linear(x[:t], prepared)
-        torch.testing.assert_close(got.double(), want[:t].to(dtype).double(), **tol)
+        assert_close(got, want[:t], "linear", dtype)

@@ -179,7 +179,7 @@ class AscendStepGraph(CapturedGraph):
     """``Backend.capture_graph`` on Ascend: ``fn`` recorded as one NPU graph.
 
     ``runtime`` is the namespace with torch-npu's graph API (``torch.npu``; the tests hand in
-    an emulation with the same signatures).
+    an emulation with the same signatures, tests/support/ascend_graph_emulation.py).
     """
 
     def __init__(self, graph: Any, recorder: Recorder):

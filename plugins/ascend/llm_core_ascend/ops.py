@@ -3,7 +3,7 @@
 The backend never names ``torch_npu``. It is handed the namespace that holds the NPU operators:
 ``torch.ops.npu`` after :func:`load` has imported torch-npu, which registers them there. The
 tests hand it the very same namespace with the operators registered from torch-npu's own
-schemas instead (:mod:`llm_core_ascend.schemas`), so every call the backend makes is checked
+schemas instead (tests/support/ascend_schemas.py), so every call the backend makes is checked
 against the real signature on a machine without an NPU, and nothing is patched.
 """
 

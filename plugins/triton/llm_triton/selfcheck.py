@@ -22,17 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from llm_hal import AttentionMetadata, Backend, DType, TorchBackend
+from llm_hal.tolerances import tolerance
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-#: (rtol, atol, nmse) per operator class and dtype: the project's op tolerance table.
-TOLERANCES: dict[str, dict[torch.dtype, tuple[float, float, float]]] = {
-    "elementwise": {F32: (1.3e-6, 1e-5, 1e-7), F16: (1e-3, 1e-3, 1e-7), BF16: (1.6e-2, 1e-3, 1e-7)},
-    "norm": {F32: (1e-5, 1e-5, 1e-6), F16: (1.1e-3, 1.1e-3, 1e-6), BF16: (7.9e-3, 7.9e-3, 1e-6)},
-    "attention": {F32: (1e-4, 1e-4, 5e-4), F16: (1e-3, 3e-3, 5e-4), BF16: (1e-2, 2e-2, 5e-4)},
-}
-#: Rounding the output alone costs up to u/2 relative; NMSE caps are floored at u^2.
-NMSE_FLOOR = {F32: 0.0, F16: 2.0**-22, BF16: 2.0**-16}
 
 
 @dataclass
@@ -46,8 +38,10 @@ class Comparison:
 def compare(
     out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, op_class: str, slack: float = 1.0
 ) -> Comparison:
-    """Pass if NaN/Inf match, ``|x-g| <= atol + rtol*|g|`` everywhere and NMSE is capped.
-    ``slack`` widens the bounds (NMSE by its square) for a declared waiver."""
+    """Pass if NaN/Inf match, ``|x-g| <= atol + rtol*|g|`` everywhere and NMSE is capped, with
+    the bounds of ``op_class`` for ``dtype`` in the HAL's tolerance table
+    (:func:`llm_hal.tolerances.tolerance`, the conformance suite's table). ``slack`` widens the
+    bounds (NMSE by its square) for a declared waiver."""
     x = out.detach().to("cpu", torch.float64)
     g = ref.detach().to("cpu", torch.float64)
     if x.shape != g.shape:
@@ -58,12 +52,13 @@ def compare(
         return Comparison(False, math.inf, math.inf, "NaN/Inf mismatch")
     finite = torch.isfinite(g)
     x, g = x[finite], g[finite]
-    rtol, atol, cap = (v * f for v, f in zip(TOLERANCES[op_class][dtype], (slack, slack, slack**2)))
+    tol = tolerance(op_class, DType.parse(dtype))  # the NMSE cap comes floored at u^2
+    rtol, atol, cap = tol.rtol * slack, tol.atol * slack, tol.nmse * slack**2
     diff = (x - g).abs()
     max_abs = float(diff.max()) if diff.numel() else 0.0
     nmse = float((diff**2).sum() / (g**2).sum().clamp_min(1e-300)) if diff.numel() else 0.0
     within = bool(torch.all(diff <= atol + rtol * g.abs()))
-    capped = nmse <= max(cap, NMSE_FLOOR[dtype] * slack**2)
+    capped = nmse <= cap
     detail = "" if within else f"worst excess {float((diff - atol - rtol * g.abs()).max()):.3g}"
     return Comparison(within and capped, max_abs, nmse, detail)
 

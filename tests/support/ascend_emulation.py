@@ -4,7 +4,7 @@ Each function follows its operator's documentation (torch-npu 2.13.0, ``torch_np
 _op_plugin_docs.py``): the formula, the layouts the backend uses, and the documented input
 constraints, which raise here as the device would refuse them (non-contiguous inputs, wrong
 dtypes, block sizes the kernel does not take, ...). Registered as the CPU kernels of the
-``npu`` operators (:func:`llm_core_ascend.schemas.register`), they let the backend's own code
+``npu`` operators (:func:`support.ascend_schemas.register`), they let the backend's own code
 run on CPU tensors and be compared with the reference. What they prove is that the backend
 lays out its inputs, masks and lengths as the docs say; what the NPU computes from them was
 not run here. Internal precision is fp32 throughout; the hardware's may differ within the

@@ -17,7 +17,7 @@ It keeps the semantics that decide whether a recorded decode step is right, as t
   RuntimeError; without ``auto_dispatch_capture``, ``update`` raises.
 
 The handled operators and their updatable arguments come from the wheel
-(:class:`llm_core_ascend.schemas.GraphAPI`), and the signatures here are the wheel's
+(:class:`support.ascend_schemas.GraphAPI`), and the signatures here are the wheel's
 (tests/test_ascend_graphs.py compares them). What the NPU runtime does (task groups, the
 update stream, events, memory pools) is not emulated.
 """

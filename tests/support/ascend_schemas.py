@@ -6,7 +6,7 @@ files are read out of it: ``npu_native_functions_by_codegen.yaml``, torch-npu's 
 custom operator, and ``op_plugin/meta/_meta_registrations.py``, torch-npu's own shape functions.
 :func:`register` defines the operators the backend calls under ``torch.ops.npu`` with those
 schemas, the wheel's shape functions as Meta kernels (two written from the operator docs where
-the wheel has none) and, if given, CPU kernels such as :mod:`llm_core_ascend.emulation`. Under
+the wheel has none) and, if given, CPU kernels such as :mod:`support.ascend_emulation`. Under
 ``FakeTensorMode`` a call then fails unless its argument names, types and count match
 torch-npu's signature and its shapes pass torch-npu's own shape checks.
 """
@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import yaml
-
 from llm_core_ascend.ops import TORCH_NPU_VERSION
 
 #: A torch-npu wheel to read instead of the cached or downloaded one.
