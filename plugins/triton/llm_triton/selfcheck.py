@@ -294,17 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="cuda", choices=["cuda", "rocm"])
     args = parser.parse_args(argv)
-    import importlib
+    from llm_hal import BackendUnavailableError, get_registry
 
-    from llm_hal import BackendConfig
-
-    # The plugin's own probe and factory: works before the entry points are installed.
-    plugin = importlib.import_module(f"llm_core_{args.backend}.plugin")
-    availability = plugin.probe()
-    if not availability.available:
-        print(json.dumps({"check": "probe", "ok": False, "detail": availability.reason}))
+    # Through the registry, as the engine finds it: the installed plugin's probe and factory.
+    try:
+        backend = get_registry().create(args.backend)
+    except BackendUnavailableError as exc:
+        print(json.dumps({"check": "probe", "ok": False, "detail": str(exc)}))
         return 1
-    backend = plugin.factory(BackendConfig())
     failed = 0
     for name, check in _checks(backend):
         try:
