@@ -67,7 +67,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
 #: The op-level table is defined in llm_hal.tolerances (plugins' self-checks read it too) and
 #: versioned with the suite: (SUITE_VERSION, digest of the table's numbers). A change of the
 #: table is a change of the suite: bump SUITE_VERSION and update both here.
-TABLE_PIN = ("1.0.0", "ea97ffa8c3178ae4")
+TABLE_PIN = ("1.1.0", "ea97ffa8c3178ae4")
 
 
 def _op_table_digest() -> str:
@@ -415,3 +415,10 @@ def test_pytest_plugin(tmp_path: pathlib.Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed, 1 skipped" in done.stdout
     assert "backend nosuchbackend unavailable" in done.stdout
+
+
+def test_every_hal_operation_has_a_conformance_check() -> None:
+    from llm_conformance.cases import MEMORY_OPS, specs
+    from llm_hal import OPS
+
+    assert set(specs()) == set(MEMORY_OPS) | set(OPS)

@@ -224,6 +224,61 @@ class AddWritesOnePast(CpuBackend):
         return y
 
 
+def _allowed(bitmask: torch.Tensor, bit_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(B, 32 * W) bool: the tokens a mask allows, with ``bit_of`` reading the 32 bits of each
+    int32 word ((B, W, 1) -> (B, W, 32))."""
+    return bit_of(bitmask.to(torch.int32).unsqueeze(-1)).reshape(bitmask.shape[0], -1).bool()
+
+
+def _lsb_first(words: torch.Tensor) -> torch.Tensor:
+    return (words >> torch.arange(32, dtype=torch.int32)) & 1
+
+
+def _msb_first(words: torch.Tensor) -> torch.Tensor:
+    return (words >> (31 - torch.arange(32, dtype=torch.int32))) & 1
+
+
+def _signed_test(words: torch.Tensor) -> torch.Tensor:
+    return (words & (1 << torch.arange(32, dtype=torch.int32))) > 0
+
+
+class BitmaskMsbFirst(CpuBackend):
+    """Reads token t from bit 31 - t % 32 of its word (the bit order of a big-endian bitset)."""
+
+    name: ClassVar[str] = "faulty-bit-order"
+
+    def apply_token_bitmask(self, logits, bitmask):  # type: ignore[no-untyped-def]
+        allowed = _allowed(bitmask, _msb_first)[:, : logits.shape[1]]
+        return logits.masked_fill_(~allowed, float("-inf"))
+
+
+class BitmaskSignBitClear(CpuBackend):
+    """Tests bit k as ``(word & (1 << k)) > 0`` in int32: bit 31 makes that negative, so it
+    always reads as clear and token 31 of every word is banned."""
+
+    name: ClassVar[str] = "faulty-sign-bit"
+
+    def apply_token_bitmask(self, logits, bitmask):  # type: ignore[no-untyped-def]
+        allowed = _allowed(bitmask, _signed_test)[:, : logits.shape[1]]
+        return logits.masked_fill_(~allowed, float("-inf"))
+
+
+class BitmaskWholeLastWord(CpuBackend):
+    """Treats the partial last word like the others: writes -inf past the vocabulary, into
+    the next row (after the last row, into whatever follows in the storage)."""
+
+    name: ClassVar[str] = "faulty-last-word"
+
+    def apply_token_bitmask(self, logits, bitmask):  # type: ignore[no-untyped-def]
+        rows, cols = torch.nonzero(~_allowed(bitmask, _lsb_first), as_tuple=True)
+        offset = logits.storage_offset()
+        size = logits.untyped_storage().nbytes() // logits.element_size() - offset
+        flat = torch.as_strided(logits, (size,), (1,))  # from the first element to the end
+        where = rows * logits.stride(0) + cols
+        flat[where[where < size]] = float("-inf")
+        return logits
+
+
 class _NoReplay(CapturedGraph):
     def replay(self) -> None:
         return None
@@ -270,6 +325,9 @@ FAULTS = [
     pytest.param(Bf16Truncation, "silu_and_mul", DType.BF16, id="bf16-truncation"),
     pytest.param(AddWritesOnePast, "add", DType.FP32, id="out-of-bounds-write"),
     pytest.param(ClaimsNoGeluButRuns, "gelu", DType.FP32, id="false-declaration"),
+    pytest.param(BitmaskMsbFirst, "apply_token_bitmask", DType.FP32, id="bitmask-bit-order"),
+    pytest.param(BitmaskSignBitClear, "apply_token_bitmask", DType.FP32, id="bitmask-sign-bit"),
+    pytest.param(BitmaskWholeLastWord, "apply_token_bitmask", DType.FP32, id="bitmask-last-word"),
 ]
 
 
@@ -302,6 +360,14 @@ def test_an_out_of_bounds_write_is_caught_by_the_guard() -> None:
     checks = [c for case in result.failed_cases for c in case.failures]
     assert {c.name for c in checks} == {"out= guard"}
     assert "sentinel values overwritten" in checks[0].detail
+
+
+def test_a_mask_written_past_the_vocabulary_is_caught_by_the_guard() -> None:
+    result = OpSuite(BitmaskWholeLastWord(), [DType.FP32], SEED).result(
+        "apply_token_bitmask", DType.FP32
+    )
+    checks = {c.name for case in result.failed_cases for c in case.failures}
+    assert "guard columns" in checks
 
 
 def test_the_cache_fault_is_caught_bit_exactly() -> None:

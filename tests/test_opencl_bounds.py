@@ -60,6 +60,7 @@ for flavour in ("cpu", "gpu"):
                                                np.array([[2], [-1], [19]]), np.ones(3),
                                                np.ones(3), np.full(3, 1.3)))
     be.apply_token_bans(logits, be.from_host(np.array([[3, -1], [-1, -1], [0, 19]])))
+    be.apply_token_bitmask(logits, be.from_host(np.array([[-5], [7], [-1]], dtype=np.int32)))
     meta = SamplingMetadata(np.array([0.0, 1.0, 0.7]), np.array([0, 5, 0]),
                             np.array([1.0, 0.8, 0.5]), np.array([0.0, 0.1, 0.0]), np.arange(3))
     tokens = be.sample(logits, meta)

@@ -27,6 +27,7 @@ from support.numerics import assert_close
 from test_ops_cpu import (
     ACT_SHAPES,
     BF16,
+    BITMASK_SHAPES,
     DECODE_CASES,
     DTYPES,
     F32,
@@ -42,6 +43,7 @@ from test_ops_cpu import (
     _rand,
     _sampling_meta,
     _seeded,
+    _token_bitmask,
 )
 
 pytest.importorskip("pyopencl", reason="pyopencl is not installed (pip install 'llm-core[opencl]')")
@@ -161,7 +163,7 @@ def test_supports_is_honest(ocl: Any) -> None:
     native = {"embedding", "linear", "rms_norm", "layer_norm", "rotary_embedding",
               "reshape_and_cache", "paged_attention_prefill", "paged_attention_decode",
               "silu_and_mul", "gelu_and_mul", "gelu", "add", "gather_rows", "apply_penalties",
-              "apply_token_bans", "sample", "compute_logprobs"}  # fmt: skip
+              "apply_token_bans", "apply_token_bitmask", "sample", "compute_logprobs"}  # fmt: skip
     assert ocl.native_ops() == native
     for op in ("moe_route", "moe_experts", "all_reduce", "all_gather"):
         assert not ocl.supports(op)
@@ -581,6 +583,24 @@ def test_apply_token_bans(ocl: Any, ref: Reference) -> None:
     got = ocl.to_host(d_logits)
     assert_close(got, logits64, "exact", F32)
     assert int(torch.isinf(got).sum()) == 5
+
+
+@pytest.mark.parametrize(("rows", "vocab"), BITMASK_SHAPES)
+def test_apply_token_bitmask(ocl: Any, ref: Reference, rows: int, vocab: int) -> None:
+    gen = _seeded("bitmask", rows, vocab)
+    logits = torch.randn((rows, vocab), generator=gen)
+    logits[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    logits64 = logits.double()
+    mask = _token_bitmask(gen, rows, vocab)
+    d_logits = ocl.from_host(logits)
+    assert ocl.apply_token_bitmask(d_logits, ocl.from_host(mask)) is d_logits
+    ref.apply_token_bitmask(logits64, mask)
+    assert_close(ocl.to_host(d_logits), logits64, "exact", F32)  # NaN/Inf parity included
+    d_logits = ocl.from_host(logits)
+    ocl.apply_token_bitmask(d_logits, ocl.from_host(mask.long()))  # converted to int32
+    assert_close(ocl.to_host(d_logits), logits64, "exact", F32)
+    with pytest.raises(ValueError, match="ceil"):
+        ocl.apply_token_bitmask(d_logits, ocl.from_host(torch.cat([mask, mask])))
 
 
 @pytest.mark.parametrize(("rows", "vocab"), [(1, 32), (12, 1000), (3, 49152)])

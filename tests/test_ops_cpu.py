@@ -511,6 +511,64 @@ def test_apply_token_bans(cpu: CpuBackend, ref: TorchBackend) -> None:
     assert int(torch.isinf(logits).sum()) == 5
 
 
+#: (rows, vocab) of the token-mask tests: one row inside one partial word; whole words; a
+#: partial last word (1000 = 31 * 32 + 8); the demo model's vocabulary.
+BITMASK_SHAPES = [(1, 8), (4, 64), (6, 1000), (3, 49152)]
+
+
+def _token_bitmask(gen: torch.Generator, rows: int, vocab: int) -> torch.Tensor:
+    """(rows, ceil(vocab / 32)) int32 masks; row r % 3: random words (bit 31 set in about half
+    of them, bits past the vocabulary random too), all allowed (-1), one token allowed."""
+    words = -(-vocab // 32)
+    mask = torch.randint(-(2**31), 2**31, (rows, words), generator=gen).to(torch.int32)
+    for r in range(1, rows, 3):
+        mask[r] = -1
+    for r in range(2, rows, 3):
+        token = int(torch.randint(0, vocab, (1,), generator=gen))
+        mask[r] = 0
+        mask[r, token // 32] = int(np.array(1 << token % 32, np.uint32).view(np.int32))
+    return mask
+
+
+@pytest.mark.parametrize(("rows", "vocab"), BITMASK_SHAPES)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_apply_token_bitmask(
+    cpu: CpuBackend, ref: TorchBackend, rows: int, vocab: int, strided: bool
+) -> None:
+    gen = _seeded("bitmask", rows, vocab)
+    if strided:  # rows ld > vocab apart: a write past the vocabulary lands in the filler
+        full = torch.randn((rows, vocab + 40), generator=gen)
+        logits, filler = full[:, :vocab], full[:, vocab:].clone()
+    else:
+        logits = torch.randn((rows, vocab), generator=gen)
+    logits[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    logits64 = logits.double()
+    mask = _token_bitmask(gen, rows, vocab)
+    assert cpu.apply_token_bitmask(logits, mask) is logits
+    ref.apply_token_bitmask(logits64, mask)
+    assert_close(logits, logits64, "exact", F32)  # NaN/Inf parity included
+    if strided:
+        assert torch.equal(full[:, vocab:], filler)
+
+
+def test_apply_token_bitmask_is_a_c_kernel_with_a_torch_fallback(cpu: CpuBackend) -> None:
+    assert "apply_token_bitmask" in cpu.native_ops()
+    if cpu._nk is None:
+        pytest.skip(f"C kernels unavailable: {cpu.kernels}")
+    gen = _seeded("bitmask-fallback")
+    logits = torch.randn((5, 300), generator=gen)
+    mask = _token_bitmask(gen, 5, 300)
+    native, torch_ops = logits.clone(), logits.clone()
+    cpu.apply_token_bitmask(native, mask)
+    CpuBackend(use_kernels=False).apply_token_bitmask(torch_ops, mask)
+    assert torch.equal(native, torch_ops)
+    via_int64 = logits.clone()
+    cpu.apply_token_bitmask(via_int64, mask.long())  # not int32: the torch path
+    assert torch.equal(native, via_int64)
+    with pytest.raises(ValueError, match="ceil"):
+        cpu.apply_token_bitmask(logits, mask[:, :-1])
+
+
 def _sampling_meta(rows: int, gen: torch.Generator) -> SamplingMetadata:
     temperature = torch.rand(rows, generator=gen).numpy() * 1.5
     temperature[::3] = 0.0  # some greedy rows
@@ -629,6 +687,7 @@ COVERAGE: dict[str, Callable[..., None]] = {
     "gather_rows": test_gather_rows,
     "apply_penalties": test_apply_penalties,
     "apply_token_bans": test_apply_token_bans,
+    "apply_token_bitmask": test_apply_token_bitmask,
     "sample": test_sample,
     "compute_logprobs": test_compute_logprobs,
     "moe_route": test_moe_route,

@@ -263,6 +263,26 @@ def test_token_bans_ignore_padding(ref: TorchBackend) -> None:
     assert torch.equal(logits, want)
 
 
+@pytest.mark.parametrize("vocab", [1, 31, 32, 33, 100])
+def test_token_bitmask_matches_unpacked_bits(ref: TorchBackend, vocab: int) -> None:
+    """Bit t % 32 of word t // 32, words little-endian int32: the same as unpacking the mask's
+    bytes least significant bit first. Bits past the vocabulary are ignored."""
+    rng = _rng(vocab)
+    words = -(-vocab // 32)
+    mask = rng.integers(-(2**31), 2**31, (4, words)).astype(np.int32)
+    mask[1] = -1  # all allowed
+    mask[2] = 0
+    mask[2, (vocab - 1) // 32] = np.uint32(1 << (vocab - 1) % 32).view(np.int32)  # only the last
+    mask[3, 0] |= np.int32(-(2**31))  # bit 31 set (token 31, where the vocabulary has one)
+    logits = _t(rng.standard_normal((4, vocab)))
+    logits[0, 0], logits[3, 0] = float("nan"), float("inf")
+    allowed = np.unpackbits(mask.astype("<i4").view(np.uint8), axis=1, bitorder="little")
+    want = np.where(allowed[:, :vocab] == 1, logits.numpy(), -np.inf)
+    assert ref.apply_token_bitmask(logits, _t(mask)) is logits
+    np.testing.assert_array_equal(logits.numpy(), want)  # NaN where allowed stays NaN
+    assert np.isneginf(logits[2].numpy()).sum() == vocab - 1
+
+
 def _filter_by_hand(
     row: np.ndarray, temp: float, top_k: int, top_p: float, min_p: float
 ) -> np.ndarray:

@@ -30,7 +30,7 @@ MEMORY_OPS: tuple[str, ...] = (
 
 #: Operators whose inputs are fp32 logits whatever the model's dtype: checked once, in fp32.
 FP32_ONLY: frozenset[str] = frozenset(
-    {"apply_penalties", "apply_token_bans", "sample", "compute_logprobs"}
+    {"apply_penalties", "apply_token_bans", "apply_token_bitmask", "sample", "compute_logprobs"}
 )
 
 

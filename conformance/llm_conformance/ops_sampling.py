@@ -101,6 +101,76 @@ def _apply_token_bans(h: Harness, p: Params) -> None:
 
 
 # -------------------------------------------------------------------------------------------
+# guided-decoding token mask
+# -------------------------------------------------------------------------------------------
+
+#: Rows cycle through four masks (see ``_bitmask``); vocabularies that are not a multiple of
+#: 32 leave a partial last word. ``guarded``: the logits are a view inside a buffer with
+#: sentinel columns on each side (a kernel that writes the whole last word is caught there).
+BITMASK: list[Params] = [
+    {"rows": 1, "vocab": 8},
+    {"rows": 1, "vocab": 64, "inject": "nan"},
+    {"rows": 4, "vocab": 300, "guarded": True},
+    {"rows": 5, "vocab": 1000, "inject": "inf"},
+    {"rows": 8, "vocab": 32000, "guarded": True},
+    {"rows": 3, "vocab": 49152},
+    {"rows": 6, "vocab": 151_937, "inject": "nan", "guarded": True},
+]
+
+
+def _bitmask(h: Harness, rows: int, vocab: int) -> torch.Tensor:
+    """(rows, ceil(vocab / 32)) int32. Row r % 4: 0 random words, bits past the vocabulary
+    clear (a kernel that reads them bans the next row's first tokens, which row 1 allows);
+    1 all allowed (-1); 2 one token allowed (bit 31 of its word where the vocabulary has
+    one), bits past the vocabulary set; 3 random words, bit 31 set in even words, clear in
+    odd ones."""
+    words = -(-vocab // 32)
+    mask = h.randint(-(2**31), 2**31, (rows, words))  # int64 holding int32 values
+    tail = vocab % 32
+    past_vocab = (-1 << tail) if tail else 0  # bits of the last word past the vocabulary
+    sign = torch.where(torch.arange(words) % 2 == 0, -(2**31), 0)
+    for r in range(rows):
+        kind = r % 4
+        if kind == 0:
+            mask[r, -1] &= ~past_vocab
+        elif kind == 1:
+            mask[r] = -1
+        elif kind == 2:
+            token = 32 * (words // 2) + 31 if vocab > 32 * (words // 2) + 31 else vocab - 1
+            mask[r] = 0
+            mask[r, token // 32] = _int32(1 << token % 32)
+            mask[r, -1] |= past_vocab
+        else:
+            mask[r] = (mask[r] & (2**31 - 1)) | sign
+    return mask.to(torch.int32)
+
+
+def _int32(bits: int) -> int:
+    """The int32 value whose two's-complement bits are ``bits`` (0 <= bits < 2**32)."""
+    return bits - 2**32 if bits >= 2**31 else bits
+
+
+@op_check("apply_token_bitmask", "exact", BITMASK)
+def _apply_token_bitmask(h: Harness, p: Params) -> None:
+    rows, vocab = p["rows"], p["vocab"]
+    logits = _logits(h, rows, vocab)
+    h.inject(logits, kind=p.get("inject"), count=max(3, rows * vocab // 500))
+    mask = _bitmask(h, rows, vocab)
+    want = h.oracle.apply_token_bitmask(logits.to(F64), mask)
+    if p.get("guarded"):
+        out = h.guarded(rows, vocab, FP32)
+        h.backend.copy_(out.view, h.up(logits))
+        dev = out.view
+    else:
+        dev = h.up(logits)
+    result = h.backend.apply_token_bitmask(dev, h.up(mask))
+    h.close("result", result, want, dtype=FP32)
+    h.close("in place", dev, want, dtype=FP32)
+    if p.get("guarded"):
+        h.guard_intact("guard columns", out)
+
+
+# -------------------------------------------------------------------------------------------
 # sampling
 # -------------------------------------------------------------------------------------------
 

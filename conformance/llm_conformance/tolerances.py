@@ -59,7 +59,7 @@ __all__ = [
 
 #: Bumped whenever a tolerance (here or in llm_hal.tolerances), a threshold, a case list or a
 #: check changes.
-SUITE_VERSION = "1.0.0"
+SUITE_VERSION = "1.1.0"  # 1.1.0: apply_token_bitmask (HAL 1.2)
 
 FP32, FP16, BF16 = DType.FP32, DType.FP16, DType.BF16
 

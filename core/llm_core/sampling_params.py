@@ -2,7 +2,67 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
+
+#: The grammar library guided decoding runs on (see docs/structured-output.md).
+GUIDED_BACKENDS = ("guidance", "llguidance")
+
+
+@dataclass(slots=True)
+class GuidedDecodingParams:
+    """Constrain a completion to a language (vLLM's ``GuidedDecodingParams``); give one of:
+
+    - ``json``: a JSON schema (a dict or its JSON text): the output is a JSON value valid
+      against it;
+    - ``json_object``: True: the output is a JSON object (any keys);
+    - ``regex``: the output matches this regular expression (whole);
+    - ``choice``: the output is exactly one of these strings;
+    - ``grammar``: a context-free grammar, in Lark syntax (llguidance's dialect) or GBNF
+      (llama.cpp's; recognised by its ``::=`` rules).
+
+    ``whitespace_pattern`` (JSON only): a regex for the whitespace allowed between JSON tokens
+    (default: any JSON whitespace). ``backend``: None or "guidance" (llguidance, the only one).
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    backend: str | None = None
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [
+            name
+            for name in ("json", "regex", "choice", "grammar", "json_object")
+            if getattr(self, name) not in (None, False)
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "invalid guided decoding: give exactly one of json, json_object, regex, choice, "
+                f"grammar (given: {', '.join(given) or 'none'})"
+            )
+        if self.backend is not None and self.backend not in GUIDED_BACKENDS:
+            raise ValueError(
+                f"invalid guided decoding backend {self.backend!r}: llm-core guides with "
+                f"llguidance ({' or '.join(repr(b) for b in GUIDED_BACKENDS)})"
+            )
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError("invalid guided decoding: choice must be non-empty strings")
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as exc:
+                raise ValueError(
+                    f"invalid guided decoding: json is not valid JSON ({exc})"
+                ) from exc
+        if self.json is not None and not isinstance(self.json, dict | bool):
+            raise ValueError("invalid guided decoding: json must be a JSON schema object")
 
 
 @dataclass(slots=True)
@@ -22,6 +82,8 @@ class SamplingParams:
     - ``logprobs``: number of top log-probabilities returned per generated token (None: none);
       ``prompt_logprobs`` likewise for prompt tokens.
     - ``skip_special_tokens``, ``spaces_between_special_tokens``: detokenization.
+    - ``guided_decoding``: constrain the output to a JSON schema, regex, choice or grammar
+      (:class:`GuidedDecodingParams`).
     """
 
     n: int = 1
@@ -44,6 +106,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    guided_decoding: GuidedDecodingParams | None = None
     _stop_strings: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:

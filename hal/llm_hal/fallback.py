@@ -23,7 +23,7 @@ log = logging.getLogger("llm_hal.fallback")
 
 #: Operators that write into their tensor arguments; those are copied back afterwards.
 _IN_PLACE = {"rotary_embedding", "reshape_and_cache", "apply_penalties", "apply_token_bans",
-             "all_reduce"}  # fmt: skip
+             "apply_token_bitmask", "all_reduce"}  # fmt: skip
 
 #: Device, memory and layout methods of the contract: always the primary's, whose tensors
 #: the caller holds.

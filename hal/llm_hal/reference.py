@@ -368,6 +368,19 @@ class TorchBackend(Backend):
         logits[rows, banned[rows, cols].long()] = float("-inf")
         return logits
 
+    def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor) -> Tensor:
+        rows, vocab = logits.shape
+        if bitmask.dim() != 2 or bitmask.shape[0] != rows or bitmask.shape[1] * 32 < vocab:
+            raise ValueError(
+                f"bitmask of shape {tuple(bitmask.shape)} for logits {tuple(logits.shape)}: "
+                f"expected ({rows}, {(vocab + 31) // 32}) int32 words"
+            )
+        shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+        bits = (bitmask.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # (B, W, 32)
+        allowed = bits.reshape(rows, -1)[:, :vocab].bool()
+        logits.masked_fill_(~allowed, float("-inf"))
+        return logits
+
     def filtered_probs(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """The distribution ``sample`` draws from (rows of greedy requests are one-hot)."""
         acc = _acc_dtype(logits.dtype)

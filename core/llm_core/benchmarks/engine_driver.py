@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from llm_core.benchmarks.memory import MemoryMonitor
 from llm_core.benchmarks.results import RunResult
 from llm_core.benchmarks.timeline import RequestTimeline
-from llm_core.sampling_params import SamplingParams
+from llm_core.sampling_params import GuidedDecodingParams, SamplingParams
 
 
 def arrival_offsets(num: int, request_rate: float | None, seed: int) -> list[float]:
@@ -33,18 +33,26 @@ def arrival_offsets(num: int, request_rate: float | None, seed: int) -> list[flo
 
 
 class EngineDriver:
-    def __init__(self, engine: Any, detokenize: bool = True):
+    """``guided``: every request is constrained by it (a grammar that ends sooner ends the
+    request sooner); the run then reports what the masks cost per step."""
+
+    def __init__(
+        self, engine: Any, detokenize: bool = True, guided: GuidedDecodingParams | None = None
+    ):
         self.engine = engine
         self.detokenize = detokenize
+        self.guided = guided
         self._ids = 0
 
     def params(self, output_len: int, temperature: float = 0.0) -> SamplingParams:
-        """Exactly ``output_len`` tokens (EOS ignored), greedy unless a temperature is given."""
+        """Exactly ``output_len`` tokens (EOS ignored, unless a grammar ends first), greedy
+        unless a temperature is given."""
         return SamplingParams(
             max_tokens=output_len,
             ignore_eos=True,
             temperature=temperature,
             detokenize=self.detokenize,
+            guided_decoding=self.guided,
         )
 
     def run(
@@ -66,6 +74,8 @@ class EngineDriver:
         cap = concurrency or len(prompts)
         in_flight = 0
         bar = tqdm(total=len(prompts), desc=desc, unit="req", disable=not progress, leave=False)
+        runner, grammar = engine.runner, engine.grammar
+        before = (runner.guided_seconds, runner.guided_steps)
         with MemoryMonitor(engine.backend) as mem:
             start = time.perf_counter()
             # When each of the ``cap`` slots became free: a request held back by the cap is
@@ -100,4 +110,14 @@ class EngineDriver:
                         bar.update(1)
             duration = time.perf_counter() - start
         bar.close()
-        return RunResult(list(timelines.values()), duration, mem.peak_rss, mem.peak_device_used)
+        result = RunResult(list(timelines.values()), duration, mem.peak_rss, mem.peak_device_used)
+        if self.guided is not None:
+            mask_s, steps = runner.guided_seconds - before[0], runner.guided_steps - before[1]
+            result.extra = {
+                "guided_steps": steps,
+                "guided_mask_ms_per_step": 1e3 * mask_s / max(1, steps),
+                "guided_mask_share": mask_s / duration if duration > 0 else float("nan"),
+                # Mean over every compile so far (warm-ups compile; measured runs hit the cache).
+                "grammar_compile_ms": 1e3 * grammar.compile_seconds / max(1, grammar.compiles),
+            }
+        return result

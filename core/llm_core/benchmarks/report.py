@@ -147,6 +147,15 @@ class BenchReport:
                     f"{r.figures['decode_tok_s']:.1f} tok/s = "
                     f"{r.figures['decode_roofline_fraction']:.0%} of the {roof:.1f} tok/s roofline"
                 )
+        for r in self.results:
+            if r.system == "llm-core" and "guided_mask_share" in r.figures:
+                f = r.figures
+                console.print(
+                    f"llm-core guided decoding at {self.level_name} {r.level}: masks "
+                    f"{f['guided_mask_ms_per_step']:.2f} ms per step = "
+                    f"{f['guided_mask_share']:.1%} of the run; grammar compile "
+                    f"{f['grammar_compile_ms']:.1f} ms"
+                )
         for note in self.notes:
             console.print(f"note: {note}")
 

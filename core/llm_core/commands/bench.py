@@ -83,6 +83,30 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_guided(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("guided decoding")
+    what = g.add_mutually_exclusive_group()
+    what.add_argument(
+        "--guided-json",
+        default=None,
+        metavar="FILE",
+        help="constrain every request to this JSON schema and report what the token masks "
+        "cost per step (the grammar may end a request before --output-len)",
+    )
+    what.add_argument("--guided-regex", default=None, metavar="RE", help="likewise, a regex")
+
+
+def _guided(args: argparse.Namespace) -> Any:
+    from llm_core.sampling_params import GuidedDecodingParams
+
+    if getattr(args, "guided_json", None):
+        with open(args.guided_json) as f:
+            return GuidedDecodingParams(json=f.read())
+    if getattr(args, "guided_regex", None):
+        return GuidedDecodingParams(regex=args.guided_regex)
+    return None
+
+
 def _add_load(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("load")
     g.add_argument("--num-prompts", type=int, default=32, help="requests per iteration")
@@ -121,6 +145,7 @@ def add_parser(subparsers: Any) -> None:
     )
     add_engine_arguments(latency)
     _add_common(latency)
+    _add_guided(latency)
     latency.set_defaults(func=run_bench, max_num_seqs=None, max_model_len=None)
 
     throughput = sub.add_parser(
@@ -131,6 +156,7 @@ def add_parser(subparsers: Any) -> None:
     _add_load(throughput)
     add_engine_arguments(throughput)
     _add_common(throughput)
+    _add_guided(throughput)
     throughput.set_defaults(func=run_bench, max_num_seqs=None, max_model_len=None)
 
     serve = sub.add_parser(
@@ -183,7 +209,7 @@ def run_bench(args: argparse.Namespace) -> int:
             engine = _load_engine(args, config)
     else:
         engine = _load_engine(args, config)
-        driver = EngineDriver(engine)
+        driver = EngineDriver(engine, guided=_guided(args))
         tokenizer = engine.tokenizer
     report = BenchRunner(config, driver, tokenizer, engine).run()
     report.print()

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from llm_core.config import EngineArgs
 from llm_core.engine.block_manager import BlockManager
 from llm_core.engine.detokenizer import IncrementalDetokenizer
+from llm_core.engine.grammar_compiler import GrammarCompiler, GrammarError
 from llm_core.engine.model_runner import ModelRunner, SampledToken, SeqSampling, StepResult
 from llm_core.engine.scheduler import Scheduler, SchedulerConfig
 from llm_core.engine.sequence import Sequence
@@ -168,8 +169,11 @@ class LLMEngine:
             ),
             self.block_manager,
         )
-        self.runner = ModelRunner(self.model, self.backend, kv_caches, self.block_size)
         self.eos_token_ids = _eos_ids(self.model_config, self.tokenizer)
+        self.grammar = GrammarCompiler(self.tokenizer, self.model.vocab_size, self.eos_token_ids)
+        self.runner = ModelRunner(
+            self.model, self.backend, kv_caches, self.block_size, grammar=self.grammar
+        )
         self._rng = random.Random(args.seed)
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[int, tuple[_Request, _Completion]] = {}
@@ -230,6 +234,7 @@ class LLMEngine:
         else:
             text, token_ids = prompt_text, [int(t) for t in prompt]
         self._validate(token_ids, params)
+        matchers = self._matchers(params)
         now = time.time() if arrival_time is None else arrival_time
         room = self.max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -246,7 +251,7 @@ class LLMEngine:
                 params.skip_special_tokens,
                 params.spaces_between_special_tokens,
             )
-            sampling = SeqSampling(params, seed, self._banned(params, 0))
+            sampling = SeqSampling(params, seed, self._banned(params, 0), matcher=matchers[index])
             if index == 0:  # the completions share the prompt: compute its logprobs once
                 sampling.prompt_logprobs = params.prompt_logprobs
             comp = _Completion(index, seq, detok, sampling)
@@ -280,6 +285,15 @@ class LLMEngine:
         problem = self.scheduler.check_prompt(len(token_ids) + 1)
         if problem:
             raise RequestError(problem)
+
+    def _matchers(self, params: SamplingParams) -> list[Any]:
+        """One grammar matcher per completion for a guided request (None each otherwise)."""
+        if params.guided_decoding is None:
+            return [None] * params.n
+        try:
+            return [self.grammar.matcher(params.guided_decoding) for _ in range(params.n)]
+        except GrammarError as exc:
+            raise RequestError(str(exc)) from exc
 
     def _banned(self, params: SamplingParams, num_output: int) -> list[int]:
         if num_output >= params.min_tokens:
@@ -387,9 +401,17 @@ class LLMEngine:
         num_out = seq.num_output_tokens
         comp.sampling.banned = self._banned(params, num_out)
         new_text = comp.detok.add([tid]) if params.detokenize else ""
+        matcher = comp.sampling.matcher
+        if matcher is not None and not matcher.consume_token(tid):
+            # The mask allows only tokens the grammar accepts: this is a bug, not bad input.
+            log.error("guided decoding: token %d was refused: %s", tid, matcher.get_error())
+            comp.finish_reason = "abort"
+            return
         # EOS and stop tokens are banned from sampling before min_tokens, so no count check.
         if tid in self.eos_token_ids and not params.ignore_eos:
             comp.finish_reason = "stop"
+        elif matcher is not None and matcher.is_stopped():
+            comp.finish_reason = "stop"  # the grammar is complete and allows nothing more
         elif tid in (params.stop_token_ids or []):
             comp.finish_reason, comp.stop_reason = "stop", tid
         stoppable = comp.finish_reason is None and params.stop_strings and new_text

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from llm_hal import AttentionMetadata, Backend, DType, PenaltyMetadata, SamplingMetadata, Tensor
 from llm_hal.backend import CapturedGraph
 
+from llm_core.engine.grammar_compiler import GrammarCompiler, bitmask_words, fill_bitmask
 from llm_core.engine.scheduler import SchedulerOutput
 from llm_core.engine.sequence import Sequence
 from llm_core.models.base import CausalLM, ForwardBatch
@@ -66,6 +69,9 @@ class SeqSampling:
     #: Prompt positions whose next-token log-probabilities were reported: a recomputed
     #: prefill (after preemption) does not report them again.
     prompt_logprobs_done: int = 0
+    #: Guided decoding: the llguidance matcher of what this sequence generated so far (None:
+    #: unconstrained); it gives the allowed next tokens before each sampling step.
+    matcher: Any = None
 
 
 @dataclass(slots=True)
@@ -119,11 +125,17 @@ class ModelRunner:
         kv_caches: list[tuple[Tensor, Tensor]],
         block_size: int,
         capture: bool | None = None,
+        grammar: GrammarCompiler | None = None,
     ):
         self.model = model
         self.backend = backend
         self.kv_caches = kv_caches
         self.block_size = block_size
+        self.grammar = grammar
+        #: Time spent restricting logits to grammars (masks computed, uploaded, applied), and
+        #: in how many steps: what guided decoding adds to a step (``llm-core bench``).
+        self.guided_seconds = 0.0
+        self.guided_steps = 0
         if capture is None:
             capture = os.environ.get(ENV_ENFORCE_EAGER, "0").strip().lower() in ("", "0", "false")
         self.capture = capture
@@ -321,7 +333,8 @@ class ModelRunner:
             p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params
         )
         ban = any(i.banned for i in infos)
-        if want_logprobs and (penalize or ban):
+        guided = [(i.matcher, row) for row, i in enumerate(infos) if i.matcher is not None]
+        if want_logprobs and (penalize or ban or guided):
             # vLLM reports log-probabilities of the raw model output: keep a copy.
             raw_logits = be.copy_(be.empty(be.shape(logits), DType.FP32), logits)
         if penalize:
@@ -329,6 +342,12 @@ class ModelRunner:
         if ban:
             banned = _pad_rows([i.banned for i in infos])
             be.apply_token_bans(logits, be.from_host(banned, DType.INT64))
+        if guided:
+            start = time.perf_counter()
+            mask = be.from_host(self._bitmask(guided, len(infos)), DType.INT32)
+            be.apply_token_bitmask(logits, mask)
+            self.guided_seconds += time.perf_counter() - start
+            self.guided_steps += 1
         meta = SamplingMetadata(
             temperature=np.array([p.temperature for p in params]),
             top_k=np.array([p.top_k for p in params]),
@@ -346,6 +365,14 @@ class ModelRunner:
                 if p.logprobs is not None:
                     results[seq.seq_id] = token
         return results
+
+    def _bitmask(self, guided: list[tuple[Any, int]], rows: int) -> np.ndarray:
+        """The allowed next tokens of every row: the matchers' masks, all ones elsewhere."""
+        assert self.grammar is not None, "guided rows come with the engine's compiler"
+        vocab = self.model.vocab_size
+        mask = np.full((rows, bitmask_words(vocab)), -1, dtype=np.int32)
+        fill_bitmask(mask, guided, self.grammar)
+        return mask
 
     def _logprobs_of(
         self, logits: Tensor, ids: Tensor, host_ids: list[int], tops: list[int]

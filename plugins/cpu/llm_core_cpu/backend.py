@@ -3,11 +3,11 @@
 The C kernels (``csrc/cpu_kernels.c``, see ``native.py``) stream bf16/fp32 weights for the
 small-batch linear layers (torch's GEMV reaches about half the memory bandwidth, and with no
 AVX512-BF16 its bf16 path is far slower still), and run the norms, rotary embedding, KV-cache
-writes, decode attention and gated activation in one pass each. They also make the decode step
-capturable (:meth:`CpuBackend.capture_graph`): replayed as one native call, with no Python per
-operator. Where the kernels do not apply (other dtypes, quantized weights, soft-capped
-attention) or could not be built, the torch operators run: oneDNN/MKL GEMMs for large batches,
-torch's fused scaled-dot-product attention for prefill.
+writes, decode attention, gated activation and the guided-decoding token mask in one pass
+each. They also make the decode step capturable (:meth:`CpuBackend.capture_graph`): replayed as
+one native call, with no Python per operator. Where the kernels do not apply (other dtypes,
+quantized weights, soft-capped attention) or could not be built, the torch operators run:
+oneDNN/MKL GEMMs for large batches, torch's fused scaled-dot-product attention for prefill.
 """
 
 from __future__ import annotations
@@ -577,6 +577,35 @@ class CpuBackend(TorchBackend):
                 return y
         self._eager("gather_rows")
         return super().gather_rows(x, indices, out)
+
+    # ------------------------------------------------------------------------------------------
+    # logits processing
+    # ------------------------------------------------------------------------------------------
+
+    def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor) -> Tensor:
+        if logits.dim() != 2 or bitmask.dim() != 2:
+            raise ValueError("apply_token_bitmask takes logits (B, V) and a bitmask (B, W)")
+        rows, vocab = logits.shape
+        if bitmask.shape[0] != rows or bitmask.shape[1] * 32 < vocab:
+            raise ValueError(
+                f"apply_token_bitmask: a bitmask (B, ceil(V / 32)) = ({rows}, {-(-vocab // 32)}) "
+                f"for logits {tuple(logits.shape)}, not {tuple(bitmask.shape)}"
+            )
+        if (
+            self._nk is not None
+            and logits.dtype == torch.float32
+            and logits.stride(-1) == 1
+            and bitmask.dtype == torch.int32
+            and bitmask.stride(-1) == 1
+        ):
+            args = (
+                logits.data_ptr(), logits.stride(0), bitmask.data_ptr(), bitmask.stride(0),
+                rows, vocab,
+            )  # fmt: skip
+            self._run("llm_token_bitmask", args, (logits, bitmask))
+            return logits
+        self._eager("apply_token_bitmask")
+        return super().apply_token_bitmask(logits, bitmask)
 
 
 def _prefill_rows(meta: AttentionMetadata) -> tuple[np.ndarray, np.ndarray]:

@@ -46,6 +46,7 @@ SIGNATURES: dict[str, list[Any]] = {
     "llm_embedding": [c_void_p, c_int32, c_void_p, c_int64, c_int64, c_void_p, c_int32],
     "llm_gather_rows": [c_void_p, c_int64, c_void_p, c_int64, c_int64, c_void_p, c_int32],
     "llm_convert": [c_void_p, c_int32, c_void_p, c_int32, c_int64],
+    "llm_token_bitmask": [c_void_p, c_int64, c_void_p, c_int64, c_int64, c_int64],
 }  # fmt: skip
 
 #: Record kinds of ``llm_run`` (the enum in the C source), by kernel name.

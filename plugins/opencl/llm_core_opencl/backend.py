@@ -63,7 +63,13 @@ _FROM_NUMPY = {np.dtype(v): k for k, v in _NUMPY.items()}
 #: ``-DSTORAGE=`` code of each float storage type (kernels/common.h).
 _STORAGE = {DType.FP32: 0, DType.FP16: 1, DType.BF16: 2}
 
-_SAMPLING_OPS = ("apply_penalties", "apply_token_bans", "sample", "compute_logprobs")
+_SAMPLING_OPS = (
+    "apply_penalties",
+    "apply_token_bans",
+    "apply_token_bitmask",
+    "sample",
+    "compute_logprobs",
+)
 _ATTENTION_OPS = ("paged_attention_prefill", "paged_attention_decode")
 #: The largest head size the attention kernel holds in local memory.
 MAX_HEAD_SIZE = 512
@@ -614,6 +620,21 @@ class OpenCLBackend(Backend):
         ids = self._contig(self._astype(banned, np.int64))
         kernel, _ = self._sampling_kernel("apply_token_bans")
         self._run(kernel, (width, rows), None, logits.data, _i32(vocab), ids.data, _i32(width))
+        return logits
+
+    def apply_token_bitmask(self, logits: Array, bitmask: Array) -> Tensor:
+        self._logits(logits, "apply_token_bitmask")
+        rows, vocab = (int(s) for s in logits.shape)
+        shape = tuple(int(s) for s in bitmask.shape)
+        if len(shape) != 2 or shape[0] != rows or shape[1] * 32 < vocab:
+            raise ValueError(
+                f"apply_token_bitmask: a bitmask (B, ceil(V / 32)) = ({rows}, {-(-vocab // 32)}) "
+                f"for logits {tuple(logits.shape)}, not {shape}"
+            )
+        words = shape[1]
+        mask = self._contig(self._astype(bitmask, np.int32))
+        kernel, _ = self._sampling_kernel("apply_token_bitmask")
+        self._run(kernel, (vocab, rows), None, logits.data, _i32(vocab), mask.data, _i32(words))
         return logits
 
     def sample(self, logits: Array, meta: SamplingMetadata) -> Tensor:

@@ -14,7 +14,7 @@ from llm_core_opencl.version import __version__
 
 #: The HAL API this plugin was written and tested against: a literal, so that the registry
 #: can refuse it when the host's HAL is incompatible (it must never be the host's version).
-BUILT_FOR_HAL_API = "1.1"
+BUILT_FOR_HAL_API = "1.2"  # 1.2: apply_token_bitmask (guided decoding)
 
 
 def _probe() -> Availability:

@@ -1189,6 +1189,67 @@ void llm_convert(const void* src, int32_t sdt, void* dst, int32_t ddt, int64_t n
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* guided decoding                                                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    float* x;
+    const int32_t* mask;
+    int64_t ldx, ldm, V, rows_per_chunk, B;
+} bitmask_job;
+
+/* One row: x[t] = -inf where bit t % 32 of mask[t / 32] is clear. Words of all ones (rows
+ * without a grammar) are skipped and words of all zeros (most of a constrained row) filled,
+ * without reading the logits; bits past V are never looked at. */
+static void bitmask_row(float* x, const int32_t* mask, int64_t V) {
+    int64_t full = V / 32;
+    for (int64_t w = 0; w < full; w++) {
+        uint32_t m = (uint32_t)mask[w];
+        float* xw = x + 32 * w;
+        if (m == 0xFFFFFFFFu) continue;
+        if (m == 0) {
+            for (int k = 0; k < 32; k++) xw[k] = -INFINITY;
+            continue;
+        }
+#if LLM_AVX2
+        const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        const __m256 ninf = _mm256_set1_ps(-INFINITY);
+        for (int g = 0; g < 4; g++) {
+            __m256i bit = _mm256_and_si256(_mm256_set1_epi32((int32_t)(m >> (8 * g))), lane_bit);
+            __m256 clear = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bit, _mm256_setzero_si256()));
+            float* x8 = xw + 8 * g;
+            _mm256_storeu_ps(x8, _mm256_blendv_ps(_mm256_loadu_ps(x8), ninf, clear));
+        }
+#else
+        for (int k = 0; k < 32; k++)
+            if (!((m >> k) & 1u)) xw[k] = -INFINITY;
+#endif
+    }
+    if (V % 32) { /* the last, partial word */
+        uint32_t m = (uint32_t)mask[full];
+        for (int64_t t = 32 * full; t < V; t++)
+            if (!((m >> (t % 32)) & 1u)) x[t] = -INFINITY;
+    }
+}
+
+static void bitmask_chunk(void* p, int64_t chunk) {
+    const bitmask_job* j = (const bitmask_job*)p;
+    int64_t b0 = chunk * j->rows_per_chunk;
+    int64_t b1 = b0 + j->rows_per_chunk < j->B ? b0 + j->rows_per_chunk : j->B;
+    for (int64_t b = b0; b < b1; b++) bitmask_row(j->x + b * j->ldx, j->mask + b * j->ldm, j->V);
+}
+
+/* fp32 logits (B, V), rows ldx apart: logits[b, t] = -inf where bit t % 32 of
+ * mask[b, t / 32] is clear; mask rows (at least ceil(V / 32) int32 words) ldm apart. */
+void llm_token_bitmask(float* logits, int64_t ldx, const int32_t* mask, int64_t ldm, int64_t B,
+                       int64_t V) {
+    int threads = B * V >= 262144 ? g_threads : 1;
+    int64_t rows = B / threads > 1 ? B / threads : 1;
+    bitmask_job job = {logits, mask, ldx, ldm, V, rows, B};
+    parallel_for(bitmask_chunk, &job, (B + rows - 1) / rows, threads);
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* replay of a captured step                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -1211,6 +1272,7 @@ enum {
     K_EMBEDDING,
     K_GATHER_ROWS,
     K_CONVERT,
+    K_TOKEN_BITMASK,
 };
 
 int64_t llm_record_size(void) { return (int64_t)sizeof(llm_record); }
@@ -1252,6 +1314,9 @@ int64_t llm_run(const llm_record* recs, int64_t n) {
             break;
         case K_CONVERT:
             llm_convert(p[0], (int32_t)i[0], p[1], (int32_t)i[1], i[2]);
+            break;
+        case K_TOKEN_BITMASK:
+            llm_token_bitmask((float*)p[0], i[0], (const int32_t*)p[1], i[1], i[2], i[3]);
             break;
         default:
             return -(j + 1); /* unknown kind: the caller reports which record */

@@ -43,7 +43,7 @@ inline int row_argmax(global const float* x, int V, local float* sv, local int* 
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* penalties and bans                                                                        */
+/* penalties, bans and the guided-decoding mask                                             */
 /* ---------------------------------------------------------------------------------------- */
 
 #define SEEN_IN_PROMPT 0x40000000
@@ -81,6 +81,14 @@ kernel void apply_token_bans(global float* logits, int V, global const long* ban
     size_t j = get_global_id(0), b = get_global_id(1);
     long id = banned[b * L + j];
     if (id >= 0) logits[b * V + id] = -INFINITY;
+}
+
+/* Guided decoding: logits[b, t] = -inf where bit t % 32 of mask[b, t / 32] is clear (int32
+ * words, W per row; bits past V are never read). Global (V, B). */
+kernel void apply_token_bitmask(global float* logits, int V, global const int* mask, int W) {
+    size_t t = get_global_id(0), b = get_global_id(1);
+    uint word = (uint)mask[b * W + t / 32];
+    if (!((word >> (t % 32)) & 1u)) logits[b * V + t] = -INFINITY;
 }
 
 /* ---------------------------------------------------------------------------------------- */
