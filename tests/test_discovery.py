@@ -445,3 +445,22 @@ def test_every_plugin_declares_its_hal_version_as_a_literal() -> None:
 )
 def test_declared_api_version_reads_only_literals(source: str, expected: str | None) -> None:
     assert declared_api_version(source) == expected
+
+
+@pytest.mark.parametrize("api", ["1", "one.two", "1.2.3"])
+def test_malformed_hal_version_is_listed_and_the_others_still_load(
+    write_plugin: WritePlugin, api: str
+) -> None:
+    write_plugin("odd_version", api=api)
+    registry = Registry()
+    record = registry.records["odd_version"]
+    assert not record.loaded
+    assert "must be the HAL API version" in record.error and repr(api) in record.error
+    assert registry.records["cpu"].loaded
+
+
+def test_newer_minor_is_told_to_upgrade_llm_core(write_plugin: WritePlugin) -> None:
+    major, minor = (int(x) for x in HAL_API_VERSION.split("."))
+    write_plugin("ahead", api=f"{major}.{minor + 1}")
+    error = Registry().records["ahead"].error
+    assert f"upgrade llm-core to a release with HAL API {major}.{minor + 1}" in error

@@ -22,10 +22,17 @@ class APIVersionMismatchError(BackendLoadError):
     """A plugin was built against another HAL API version."""
 
     def __init__(self, name: str, plugin_version: str, host_version: str):
+        host_major = host_version.split(".")[0]
+        if plugin_version.split(".")[0] == host_major:  # the same major, a newer minor
+            fix = f"upgrade llm-core to a release with HAL API {plugin_version} or newer"
+        else:
+            fix = (
+                f"install a release of the plugin built for HAL API {host_major}.x, or a "
+                f"release of llm-core with HAL API {plugin_version.split('.')[0]}.x"
+            )
         super().__init__(
             f"backend {name} was built for HAL API {plugin_version}, but this llm-core provides "
-            f"HAL API {host_version}; install a release of the plugin built for HAL API "
-            f"{host_version.split('.')[0]}.x"
+            f"HAL API {host_version}; {fix}"
         )
         self.backend = name
         self.plugin_version = plugin_version

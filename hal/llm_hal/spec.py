@@ -67,6 +67,12 @@ class BackendSpec:
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"backend name {self.name!r} must be a short identifier")
+        parts = self.api_version.split(".") if isinstance(self.api_version, str) else []
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(
+                f"backend {self.name}: api_version {self.api_version!r} must be the HAL API "
+                "version the plugin was written against, as a string 'MAJOR.MINOR' (e.g. '1.2')"
+            )
 
 
 def host_cpu_name() -> str:
