@@ -615,9 +615,11 @@ def test_non_streaming_client_timeout_aborts(server: InProcessServer) -> None:
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             server.url + "/v1/completions",
-            json={"prompt": "x", "max_tokens": 250, "ignore_eos": True, "n": 8},
+            # Far more work than the read timeout allows (it took 0.3 s at n=8 on an idle
+            # machine, which made a 0.3 s timeout flaky).
+            json={"prompt": "x", "max_tokens": 250, "ignore_eos": True, "n": 16},
             headers=_auth(),
-            timeout=httpx.Timeout(30, read=0.3),
+            timeout=httpx.Timeout(30, read=0.05),
         )
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

@@ -21,6 +21,8 @@ log = logging.getLogger("llm_core.server")
 def add_parser(subparsers: Any) -> None:
     """Register the ``serve`` command on the CLI's subparsers."""
     from llm_core.entrypoints.openai.config import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES
+    from llm_core.entrypoints.openai.reasoning import REASONING_PARSERS
+    from llm_core.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
     parser = subparsers.add_parser(
         "serve",
@@ -50,6 +52,27 @@ def add_parser(subparsers: Any) -> None:
     )
     net.add_argument(
         "--chat-template", default=None, help="a Jinja chat template file replacing the model's"
+    )
+    tools = parser.add_argument_group("tool calling and reasoning")
+    tools.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_PARSERS),
+        default=None,
+        help="how the model writes function calls, for tool_choice 'auto' (default: detected "
+        "from the chat template; none found: 'auto' is refused)",
+    )
+    tools.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="accepted for vLLM compatibility: tool_choice 'auto' is on whenever a tool-call "
+        "parser is known",
+    )
+    tools.add_argument(
+        "--reasoning-parser",
+        choices=sorted(REASONING_PARSERS),
+        default=None,
+        help="split <think>...</think> into reasoning_content (default: detected from the chat "
+        "template)",
     )
     net.add_argument(
         "--max-queue",
@@ -101,6 +124,8 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key=api_key or None,
         max_request_bytes=parse_bytes(args.max_request_bytes),
         chat_template=chat_template,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
     # uvicorn follows llm-core's own level (--log-level): INFO shows its startup and access log.
     level = logging.getLevelName(logging.getLogger("llm_core").getEffectiveLevel()).lower()

@@ -68,7 +68,9 @@ class GrammarCompiler:
 
         if params.json is not None or params.json_object:
             schema: Any = {"type": "object"} if params.json_object else params.json
-            options: Any = None
+            # Compact JSON unless a whitespace pattern is given: free whitespace lets small
+            # models fill max_tokens with blank lines inside a structure.
+            options: Any = {"whitespace_flexible": False}
             if params.whitespace_pattern is not None:
                 options = {"whitespace_pattern": params.whitespace_pattern}
             try:

@@ -1,9 +1,10 @@
 """The wire format of the OpenAI-compatible server: request and response models (pydantic).
 
-Requests follow OpenAI's API with vLLM's extra sampling fields. They are validated strictly
-(a string where a number belongs is an error, not a conversion); fields this server does not
-know are ignored, as OpenAI and vLLM ignore them. Responses carry exactly OpenAI's fields, plus
-vLLM's ``stop_reason`` on each choice.
+Requests follow OpenAI's API with vLLM's extra sampling and guided-decoding fields. They are
+validated strictly (a string where a number belongs is an error, not a conversion); fields this
+server does not know are ignored, as OpenAI and vLLM ignore them. Responses carry exactly
+OpenAI's fields, plus vLLM's ``stop_reason`` on each choice and ``reasoning_content`` on
+messages.
 """
 
 from __future__ import annotations
@@ -47,6 +48,21 @@ class StreamOptions(RequestModel):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(RequestModel):
+    """``response_format.json_schema``: the schema the answer must be valid against."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    #: "text", "json_object" or "json_schema" (checked where it is used, to say so plainly).
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingRequest(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -74,6 +90,14 @@ class SamplingRequest(RequestModel):
     spaces_between_special_tokens: bool = True
     #: The top log-probabilities of each prompt token, returned in non-streamed responses.
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # structured output: OpenAI's response_format and vLLM's guided decoding fields
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -91,14 +115,53 @@ class ContentPart(RequestModel):
     text: str | None = None
 
 
+class FunctionCallIn(RequestModel):
+    name: str
+    #: JSON text, as OpenAI sends it (an object is accepted too).
+    arguments: str | dict[str, Any]
+
+
+class ToolCallIn(RequestModel):
+    """A call the assistant made earlier in the conversation."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(RequestModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    #: An assistant message's function calls.
+    tool_calls: list[ToolCallIn] | None = None
+    #: A "tool" message: the id of the call whose result it is.
+    tool_call_id: str | None = None
 
 
-class ResponseFormat(RequestModel):
-    type: str
+class FunctionDefinition(RequestModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    #: A JSON schema of the arguments object (None: no arguments).
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -107,9 +170,11 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    #: Default: "auto" with tools, "none" without.
+    tool_choice: ToolChoice | None = None
+    #: False: at most one call per answer.
+    parallel_tool_calls: bool | None = None
     # vLLM's chat extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -128,6 +193,7 @@ class TokenizeCompletionRequest(RequestModel):
 class TokenizeChatRequest(RequestModel):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ChatTool] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -231,9 +297,38 @@ class ChoiceLogprobs(ResponseModel):
     content: list[TokenLogprob] | None = None
 
 
+class SparseModel(ResponseModel):
+    """A response part whose fields left None are not sent."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionCall(ResponseModel):
+    name: str
+    #: The arguments object as JSON text.
+    arguments: str
+
+
+class ToolCall(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    #: None when the answer is only function calls.
+    content: str | None
+    #: With a reasoning parser: the text the model wrote inside <think>...</think>.
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k == "content"}
 
 
 class ChatCompletionChoice(ResponseModel):
@@ -254,15 +349,28 @@ class ChatCompletionResponse(ResponseModel):
     prompt_logprobs: PromptLogprobs | None = None
 
 
-class DeltaMessage(ResponseModel):
+class DeltaFunctionCall(SparseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(SparseModel):
+    """A piece of a streamed function call: the first has ``id``, ``type`` and the name, the
+    next ones more of the arguments' JSON text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class DeltaMessage(SparseModel):
     """What a stream chunk adds to a message; fields left None are not sent."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(ResponseModel):

@@ -1,9 +1,10 @@
 """OpenAIServing: what the completion, chat and tokenizer endpoints share.
 
 Model-name checks, tokenization (on a private copy of the tokenizer, in one worker thread, so
-neither the event loop nor the engine thread is blocked or shared), building SamplingParams
-with OpenAI's context-length errors, submitting to the engine with the overload rules,
-streaming deltas, and log-probability formatting.
+neither the event loop nor the engine thread is blocked or shared), the chat template with its
+tools and the tool-call and reasoning parsers it calls for, building SamplingParams with
+OpenAI's context-length errors, submitting to the engine with the overload rules, streaming
+deltas, and log-probability formatting.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import math
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,7 @@ from llm_core.engine.async_llm import (
     EngineOverloadedError,
     RequestStream,
 )
+from llm_core.engine.grammar_compiler import GrammarError
 from llm_core.engine.llm_engine import RequestError
 from llm_core.entrypoints.openai.config import ServerConfig
 from llm_core.entrypoints.openai.errors import APIError
@@ -37,11 +40,24 @@ from llm_core.entrypoints.openai.protocol import (
     SamplingRequest,
     UsageInfo,
 )
+from llm_core.entrypoints.openai.reasoning import (
+    ReasoningParser,
+    detect_reasoning_parser,
+    reasoning_parser_class,
+)
+from llm_core.entrypoints.openai.structured import Guidance, arguments_for_template
+from llm_core.entrypoints.openai.tool_parsers import (
+    ToolParser,
+    detect_tool_parser,
+    tool_parser_class,
+)
 from llm_core.metrics import EngineMetrics
 from llm_core.outputs import CompletionOutput, Logprob, RequestOutput
 from llm_core.sampling_params import SamplingParams
 
 T = TypeVar("T")
+
+log = logging.getLogger("llm_core.server")
 
 #: JSON has no -inf: a token the model rules out entirely is reported with this logprob.
 MIN_LOGPROB = -9999.0
@@ -96,6 +112,27 @@ class OpenAIServing:
         # two threads at once, so the server keeps its own copy for its one worker thread.
         self.tokenizer = copy.deepcopy(llm.tokenizer)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llm-core-tokenizer")
+        template = _template_text(
+            config.chat_template or getattr(llm.tokenizer, "chat_template", None)
+        )
+        #: How this model writes function calls (None: unknown, so tool_choice "auto" is
+        #: refused) and its reasoning (None: no reasoning parsed); named by the server's
+        #: options, or detected from the chat template.
+        self.tool_parser: type[ToolParser] | None = (
+            tool_parser_class(config.tool_call_parser)
+            if config.tool_call_parser
+            else detect_tool_parser(template)
+        )
+        self.reasoning_parser: type[ReasoningParser] | None = (
+            reasoning_parser_class(config.reasoning_parser)
+            if config.reasoning_parser
+            else detect_reasoning_parser(template)
+        )
+        log.info(
+            "tool-call parser: %s; reasoning parser: %s",
+            self.tool_parser.name if self.tool_parser else "none",
+            self.reasoning_parser.name if self.reasoning_parser else "none",
+        )
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -147,8 +184,10 @@ class OpenAIServing:
         add_special_tokens: bool,
         chat_template: str | None,
         chat_template_kwargs: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> tuple[str, list[int]]:
-        """The conversation as the model's chat template writes it, and its token ids."""
+        """The conversation as the model's chat template writes it (with ``tools``, in
+        OpenAI's form, when given), and its token ids."""
         if chat_template is not None:
             raise APIError(
                 400,
@@ -180,6 +219,7 @@ class OpenAIServing:
                 chat_template=template,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
+                tools=tools,
                 tokenize=False,
                 **kwargs,
             )
@@ -204,9 +244,11 @@ class OpenAIServing:
         logprobs: int | None,
         prompt_param: str,
         prompt_logprobs: int | None = None,
+        guidance: Guidance | None = None,
     ) -> SamplingParams:
         """SamplingParams for one prompt, or a 400 that says what to change.
-        ``prompt_logprobs`` overrides the request's (echo with logprobs needs them)."""
+        ``prompt_logprobs`` overrides the request's (echo with logprobs needs them);
+        ``guidance`` constrains the output."""
         limit = self.max_model_len
         room = limit - num_prompt_tokens
         if room < 1:
@@ -265,6 +307,7 @@ class OpenAIServing:
                 skip_special_tokens=request.skip_special_tokens,
                 spaces_between_special_tokens=request.spaces_between_special_tokens,
                 include_stop_str_in_output=request.include_stop_str_in_output,
+                guided_decoding=guidance.params if guidance is not None else None,
             )
         except ValueError as exc:
             message = str(exc)
@@ -272,9 +315,14 @@ class OpenAIServing:
             raise APIError(400, message, param=detail.split(" ")[0], code="invalid_value") from None
 
     async def submit(
-        self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
+        self,
+        request_id: str,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        guidance: Guidance | None = None,
     ) -> RequestStream:
-        """Queue one engine request per prompt (``{request_id}-{i}``), all or none."""
+        """Queue one engine request per prompt (``{request_id}-{i}``), all or none. A schema,
+        regex or grammar the engine cannot use is a 400 naming ``guidance.param``."""
         items = [(f"{request_id}-{i}", ids, p) for i, (ids, p) in enumerate(zip(prompts, params))]
         try:
             return await self.llm.add_requests(items)
@@ -290,6 +338,10 @@ class OpenAIServing:
         except EngineDeadError as exc:
             raise APIError(503, f"the engine is not running: {exc}", code="engine_dead") from None
         except RequestError as exc:
+            if isinstance(exc.__cause__, GrammarError):
+                param = guidance.param if guidance is not None else None
+                message = f"{param}: {exc}" if param else str(exc)
+                raise APIError(400, message, param=param, code="invalid_value") from None
             raise APIError(400, str(exc), code="invalid_prompt") from None
 
     # ---- responses -------------------------------------------------------------------------
@@ -422,7 +474,28 @@ def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
     result: dict[str, Any] = {"role": message.role, "content": text}
     if message.name is not None:
         result["name"] = message.name
+    if message.tool_calls:
+        result["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": call.type,
+                "function": {
+                    "name": call.function.name,
+                    "arguments": arguments_for_template(call.function.arguments),
+                },
+            }
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        result["tool_call_id"] = message.tool_call_id
     return result
+
+
+def _template_text(template: str | dict[str, str] | None) -> str | None:
+    """A chat template's text; all of them for a tokenizer with named templates."""
+    if isinstance(template, dict):
+        return "\n".join(str(t) for t in template.values())
+    return template
 
 
 def engine_stopped(exc: EngineDeadError) -> APIError:

@@ -2,7 +2,7 @@
 
 A request may carry several prompts (strings or token-id lists); each becomes one engine
 request with ``n`` completions, and choice ``i * n + j`` is completion ``j`` of prompt ``i``,
-as in OpenAI's API.
+as in OpenAI's API. ``response_format`` and vLLM's ``guided_*`` fields constrain the text.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from llm_core.entrypoints.openai.serving import (
     usage,
 )
 from llm_core.entrypoints.openai.streaming import EventStreamResponse
+from llm_core.entrypoints.openai.structured import guidance_of
 from llm_core.outputs import CompletionOutput, RequestOutput
 from llm_core.sampling_params import SamplingParams
 
@@ -67,6 +68,7 @@ class OpenAIServingCompletion:
             raise APIError(
                 400, "best_of is not supported; leave it out (or equal to n)", param="best_of"
             )
+        guidance = guidance_of(req)
         texts, prompts = await self._prompts(req)
         # Echo with logprobs reports the prompt tokens' log-probabilities too.
         echo_logprobs = req.logprobs if req.echo else None
@@ -78,11 +80,12 @@ class OpenAIServingCompletion:
                 logprobs=req.logprobs,
                 prompt_param="prompt",
                 prompt_logprobs=_larger(echo_logprobs, req.prompt_logprobs),
+                guidance=guidance,
             )
             for ids in prompts
         ]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        stream = await serving.submit(request_id, prompts, params)
+        stream = await serving.submit(request_id, prompts, params, guidance)
         job = _Job(
             request_id, int(time.time()), model, texts, [len(p) for p in prompts], params,
             stream, req,

@@ -39,6 +39,9 @@ class OpenAIServingTokenization:
                 add_special_tokens=chat.add_special_tokens,
                 chat_template=chat.chat_template,
                 chat_template_kwargs=chat.chat_template_kwargs,
+                tools=[tool.model_dump(exclude_none=True) for tool in chat.tools]
+                if chat.tools
+                else None,
             )
             want_strs = chat.return_token_strs
         else:
