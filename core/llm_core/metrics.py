@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llm_hal import FallbackBackend
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -64,6 +71,10 @@ class EngineMetrics:
         self.model_name = model_name
         self.registry = registry if registry is not None else CollectorRegistry()
         reg, name = self.registry, ["model_name"]
+        if registry is None:
+            # The server process's own figures (resident memory, CPU seconds, open files), as
+            # Prometheus servers export them: what ``llm-core bench soak`` watches.
+            ProcessCollector(registry=reg)
         self._ttft = Histogram(
             "llm_core_time_to_first_token_seconds",
             "Time from a request's arrival to its first generated token.",

@@ -101,7 +101,7 @@ class HttpDriver:
                         "stream": True,
                         "stream_options": {"include_usage": True},
                     }
-                    await self._stream(client, body, timelines[i])
+                    await self.stream(client, body, timelines[i])
                 bar.update(1)
 
             with MemoryMonitor() as mem:
@@ -111,9 +111,10 @@ class HttpDriver:
         bar.close()
         return RunResult(timelines, duration, mem.peak_rss, 0, {"client_side": True})
 
-    async def _stream(
+    async def stream(
         self, client: httpx.AsyncClient, body: dict[str, Any], timeline: RequestTimeline
     ) -> None:
+        """Send one streaming completion and record its token arrivals (or its error)."""
         import httpx
 
         usage_tokens: int | None = None

@@ -161,7 +161,10 @@ class BenchReport:
 
     def plot(self, path: str | pathlib.Path) -> None:
         """Latency percentiles and output throughput against the load level, per system."""
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError as exc:
+            raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

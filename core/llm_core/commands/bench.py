@@ -1,5 +1,6 @@
-"""``llm-core bench latency | throughput | serve``: measure the engine (in process, or a running
-server over HTTP) and, with ``--baseline``, transformers and llama.cpp on the same prompts.
+"""``llm-core bench latency | throughput | serve | soak``: measure the engine (in process, or a
+running server over HTTP) and, with ``--baseline``, transformers and llama.cpp on the same
+prompts; ``soak`` watches a server's memory and latency under a long steady load.
 
 ``latency``: batches of ``--batch-size`` prompts, all submitted at once, run to completion.
 ``throughput``: ``--num-prompts`` requests under a ``--concurrency`` cap and/or arriving at a
@@ -13,7 +14,9 @@ fresh prompts; figures are medians over the measured ones. See docs/performance.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -177,6 +180,43 @@ def add_parser(subparsers: Any) -> None:
     _add_common(serve)
     serve.set_defaults(func=run_bench)
 
+    soak = sub.add_parser(
+        "soak",
+        help="a long steady load on a server: memory, KV blocks and latency over time",
+        description="Keep --concurrency streaming requests in flight for --duration seconds "
+        "against --base-url, or against a `llm-core serve` it starts (with --model and "
+        "--server-arg), and report the server's resident memory, KV blocks in use and latency "
+        "every --interval seconds. Not for CI: a soak takes minutes by design.",
+    )
+    soak.add_argument("--base-url", default=None, help="a running server (default: start one)")
+    soak.add_argument("--model", default=None, help="the model of the server it starts")
+    soak.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an argument for the `llm-core serve` it starts (repeatable)",
+    )
+    soak.add_argument("--api-key", default=None, help="bearer token, if the server wants one")
+    soak.add_argument("--duration", type=float, default=1200, help="seconds (default 1200)")
+    soak.add_argument("--interval", type=float, default=30, help="seconds per sample (30)")
+    soak.add_argument("--concurrency", type=int, default=16, help="streams in flight (16)")
+    soak.add_argument("--input-len", type=int, default=128, help="prompt tokens (default 128)")
+    soak.add_argument("--output-len", type=int, default=128, help="tokens per request (128)")
+    soak.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    soak.add_argument(
+        "--warmup-intervals", type=int, default=2, help="samples left out of the verdict (2)"
+    )
+    soak.add_argument(
+        "--flat-mib",
+        type=float,
+        default=64,
+        help="resident memory counts as flat if it moves less than this after warm-up (64)",
+    )
+    soak.add_argument("--output-json", default=None, metavar="FILE", help="write every sample")
+    soak.add_argument("--plot", default=None, metavar="FILE.png", help="memory and latency")
+    soak.set_defaults(func=run_soak)
+
 
 def run_bench(args: argparse.Namespace) -> int:
     from llm_core.benchmarks import BenchConfig, BenchRunner, EngineDriver, HttpDriver
@@ -221,6 +261,87 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}")
     failed = sum(r.figures.get("failed", 0) for r in report.results)
     return 1 if failed else 0
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    from llm_core.benchmarks import HttpDriver
+    from llm_core.benchmarks.prompts import BenchPrompts
+    from llm_core.benchmarks.soak import SoakRunner, write_json, write_plot
+    from llm_core.loaders.opener import open_checkpoint
+
+    with contextlib.ExitStack() as stack:
+        base_url = args.base_url or stack.enter_context(_started_server(args))
+        driver = HttpDriver(base_url, None, args.api_key)
+        prompts = BenchPrompts(open_checkpoint(args.model).load_tokenizer(), args.input_len,
+                               args.seed)  # fmt: skip
+
+        def show(s: Any) -> None:
+            print(
+                f"{s.t / 60:6.1f} min  RSS {s.rss_mib:8.1f} MiB  "
+                f"KV blocks {s.kv_blocks_in_use:6.0f}  done {s.completed:4d}  "
+                f"errors {s.errors}  TTFT p50/p99 "
+                f"{s.ttft_ms['median']:.0f}/{s.ttft_ms['p99']:.0f} ms  TPOT p50/p99 "
+                f"{s.tpot_ms['median']:.1f}/{s.tpot_ms['p99']:.1f} ms",
+                flush=True,
+            )
+
+        runner = SoakRunner(
+            driver, prompts, args.output_len, args.concurrency, args.duration, args.interval
+        )
+        report = runner.run(show)
+    verdict = report.verdict(args.warmup_intervals, args.flat_mib)
+    print(
+        f"resident memory after warm-up: {verdict['rss_start_mib']:.1f} -> "
+        f"{verdict['rss_end_mib']:.1f} MiB ({verdict['rss_growth_mib']:+.1f} MiB, "
+        f"{verdict['rss_slope_mib_per_min']:+.2f} MiB/min): "
+        f"{'flat' if verdict['rss_flat'] else 'NOT flat'}; {verdict['requests']} requests, "
+        f"{verdict['errors']} errors"
+    )
+    if args.output_json:
+        write_json(report, args.output_json, args.warmup_intervals, args.flat_mib)
+        print(f"wrote {args.output_json}")
+    if args.plot:
+        write_plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0 if verdict["rss_flat"] and not verdict["errors"] else 1
+
+
+@contextlib.contextmanager
+def _started_server(args: argparse.Namespace) -> Iterator[str]:
+    """A `llm-core serve` subprocess on a free local port; its URL once it answers /health."""
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "llm_core.cli", "serve", "--port", str(port)]
+    command += ([args.model] if args.model else []) + list(args.server_arg)
+    server = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited with status {server.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not become ready in 600 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def _load_engine(args: argparse.Namespace, config: Any) -> Any:
