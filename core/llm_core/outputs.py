@@ -27,7 +27,9 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: SampleLogprobs | None
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    #: "stop", "length", "abort", "error" (the engine failed while running it: see
+    #: ``RequestOutput.error``) or None while running.
+    finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     def finished(self) -> bool:
@@ -45,7 +47,12 @@ class RequestMetrics:
 
 @dataclass(slots=True)
 class RequestOutput:
-    """The state of one request: its prompt and its ``n`` completions."""
+    """The state of one request: its prompt and its ``n`` completions.
+
+    ``error``: why the engine failed the request (a backend operator raised in a step that ran
+    it), None otherwise. A failed request is finished: its completions that were still
+    running end with finish reason "error" and keep the tokens generated before the failure.
+    """
 
     request_id: str
     prompt: str | None
@@ -56,3 +63,4 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+    error: str | None = None

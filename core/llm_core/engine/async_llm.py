@@ -4,7 +4,8 @@ One background thread owns the :class:`LLMEngine` and is the only thread that ev
 asyncio callers send it commands (add, abort, stop) through a thread-safe queue, and it sends
 each request's outputs back to the caller's event loop. Closing a :class:`RequestStream` early
 (a client disconnect, a cancelled task) aborts its requests, which frees their KV blocks in
-the engine's next iteration.
+the engine's next iteration. A request the engine failed (a backend operator raised in its
+step) ends its stream with :class:`RequestFailedError`; the engine keeps serving the others.
 """
 
 from __future__ import annotations
@@ -42,6 +43,21 @@ class EngineDeadError(RuntimeError):
     """The engine loop has stopped (shut down, or crashed with the error given)."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed this request: a backend operator raised in a step that ran it.
+
+    The request is finished and its KV blocks are freed; the engine goes on serving other
+    requests. ``output`` is the request's last state (finish reason "error", the tokens made
+    before the failure) and ``output.error`` the engine's message. For a server this is an
+    internal error (HTTP 500), not the client's fault.
+    """
+
+    def __init__(self, output: RequestOutput):
+        super().__init__(f"request {output.request_id} failed: {output.error}")
+        self.request_id = output.request_id
+        self.output = output
+
+
 @dataclass(slots=True)
 class _Add:
     requests: list[tuple[str, Prompt, SamplingParams]]
@@ -65,6 +81,10 @@ class RequestStream:
     of one request (vLLM's cumulative output kind); iteration ends once every request has
     finished. Use it as an async context manager (or call :meth:`abort`) so that leaving early
     aborts whatever is still running.
+
+    Iteration raises :class:`RequestFailedError` when the engine fails one of the requests
+    (the others of the stream are aborted: the stream ends there), and
+    :class:`EngineDeadError` when the engine loop stops.
     """
 
     def __init__(self, owner: AsyncLLM, request_ids: list[str]):
@@ -115,6 +135,14 @@ class RequestStream:
 
     # called on the stream's event loop, scheduled from the engine thread
     def _put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, RequestFailedError):
+            if item.request_id not in self._live:
+                return  # aborted meanwhile
+            self._live.discard(item.request_id)
+            self._owner._retire(item.request_id)
+            self.abort()  # the stream ends with the error: its other requests are not wanted
+            self._queue.put_nowait(item)
+            return
         if isinstance(item, BaseException):
             for request_id in list(self._live):
                 self._owner._retire(request_id)
@@ -304,7 +332,10 @@ class AsyncLLM:
                     for output in outputs:
                         if output.finished:
                             live.discard(output.request_id)
-                        self._deliver(output.request_id, output)
+                        failed = output.error is not None
+                        self._deliver(
+                            output.request_id, RequestFailedError(output) if failed else output
+                        )
                 if self.metrics is not None:
                     self.metrics.update_engine_state(engine)
         except BaseException as exc:  # report to every waiting stream, never die silently

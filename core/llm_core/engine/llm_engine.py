@@ -3,6 +3,11 @@
 ``step()`` reads as the protocol it is: schedule, run the model, update the sequences, turn the
 new tokens into outputs. Loading (checkpoint, backend, KV cache sizing) happens once in
 ``__init__``.
+
+A step whose model run raises (a backend operator failed) fails only the requests that had a
+sequence in that step: they finish with finish reason "error" and ``RequestOutput.error``
+saying what raised, their KV blocks are freed, and nothing the step computed reaches the prefix
+cache. Every other request carries on, and the engine keeps serving.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from llm_core.engine.block_manager import BlockManager
 from llm_core.engine.detokenizer import IncrementalDetokenizer
 from llm_core.engine.grammar_compiler import GrammarCompiler, GrammarError
 from llm_core.engine.model_runner import ModelRunner, SampledToken, SeqSampling, StepResult
-from llm_core.engine.scheduler import Scheduler, SchedulerConfig
+from llm_core.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from llm_core.engine.sequence import Sequence
 from llm_core.loaders.opener import open_checkpoint
 from llm_core.models.registry import model_class_for
@@ -78,6 +83,8 @@ class _Request:
     #: None first (the first token has no context), then one entry per prompt token; None
     #: when not asked for.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    #: Why the engine failed this request (see :meth:`LLMEngine._fail_step`).
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -94,6 +101,7 @@ class _Request:
             finished=self.finished,
             metrics=self.metrics,
             num_cached_tokens=self.completions[0].seq.num_cached_tokens,
+            error=self.error,
         )
 
 
@@ -276,13 +284,20 @@ class LLMEngine:
             raise RequestError(
                 f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
             )
+        bad = [t for t in params.stop_token_ids or [] if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(
+                f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab}); "
+                "such tokens can never be generated"
+            )
         if len(token_ids) >= self.max_model_len:
             raise RequestError(
                 f"the prompt has {len(token_ids)} tokens, but the model's context is "
                 f"{self.max_model_len} tokens (max_model_len) including at least one generated "
                 f"token; shorten the prompt or raise max_model_len"
             )
-        problem = self.scheduler.check_prompt(len(token_ids) + 1)
+        # As with max_model_len, the prompt and one generated token must fit.
+        problem = self.scheduler.check_prompt(len(token_ids), reserve=1)
         if problem:
             raise RequestError(problem)
 
@@ -333,11 +348,48 @@ class LLMEngine:
         sampling = {
             s.seq.seq_id: self._by_seq[s.seq.seq_id][1].sampling for s in scheduled.scheduled
         }
-        result = self.runner.execute(scheduled, sampling)
+        try:
+            result = self.runner.execute(scheduled, sampling)
+        except Exception as exc:
+            return self._fail_step(scheduled, exc) + self._ignored(scheduled.ignored)
         self._add_prompt_logprobs(result)
         sampled = result.sampled
         self.scheduler.postprocess(scheduled, {sid: t.token_id for sid, t in sampled.items()})
         return self._process(sampled) + self._ignored(scheduled.ignored)
+
+    def _fail_step(self, scheduled: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """The model run of ``scheduled`` raised: finish every request with a sequence in it,
+        with finish reason "error" and the exception in ``RequestOutput.error``.
+
+        All of such a request's sequences are dropped and their blocks freed at once (one
+        completion of ``n`` cannot go on alone). The step is never post-processed, so its
+        sequences did not advance and none of the blocks it wrote was offered to the prefix
+        cache; the cached blocks it read are only released.
+        """
+        failed = list(dict.fromkeys(item.seq.request_id for item in scheduled.scheduled))
+        message = (
+            f"the model step failed on backend {self.backend.name}: {type(exc).__name__}: {exc}"
+        )
+        log.error(
+            "a step of %d sequences raised; failing requests %s",
+            len(scheduled.scheduled),
+            ", ".join(failed),
+            exc_info=exc,
+        )
+        now = time.time()
+        outputs = []
+        for request_id in failed:
+            request = self._requests.pop(request_id, None)
+            if request is None:
+                continue
+            self.scheduler.abort(request_id)
+            for comp in request.completions:
+                self._by_seq.pop(comp.seq.seq_id, None)
+                comp.finish_reason = comp.finish_reason or "error"
+            request.error = message
+            request.metrics.finished_time = now
+            outputs.append(request.output())
+        return outputs
 
     def _add_prompt_logprobs(self, result: StepResult) -> None:
         for seq_id, tokens in result.prompt_logprobs.items():

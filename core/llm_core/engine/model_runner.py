@@ -168,9 +168,20 @@ class ModelRunner:
 
     def _run_decode_graph(self, output: SchedulerOutput) -> tuple[Tensor, list[Sequence]]:
         seqs = [item.seq for item in output.scheduled]
-        n = len(seqs)
-        size = next(s for s in CAPTURE_SIZES if s >= n)
+        size = next(s for s in CAPTURE_SIZES if s >= len(seqs))
         g = self._graphs.get(size) or self._new_decode_graph(size)
+        try:
+            return self._decode_in(g, output), seqs
+        except BaseException:
+            # The step failed part way: the graph may be half recorded, its logits stale and
+            # its buffers half updated. Drop it; the next decode of this size starts afresh.
+            self._graphs.pop(size, None)
+            raise
+
+    def _decode_in(self, g: _DecodeGraph, output: SchedulerOutput) -> Tensor:
+        """Run the decode step ``output`` in ``g``'s buffers: replay its graph, or record it
+        on first use; the logits of the step's sequences, in batch order."""
+        n, size = len(output.scheduled), g.size
         attn, bs = g.batch.attn, self.block_size
         tables = attn.block_tables
         for row, item in enumerate(output.scheduled):
@@ -213,7 +224,7 @@ class ModelRunner:
             if rows is None:
                 rows = g.first_rows[n] = be.from_host(np.arange(n, dtype=np.int64), DType.INT64)
             logits = be.gather_rows(logits, rows)
-        return logits, seqs
+        return logits
 
     def _new_decode_graph(self, size: int) -> _DecodeGraph:
         be = self.backend

@@ -108,24 +108,32 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def check_prompt(self, num_tokens: int) -> str | None:
-        """Why a prompt of ``num_tokens`` tokens can never be served, or None if it can."""
+    def check_prompt(self, num_tokens: int, reserve: int = 0) -> str | None:
+        """Why a prompt of ``num_tokens`` tokens can never be served, or None if it can.
+
+        ``reserve``: generated tokens that must fit as well (the engine passes 1, as
+        max_model_len counts at least one generated token). A prompt refused here would
+        otherwise be admitted, and dropped only once the scheduler reaches it.
+        """
         if num_tokens < 1:
             return "the prompt is empty; give at least one token"
+        total = num_tokens + reserve
+        plus = f" (plus {reserve} generated)" if reserve else ""
         max_len = self.config.max_model_len
-        if num_tokens > max_len:
+        if total > max_len:
             return (
-                f"the prompt has {num_tokens} tokens, more than max_model_len={max_len}; "
+                f"the prompt has {num_tokens} tokens{plus}, more than max_model_len={max_len}; "
                 "shorten the prompt or raise max_model_len (up to the model's context length)"
             )
         bm = self.block_manager
-        needed = bm.blocks_needed(num_tokens)
+        needed = bm.blocks_needed(total)
         if needed > bm.num_blocks:
             return (
-                f"the prompt has {num_tokens} tokens and needs {needed} KV-cache blocks of "
-                f"{bm.block_size} tokens, but the whole KV cache has {bm.num_blocks} blocks "
-                f"({bm.num_blocks * bm.block_size} tokens); shorten the prompt or give the KV "
-                "cache more memory (kv_cache_memory)"
+                f"the prompt has {num_tokens} tokens{plus} and needs {needed} KV-cache blocks "
+                f"of {bm.block_size} tokens, but the whole KV cache has {bm.num_blocks} blocks "
+                f"({bm.num_blocks * bm.block_size} tokens); shorten the prompt to at most "
+                f"{bm.num_blocks * bm.block_size - reserve} tokens or give the KV cache more "
+                "memory (kv_cache_memory)"
             )
         return None
 
