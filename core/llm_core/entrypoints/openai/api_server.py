@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from llm_hal import HAL_API_VERSION
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from llm_core.config import EngineArgs
 from llm_core.engine.async_llm import AsyncLLM
@@ -27,7 +27,23 @@ from llm_core.engine.llm_engine import LLMEngine
 from llm_core.entrypoints.openai.config import DEFAULT_MAX_QUEUE, ServerConfig
 from llm_core.entrypoints.openai.errors import APIError
 from llm_core.entrypoints.openai.middleware import RequestGuard
-from llm_core.entrypoints.openai.protocol import ModelCard, ModelList
+from llm_core.entrypoints.openai.openapi import openapi_document, request_body, responses
+from llm_core.entrypoints.openai.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
 from llm_core.entrypoints.openai.serving import OpenAIServing
 from llm_core.entrypoints.openai.serving_chat import OpenAIServingChat
 from llm_core.entrypoints.openai.serving_completions import OpenAIServingCompletion
@@ -35,6 +51,17 @@ from llm_core.entrypoints.openai.serving_tokenization import OpenAIServingTokeni
 from llm_core.metrics import EngineMetrics
 
 log = logging.getLogger("llm_core.server")
+
+#: The request bodies the routes read, whose schemas the OpenAPI document carries.
+REQUEST_MODELS = (
+    CompletionRequest,
+    ChatCompletionRequest,
+    TokenizeCompletionRequest,
+    TokenizeChatRequest,
+    DetokenizeRequest,
+)
+#: The chunks of the event streams (the same model as the whole answer, for completions).
+STREAM_CHUNKS = (CompletionResponse, ChatCompletionChunk)
 
 
 def _version() -> str:
@@ -48,8 +75,9 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``llm`` under ``config.model_name``.
 
     Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /tokenize,
-    POST /detokenize, GET /health, GET /version, GET /metrics (when ``llm.metrics`` is set).
-    Stopping the app (its lifespan) shuts ``llm`` down.
+    POST /detokenize, GET /health, GET /version, GET /metrics (404 unless ``llm.metrics`` is
+    set), and GET /openapi.json, which describes them all. Stopping the app (its lifespan)
+    shuts ``llm`` down.
     """
     serving = OpenAIServing(llm, config, llm.metrics)
     completions = OpenAIServingCompletion(serving)
@@ -67,13 +95,19 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     app = FastAPI(
         title="llm-core",
         version=_version(),
+        description="OpenAI-compatible server of llm-core (see docs/server.md).",
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
     )
+    app.openapi = openapi_document(  # type: ignore[method-assign]
+        app, REQUEST_MODELS, STREAM_CHUNKS
+    )
     app.add_middleware(
         RequestGuard, api_key=config.api_key, max_body_bytes=config.max_request_bytes
     )
+    #: The API key's 401, on the routes that need the key.
+    locked = (401,) if config.api_key else ()
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
@@ -85,8 +119,10 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
             message = f"there is no route {request.url.path}; see GET /v1/models and docs/server.md"
             return APIError(404, message, code="unknown_route").response()
         if exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
-            return APIError(405, message, code="method_not_allowed").response()
+            # Starlette's exception carries the route's methods in Allow (RFC 9110, 15.5.6).
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+            return APIError(405, message, code="method_not_allowed", headers=exc.headers).response()
         return APIError.from_status(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(RequestValidationError)
@@ -98,44 +134,81 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return APIError(500, f"internal server error: {exc!r}").response()
 
-    @app.get("/health")
+    @app.get("/health", response_model=None, responses=responses(HealthResponse, 500, 503))
     async def health() -> Response:
+        """200 while the engine runs, 503 once it has stopped."""
         if not llm.is_alive:
             raise APIError(503, f"the engine is not running: {llm.dead_reason}")
-        return JSONResponse({"status": "ok"})
+        return JSONResponse(HealthResponse().model_dump())
 
-    @app.get("/version")
+    @app.get("/version", response_model=None, responses=responses(VersionResponse, 500))
     async def version() -> Response:
-        return JSONResponse({"version": _version(), "hal_api_version": HAL_API_VERSION})
+        """The server's version and the HAL API version it implements."""
+        body = VersionResponse(version=_version(), hal_api_version=HAL_API_VERSION)
+        return JSONResponse(body.model_dump())
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses=responses(None, 404, 500, description="The Prometheus text format"),
+    )
     async def metrics() -> Response:
+        """Prometheus metrics (404 when the server runs without them)."""
         if llm.metrics is None:
             raise APIError(404, "metrics are off for this server")
         content, content_type = llm.metrics.render()
         return Response(content, media_type=content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses=responses(ModelList, *locked, 500))
     async def models() -> Response:
+        """The served model."""
         card = ModelCard(
             id=config.model_name, root=config.model_path, max_model_len=llm.max_model_len
         )
         return JSONResponse(ModelList(data=[card]).model_dump())
 
-    @app.post("/v1/completions")
+    generation_errors = (400, *locked, 404, 413, 500, 503)
+
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        openapi_extra=request_body(CompletionRequest),
+        responses=responses(CompletionResponse, *generation_errors, stream=CompletionResponse),
+    )
     async def create_completion(request: Request) -> Response:
+        """Text completion, whole or streamed."""
         return await completions.create(request)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        openapi_extra=request_body(ChatCompletionRequest),
+        responses=responses(ChatCompletionResponse, *generation_errors, stream=ChatCompletionChunk),
+    )
     async def create_chat_completion(request: Request) -> Response:
+        """Chat completion through the chat template, whole or streamed."""
         return await chat.create(request)
 
-    @app.post("/tokenize")
+    tokenizer_errors = (400, *locked, 404, 413, 500)
+
+    @app.post(
+        "/tokenize",
+        response_model=None,
+        openapi_extra=request_body(TokenizeCompletionRequest, TokenizeChatRequest),
+        responses=responses(TokenizeResponse, *tokenizer_errors),
+    )
     async def tokenize(request: Request) -> Response:
+        """A prompt's token ids, or those of messages through the chat template."""
         return JSONResponse((await tokenization.tokenize(request)).model_dump())
 
-    @app.post("/detokenize")
+    @app.post(
+        "/detokenize",
+        response_model=None,
+        openapi_extra=request_body(DetokenizeRequest),
+        responses=responses(DetokenizeResponse, *tokenizer_errors),
+    )
     async def detokenize(request: Request) -> Response:
+        """The text of token ids."""
         return JSONResponse((await tokenization.detokenize(request)).model_dump())
 
     return app

@@ -14,8 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_core.entrypoints.openai.errors import APIError
 
-#: Paths served without the API key: probes and the Prometheus scrape.
-PUBLIC_PATHS = frozenset({"/health", "/version", "/metrics"})
+#: Paths served without the API key: probes, the Prometheus scrape and the OpenAPI document.
+PUBLIC_PATHS = frozenset({"/health", "/version", "/metrics", "/openapi.json"})
 
 
 class RequestGuard:

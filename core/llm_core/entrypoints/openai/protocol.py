@@ -1,35 +1,66 @@
 """The wire format of the OpenAI-compatible server: request and response models (pydantic).
 
 Requests follow OpenAI's API with vLLM's extra sampling and guided-decoding fields. They are
-validated strictly (a string where a number belongs is an error, not a conversion); fields this
-server does not know are ignored, as OpenAI and vLLM ignore them. Responses carry exactly
-OpenAI's fields, plus vLLM's ``stop_reason`` on each choice and ``reasoning_content`` on
-messages.
+validated strictly (a string where a number belongs is an error, not a conversion), every
+number must be finite (NaN, Infinity and literals beyond the float range such as ``1e309``
+are refused) and within its range; fields this server does not know are ignored, as OpenAI
+and vLLM ignore them. Messages follow OpenAI's rules: a known role, content unless OpenAI lets
+it be null, content parts of a known type. The same models generate the request bodies of the
+server's OpenAPI document (see openapi.py). Responses carry exactly OpenAI's fields, plus
+vLLM's ``stop_reason`` on each choice and ``reasoning_content`` on messages.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
-    model_serializer,
+    JsonValue,
+    ValidationInfo,
+    field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 #: Most top log-probabilities a request may ask for per token (OpenAI's chat limit).
 MAX_LOGPROBS = 20
 #: Most completions a request may ask for per prompt (OpenAI's limit).
 MAX_N = 128
+#: Bounds of the integers the engine keeps: top_k and token counts are int32, seeds int64.
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+#: OpenAI's message roles ("function" is deprecated there, and still accepted).
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+#: OpenAI's content part types; only "text" is rendered here, the others are a 400 that says so.
+ContentPartType = Literal["text", "image_url", "input_audio", "file", "refusal"]
+
+
+def _integral(value: object) -> object:
+    """JSON has one number type: 16.0 is the integer 16 (as JSON Schema says), 16.5 is not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+#: An integer field's validator, after its bounds (so that they stay in its JSON schema).
+INTEGRAL = BeforeValidator(_integral)
+#: A JSON number with no fraction (not a string, not a bool).
+Int = Annotated[int, INTEGRAL]
+#: A token id in a field the engine checks against the vocabulary.
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX), INTEGRAL]
+#: How many top log-probabilities to return per token.
+LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL]
+#: How many tokens to generate at most.
+MaxTokens = Annotated[int, Field(ge=1), INTEGRAL]
 
 
 class RequestModel(BaseModel):
-    """Base of every request: strict types, unknown fields ignored."""
+    """Base of every request: strict types, finite numbers, unknown fields ignored."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class ResponseModel(BaseModel):
@@ -64,32 +95,34 @@ class ResponseFormat(RequestModel):
 
 
 class SamplingRequest(RequestModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+    """Fields shared by /v1/completions and /v1/chat/completions. Numbers must be finite and
+    in OpenAI's ranges (vLLM's for its extras)."""
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    temperature: float | None = None
-    top_p: float | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] = 1
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX), INTEGRAL] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extra sampling parameters
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    #: -1 or 0: off.
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX), INTEGRAL] | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX), INTEGRAL] = 0
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     #: The top log-probabilities of each prompt token, returned in non-streamed responses.
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: LogprobCount | None = None
     # structured output: OpenAI's response_format and vLLM's guided decoding fields
     response_format: ResponseFormat | None = None
     guided_json: str | dict[str, Any] | None = None
@@ -101,18 +134,40 @@ class SamplingRequest(RequestModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    #: Token ids are checked against the vocabulary where they are used.
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    max_tokens: MaxTokens | None = 16
+    logprobs: LogprobCount | None = None
     echo: bool = False
-    best_of: int | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = None
     suffix: str | None = None
     add_special_tokens: bool = True
 
 
+def _given(field: str, schema: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    return {"required": [field], "properties": {field: schema}}
+
+
 class ContentPart(RequestModel):
-    type: str
-    text: str | None = None
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"type": {"const": "text"}}},
+            "then": _given("text", {"type": "string"}),
+        }
+    )
+
+    type: ContentPartType
+    #: The text of a "text" part (required there).
+    text: str | None = Field(None, validate_default=True)
+
+    @field_validator("text")
+    @classmethod
+    def _text_part_has_text(cls, text: str | None, info: ValidationInfo) -> str | None:
+        if text is None and info.data.get("type") == "text":
+            raise PydanticCustomError(
+                "text_required", 'a "text" content part needs "text", a string'
+            )
+        return text
 
 
 class FunctionCallIn(RequestModel):
@@ -129,14 +184,70 @@ class ToolCallIn(RequestModel):
     function: FunctionCallIn
 
 
+#: The roles whose messages always need content.
+ROLES_WITH_CONTENT = ("system", "developer", "user", "tool")
+
+
+_CONTENT: dict[str, JsonValue] = {"type": ["string", "array"]}
+#: OpenAI's rule on content (ChatMessage), in JSON Schema, for the OpenAPI document.
+_CONTENT_RULE: list[JsonValue] = [
+    {
+        "if": {"properties": {"role": {"enum": list(ROLES_WITH_CONTENT)}}},
+        "then": _given("content", _CONTENT),
+    },
+    {
+        "if": {"properties": {"role": {"const": "assistant"}}},
+        "then": {
+            "anyOf": [
+                _given("content", _CONTENT),
+                _given("tool_calls", {"type": "array", "minItems": 1}),
+                _given("function_call", {"type": "object"}),
+            ]
+        },
+    },
+]
+
+
 class ChatMessage(RequestModel):
-    role: str
-    content: str | list[ContentPart] | None = None
+    """One message of the conversation. As in OpenAI's API, content may be null (or left
+    out) only in an assistant message with tool_calls (or the deprecated function_call) and in
+    a deprecated function message."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": _CONTENT_RULE})
+
+    # content comes last, so that its check sees the fields before it
+    role: Role
     name: str | None = None
     #: An assistant message's function calls.
     tool_calls: list[ToolCallIn] | None = None
+    #: OpenAI's deprecated form of one call in an assistant message.
+    function_call: FunctionCallIn | None = None
     #: A "tool" message: the id of the call whose result it is.
     tool_call_id: str | None = None
+    content: str | list[ContentPart] | None = Field(None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_allowed(
+        cls, content: str | list[ContentPart] | None, info: ValidationInfo
+    ) -> str | list[ContentPart] | None:
+        role = info.data.get("role")
+        if content is not None:
+            return content
+        if role in ROLES_WITH_CONTENT:
+            message = "a {role} message needs content"
+        elif role == "assistant" and not (
+            info.data.get("tool_calls") or info.data.get("function_call")
+        ):
+            message = "an assistant message needs content, or tool_calls"
+        else:
+            return content
+        raise PydanticCustomError(
+            "content_required",
+            message + ": a string or a list of content parts (null is allowed only in an "
+            "assistant message with tool_calls, as in OpenAI's API)",
+            {"role": role},
+        )
 
 
 class FunctionDefinition(RequestModel):
@@ -166,10 +277,10 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: LogprobCount | None = None
     tools: list[ChatTool] | None = None
     #: Default: "auto" with tools, "none" without.
     tool_choice: ToolChoice | None = None
@@ -204,7 +315,7 @@ class TokenizeChatRequest(RequestModel):
 
 class DetokenizeRequest(RequestModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,6 +332,15 @@ class ErrorInfo(ResponseModel):
 
 class ErrorResponse(ResponseModel):
     error: ErrorInfo
+
+
+class HealthResponse(ResponseModel):
+    status: Literal["ok"] = "ok"
+
+
+class VersionResponse(ResponseModel):
+    version: str
+    hal_api_version: str
 
 
 class ModelCard(ResponseModel):
@@ -297,12 +417,9 @@ class ChoiceLogprobs(ResponseModel):
     content: list[TokenLogprob] | None = None
 
 
-class SparseModel(ResponseModel):
-    """A response part whose fields left None are not sent."""
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
+def _sent_unless_none() -> Any:
+    """A field that defaults to None and is left out of the JSON while it is None."""
+    return Field(None, exclude_if=lambda value: value is None)
 
 
 class FunctionCall(ResponseModel):
@@ -322,13 +439,8 @@ class AssistantMessage(ResponseModel):
     #: None when the answer is only function calls.
     content: str | None
     #: With a reasoning parser: the text the model wrote inside <think>...</think>.
-    reasoning_content: str | None = None
-    tool_calls: list[ToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        return {k: v for k, v in data.items() if v is not None or k == "content"}
+    reasoning_content: str | None = _sent_unless_none()
+    tool_calls: list[ToolCall] | None = _sent_unless_none()
 
 
 class ChatCompletionChoice(ResponseModel):
@@ -349,28 +461,28 @@ class ChatCompletionResponse(ResponseModel):
     prompt_logprobs: PromptLogprobs | None = None
 
 
-class DeltaFunctionCall(SparseModel):
-    name: str | None = None
-    arguments: str | None = None
+class DeltaFunctionCall(ResponseModel):
+    name: str | None = _sent_unless_none()
+    arguments: str | None = _sent_unless_none()
 
 
-class DeltaToolCall(SparseModel):
+class DeltaToolCall(ResponseModel):
     """A piece of a streamed function call: the first has ``id``, ``type`` and the name, the
     next ones more of the arguments' JSON text."""
 
     index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
+    id: str | None = _sent_unless_none()
+    type: Literal["function"] | None = _sent_unless_none()
     function: DeltaFunctionCall
 
 
-class DeltaMessage(SparseModel):
+class DeltaMessage(ResponseModel):
     """What a stream chunk adds to a message; fields left None are not sent."""
 
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[DeltaToolCall] | None = None
+    role: Literal["assistant"] | None = _sent_unless_none()
+    content: str | None = _sent_unless_none()
+    reasoning_content: str | None = _sent_unless_none()
+    tool_calls: list[DeltaToolCall] | None = _sent_unless_none()
 
 
 class ChatCompletionStreamChoice(ResponseModel):

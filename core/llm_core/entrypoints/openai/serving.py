@@ -461,13 +461,13 @@ def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
         text = content
     else:
         texts = []
-        for part in content:
+        for j, part in enumerate(content):
             if part.type != "text" or part.text is None:
+                param = f"messages[{index}].content[{j}].type"
                 raise APIError(
                     400,
-                    f"messages[{index}].content: only text parts are supported, got a "
-                    f"{part.type!r} part; send text",
-                    param=f"messages[{index}].content",
+                    f"{param}: only text parts are supported, got a {part.type!r} part; send text",
+                    param=param,
                 )
             texts.append(part.text)
         text = "\n".join(texts)
@@ -486,6 +486,11 @@ def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
             }
             for call in message.tool_calls
         ]
+    if message.function_call is not None:  # OpenAI's deprecated form; templates may know it
+        result["function_call"] = {
+            "name": message.function_call.name,
+            "arguments": arguments_for_template(message.function_call.arguments),
+        }
     if message.tool_call_id is not None:
         result["tool_call_id"] = message.tool_call_id
     return result
