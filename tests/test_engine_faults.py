@@ -426,3 +426,31 @@ def test_async_a_failed_request_raises_in_its_stream_and_the_others_finish(
     finally:
         llm.shutdown()
     assert_idle(engine)  # read once the engine thread has stopped
+
+
+def test_server_answers_500_for_the_failed_request_and_keeps_serving(
+    make_engine: MakeEngine, checkpoint: pathlib.Path
+) -> None:
+    """Over HTTP: the failed request gets a 500 (a stream, an error event) with the op's
+    message; the next requests are served."""
+    from fastapi.testclient import TestClient
+    from llm_core.entrypoints.openai.api_server import create_app
+    from llm_core.entrypoints.openai.config import ServerConfig
+
+    engine, backend = make_engine()
+    app = create_app(AsyncLLM(engine), ServerConfig(model_name="tiny"))
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+    with TestClient(app) as client:
+        backend.fail("sample")
+        failed = client.post("/v1/completions", json=body)
+        assert failed.status_code == 500
+        error = failed.json()["error"]
+        assert error["code"] == "request_failed" and "injected fault in sample" in error["message"]
+        assert client.post("/v1/completions", json=body).status_code == 200
+        backend.fail("sample", call=2)
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+            assert stream.status_code == 200
+            events = [line for line in stream.iter_lines() if line.startswith("data:")]
+        assert any("injected fault in sample" in e and "request_failed" in e for e in events)
+        assert client.post("/v1/completions", json=body).status_code == 200
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -27,6 +27,7 @@ from llm_core.engine.async_llm import (
     AsyncLLM,
     EngineDeadError,
     EngineOverloadedError,
+    RequestFailedError,
     RequestStream,
 )
 from llm_core.engine.grammar_compiler import GrammarError
@@ -422,8 +423,8 @@ class OpenAIServing:
         """The event that ends a stream that failed after its 200 was sent."""
         if isinstance(exc, APIError):
             error = exc
-        elif isinstance(exc, EngineDeadError):
-            error = engine_stopped(exc)
+        elif isinstance(exc, EngineDeadError | RequestFailedError):
+            error = engine_failure(exc)
         else:
             error = APIError(500, f"internal error: {exc!r}")
         return OpenAIServing.sse(error.body())
@@ -503,8 +504,11 @@ def _template_text(template: str | dict[str, str] | None) -> str | None:
     return template
 
 
-def engine_stopped(exc: EngineDeadError) -> APIError:
-    """The error a request gets when the engine stopped while serving it."""
+def engine_failure(exc: EngineDeadError | RequestFailedError) -> APIError:
+    """The error a request gets when the engine stopped while serving it (503), or when a
+    step that ran it failed on the backend (500; the engine goes on serving the others)."""
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, str(exc), code="request_failed")
     return APIError(503, f"the engine stopped: {exc}", code="engine_dead")
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from llm_core.engine.async_llm import EngineDeadError, RequestStream
+from llm_core.engine.async_llm import EngineDeadError, RequestFailedError, RequestStream
 from llm_core.entrypoints.openai.errors import APIError, parse_request
 from llm_core.entrypoints.openai.message_parser import MessageParser
 from llm_core.entrypoints.openai.protocol import (
@@ -36,7 +36,7 @@ from llm_core.entrypoints.openai.serving import (
     ChoiceState,
     ClientDisconnectedError,
     OpenAIServing,
-    engine_stopped,
+    engine_failure,
     usage,
 )
 from llm_core.entrypoints.openai.streaming import EventStreamResponse
@@ -147,8 +147,8 @@ class OpenAIServingChat:
             async with job.stream:
                 async for output in job.stream:
                     final = output
-        except EngineDeadError as exc:
-            raise engine_stopped(exc) from None
+        except (EngineDeadError, RequestFailedError) as exc:
+            raise engine_failure(exc) from None
         assert final is not None and final.finished
         choices = []
         for out in final.outputs:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from llm_core.engine.async_llm import EngineDeadError, RequestStream
+from llm_core.engine.async_llm import EngineDeadError, RequestFailedError, RequestStream
 from llm_core.entrypoints.openai.errors import APIError, parse_request
 from llm_core.entrypoints.openai.protocol import (
     CompletionChoice,
@@ -28,7 +28,7 @@ from llm_core.entrypoints.openai.serving import (
     ChoiceState,
     ClientDisconnectedError,
     OpenAIServing,
-    engine_stopped,
+    engine_failure,
     usage,
 )
 from llm_core.entrypoints.openai.streaming import EventStreamResponse
@@ -126,8 +126,8 @@ class OpenAIServingCompletion:
                 async for output in job.stream:
                     if output.finished:
                         finals[job.prompt_index(output)] = output
-        except EngineDeadError as exc:
-            raise engine_stopped(exc) from None
+        except (EngineDeadError, RequestFailedError) as exc:
+            raise engine_failure(exc) from None
         choices = []
         completion_tokens = 0
         n, k = job.request.n, job.request.logprobs
