@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         sign,
         verify,
     )
+    from llm_conformance.diff import Diff
     from llm_conformance.opsuite import CaseResult, OpResult, OpSuite
     from llm_conformance.replay import explain, replay
     from llm_conformance.report import console, junit, markdown, to_html, write_reports
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 # loaded by every pytest run in an environment where llm-core is installed) must not import
 # torch, transformers or triton before the test session's own setup runs.
 _HOME = {
+    "diff": ["Diff"],
     "certificate": ["CertificateError", "generate_keypair", "load", "seal", "sign", "verify"],
     "opsuite": ["CaseResult", "OpResult", "OpSuite"],
     "replay": ["explain", "replay"],
@@ -69,6 +71,7 @@ __all__ = [
     "Cell",
     "CertificateError",
     "Conformance",
+    "Diff",
     "OpResult",
     "OpSuite",
     "RecordingBackend",

@@ -6,6 +6,8 @@ Plugged into the ``llm-core`` command by the entry point ``llm_core.commands: co
     llm-core conformance [--backend NAME ...] [--model NAME ...] [--dtype D ...] [--report DIR]
     llm-core conformance verify FILE [--key PUBLIC.pem]
     llm-core conformance replay --backend NAME --op OP --case N --dtype D --seed S [--traceback]
+    llm-core conformance replay BUNDLE [--backend NAME]
+    llm-core conformance diff --model M --backend NAME [--against NAME|reference] [--dump DIR]
     llm-core conformance keygen DIR
 
 A run covers every installed backend by default (those that cannot run here are listed as
@@ -30,7 +32,7 @@ ENV_SIGN_KEY = "LLM_CORE_CONFORMANCE_SIGN_KEY"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register the ``conformance`` command (and its verify/replay/keygen subcommands)."""
+    """Register the ``conformance`` command (and its verify/replay/diff/keygen subcommands)."""
     parser = subparsers.add_parser(
         "conformance",
         help="certify model x backend pairs against the reference; verify certificates",
@@ -52,10 +54,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     verify.set_defaults(func=run_verify)
 
-    replay = sub.add_parser("replay", help="rerun one operator case of a run, with details")
-    replay.add_argument("--backend", required=True, help="backend name")
-    replay.add_argument("--op", required=True, help="operator name, as in the report")
-    replay.add_argument("--case", type=int, required=True, help="case number, as in the report")
+    replay = sub.add_parser(
+        "replay",
+        help="rerun one operator case of a run, or the call of a diff's replay bundle",
+        description="Either `replay --backend NAME --op OP --case N [--dtype D] [--seed S]`: "
+        "one operator case of a run, with details; or `replay BUNDLE [--backend NAME]`: the "
+        "call in a bundle written by `diff --dump`, on the backend it was recorded on (or "
+        "NAME) and on the float64 reference.",
+    )
+    replay.add_argument(
+        "bundle", nargs="?", type=pathlib.Path, help="a replay bundle directory (diff --dump)"
+    )
+    replay.add_argument("--backend", help="backend name (a bundle: default the recorded one)")
+    replay.add_argument("--op", help="operator name, as in the report")
+    replay.add_argument("--case", type=int, help="case number, as in the report")
     replay.add_argument("--dtype", default="float32", help="dtype of the case (default float32)")
     replay.add_argument("--seed", type=int, default=1234, help="the run's seed (default 1234)")
     replay.add_argument(
@@ -65,6 +77,51 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "runs once more to catch it)",
     )
     replay.set_defaults(func=run_replay)
+
+    diff = sub.add_parser(
+        "diff",
+        help="find the first operator where a backend diverges from another (or the reference)",
+        description="Serve the same greedy request on --backend and on --against with every "
+        "HAL call recorded; rerun each call of the candidate with its own inputs on the "
+        "float64 reference (and on --against) and report the first one out of its "
+        "operator's tolerance, the side that is wrong, its layer and token position, and "
+        "the first generated token that differs. Exit status: 0 no divergence, 1 a "
+        "divergence (or a side raised), 2 the diff cannot run here.",
+    )
+    diff.add_argument("--model", required=True, help="architecture (llama), smollm2, or a path")
+    diff.add_argument("--backend", required=True, help="the candidate backend")
+    diff.add_argument(
+        "--against",
+        default="reference",
+        help="the other side: a backend name (same dtype), or reference (the HAL reference in "
+        "float64; the default)",
+    )
+    diff.add_argument("--dtype", default="float32", help="the candidate's dtype (default float32)")
+    diff.add_argument("--prompt", help="prompt text (default: a fixed English sentence)")
+    diff.add_argument(
+        "--max-tokens", type=int, default=4, help="tokens to generate greedily (default 4)"
+    )
+    diff.add_argument("--seed", type=int, default=1234, help="seed of the tiny checkpoints")
+    diff.add_argument(
+        "--report", type=pathlib.Path, metavar="DIR", help="write NAME.json and NAME.html here"
+    )
+    diff.add_argument("--report-name", default="diff", help="file name stem (default diff)")
+    diff.add_argument(
+        "--dump",
+        type=pathlib.Path,
+        metavar="DIR",
+        help="write the diverging call as a replay bundle into DIR (and the --keep-op calls "
+        "into DIR/kept)",
+    )
+    diff.add_argument(
+        "--keep-op",
+        action="append",
+        default=[],
+        metavar="OP[@LAYER]",
+        help="also keep the tensors of these calls as bundles (needs --dump; repeatable)",
+    )
+    diff.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    diff.set_defaults(func=run_diff)
 
     keygen = sub.add_parser("keygen", help="create an Ed25519 key pair for signing certificates")
     keygen.add_argument("directory", type=pathlib.Path, help="where NAME.key and NAME.pub go")
@@ -200,6 +257,13 @@ def run_replay(args: argparse.Namespace) -> int:
 
     from llm_conformance.replay import explain, raised_traceback, replay
 
+    if args.bundle is not None:
+        return _replay_bundle(args)
+    missing = [f"--{n}" for n in ("backend", "op", "case") if getattr(args, n) is None]
+    if missing:
+        raise ValueError(
+            f"replay needs {', '.join(missing)} (or a bundle directory: replay BUNDLE)"
+        )
     backend = get_registry().create(args.backend)
     dtype = DType.parse(args.dtype)
     result = replay(backend, args.op, args.case, dtype, args.seed)
@@ -211,6 +275,64 @@ def run_replay(args: argparse.Namespace) -> int:
         else:
             print("  traceback:\n" + trace, end="")
     return 0 if result.status != "failed" else 1
+
+
+def _replay_bundle(args: argparse.Namespace) -> int:
+    from llm_hal import get_registry
+
+    from llm_conformance.replay import explain_bundle, replay_bundle
+
+    backend = get_registry().create(args.backend) if args.backend else None
+    result = replay_bundle(args.bundle, backend)
+    print(explain_bundle(result))
+    return 1 if result.failed else 0
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    from llm_conformance.diff import Diff, DiffError
+    from llm_conformance.diff_report import console, write
+
+    if str(getattr(args, "log_level", "INFO")).upper() != "DEBUG":
+        logging.getLogger("llm_core.engine").setLevel(logging.WARNING)
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    try:
+        diff = Diff(
+            args.model,
+            args.backend,
+            args.against,
+            args.dtype,
+            prompt=args.prompt,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+            keep_ops=args.keep_op,
+            keep_dir=args.dump,
+            progress=progress,
+        )
+        record = diff.run()
+    except DiffError as exc:
+        print(f"llm-core conformance diff: cannot run: {exc}", file=sys.stderr)
+        return 2
+    if args.dump is not None:
+        bundle = diff.dump(args.dump)
+        record["bundle"] = str(bundle) if bundle else None
+    print(console(record))
+    if args.dump is not None:
+        print(
+            f"replay bundle: {record['bundle']} (llm-core conformance replay {record['bundle']})"
+            if record["bundle"]
+            else f"no divergence: nothing dumped into {args.dump}"
+        )
+    elif record["verdict"]["diverged"]:
+        print("add --dump DIR to write the diverging call as a replay bundle")
+    if args.report is not None:
+        for path in write(record, args.report, args.report_name):
+            print(f"wrote {path}")
+    failed = record["verdict"]["diverged"] or record["verdict"]["errors"]
+    return 1 if failed else 0
 
 
 def run_keygen(args: argparse.Namespace) -> int:
