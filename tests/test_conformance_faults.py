@@ -37,9 +37,11 @@ def _attend(
     *,
     causal_shift: int = 0,
     head_map: str = "div",
+    subtract_max: bool = True,
 ) -> torch.Tensor:
-    """Paged attention in plain torch, with two knobs to plant a bug: ``causal_shift`` lets a
-    token see that many future keys; ``head_map="mod"`` maps query head h to KV head h % Hkv."""
+    """Paged attention in plain torch, with three knobs to plant a bug: ``causal_shift`` lets a
+    token see that many future keys; ``head_map="mod"`` maps query head h to KV head h % Hkv;
+    ``subtract_max=False`` takes exp(score) as it is, as a naive softmax does."""
     hkv, d = key_cache.shape[2], key_cache.shape[3]
     q_all = query.reshape(query.shape[0], -1, d).float()  # (T, Hq, D)
     hq = q_all.shape[1]
@@ -60,7 +62,11 @@ def _attend(
         allowed = k_pos <= q_pos + causal_shift
         if sliding_window:
             allowed &= k_pos > q_pos - sliding_window
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        if subtract_max:
+            probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        else:  # exp(s) / sum exp(s): inf / inf once a score passes ~88
+            e = torch.exp(scores).masked_fill(~allowed, 0.0)
+            probs = e / e.sum(dim=-1, keepdim=True)
         result[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v)
     y = result.reshape(query.shape[0], hq * d).to(query.dtype)
     if out is None:
@@ -129,6 +135,39 @@ class GqaModulo(CpuBackend):
         )
 
 
+class SoftmaxWithoutMax(CpuBackend):
+    """Both attention ops take exp(score) without subtracting the running maximum: right for
+    scores near 1, inf / inf = NaN once a score passes ~88 (fp32)."""
+
+    name: ClassVar[str] = "faulty-softmax-max"
+
+    def paged_attention_prefill(
+        self,
+        query,
+        key_cache,
+        value_cache,
+        meta,
+        scale,
+        sliding_window=None,
+        logits_soft_cap=None,
+        out=None,
+    ):  # type: ignore[no-untyped-def]
+        return _attend(
+            self,
+            query,
+            key_cache,
+            value_cache,
+            meta,
+            scale,
+            sliding_window,
+            logits_soft_cap,
+            out,
+            subtract_max=False,
+        )
+
+    paged_attention_decode = paged_attention_prefill
+
+
 class MissedResidual(CpuBackend):
     """The fused rms_norm forgets to add the residual (returns ``x`` as the new residual)."""
 
@@ -169,26 +208,65 @@ class CacheWritesOnePast(CpuBackend):
             value_cache.view(-1, hkv, d)[last + 1] = value[-1].reshape(hkv, d)
 
 
+def _filter(
+    logits: torch.Tensor,
+    meta: SamplingMetadata,
+    *,
+    top_k_shift: int = 0,
+    top_p_counts_own: bool = False,
+    min_p_shift: int = 0,
+) -> torch.Tensor:
+    """The sampling filters in plain torch, with three knobs to plant a bug: ``top_k_shift``
+    keeps that many more (negative: fewer) than k tokens; ``top_p_counts_own`` drops the token
+    whose own probability crosses p; ``min_p_shift`` keeps that many more (fewer) tokens than
+    reach min_p times the largest probability."""
+    x = logits.float() / torch.from_numpy(meta.temperature).float().clamp_min(1e-6).unsqueeze(1)
+    vocab = x.shape[1]
+    top_k = torch.from_numpy(meta.top_k).long()
+    k = torch.where(top_k > 0, (top_k + top_k_shift).clamp(1, vocab), vocab)
+    sorted_x, order = x.sort(dim=-1, descending=True, stable=True)
+    x = x.masked_fill(x < sorted_x.gather(1, (k - 1).unsqueeze(1)), float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    sorted_p = probs.gather(1, order)
+    before = sorted_p.cumsum(dim=-1) - (0 if top_p_counts_own else sorted_p)
+    drop_sorted = before >= torch.from_numpy(meta.top_p).float().unsqueeze(1)
+    drop_sorted[:, 0] = False
+    probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), 0)
+    floor = torch.from_numpy(meta.min_p).float().unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    # The min-p set is a prefix of the sorted order: keep its length, shifted.
+    n = (probs >= floor).sum(dim=-1, keepdim=True)
+    if min_p_shift:
+        n = torch.where(floor > 0, (n + min_p_shift).clamp(min=1), n)
+    rank = torch.empty_like(order).scatter(1, order, torch.arange(vocab).expand_as(order))
+    probs = probs.masked_fill(rank >= n, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+class TopKOneTooFew(CpuBackend):
+    """top-k keeps k - 1 tokens (the k-th largest is taken at index k - 2)."""
+
+    name: ClassVar[str] = "faulty-top-k"
+
+    def filtered_probs(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        return _filter(logits, meta, top_k_shift=-1)
+
+
 class TopPOneTooFew(CpuBackend):
     """top-p counts the candidate's own probability: the token that crosses p is dropped."""
 
     name: ClassVar[str] = "faulty-top-p"
 
     def filtered_probs(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        x = logits.float() / torch.from_numpy(meta.temperature).clamp_min(1e-6).unsqueeze(1)
-        vocab = x.shape[1]
-        top_k = torch.from_numpy(meta.top_k).long()
-        k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
-        sorted_x, order = x.sort(dim=-1, descending=True, stable=True)
-        x = x.masked_fill(x < sorted_x.gather(1, (k - 1).unsqueeze(1)), float("-inf"))
-        probs = torch.softmax(x, dim=-1)
-        sorted_p = probs.gather(1, order)
-        drop_sorted = sorted_p.cumsum(dim=-1) >= torch.from_numpy(meta.top_p).unsqueeze(1)
-        drop_sorted[:, 0] = False
-        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), 0)
-        min_p = torch.from_numpy(meta.min_p).unsqueeze(1)
-        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-        return probs / probs.sum(dim=-1, keepdim=True)
+        return _filter(logits, meta, top_p_counts_own=True)
+
+
+class MinPOneTooFew(CpuBackend):
+    """min-p keeps one token fewer than reach the threshold (the last one is dropped)."""
+
+    name: ClassVar[str] = "faulty-min-p"
+
+    def filtered_probs(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        return _filter(logits, meta, min_p_shift=-1)
 
 
 def _truncate_to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -319,6 +397,10 @@ class ClaimsNoGeluButRuns(CpuBackend):
 FAULTS = [
     pytest.param(CausalMaskOffByOne, "paged_attention_prefill", DType.FP32, id="causal-mask"),
     pytest.param(GqaModulo, "paged_attention_decode", DType.FP32, id="gqa-head-map"),
+    pytest.param(SoftmaxWithoutMax, "paged_attention_prefill", DType.FP32, id="softmax-no-max"),
+    pytest.param(
+        SoftmaxWithoutMax, "paged_attention_decode", DType.BF16, id="softmax-no-max-decode"
+    ),
     pytest.param(MissedResidual, "rms_norm", DType.FP32, id="missed-residual"),
     pytest.param(EpsOutsideSqrt, "rms_norm", DType.FP32, id="eps-outside-sqrt"),
     pytest.param(CacheWritesOnePast, "reshape_and_cache", DType.BF16, id="cache-one-past"),
@@ -392,6 +474,54 @@ def test_top_p_keeping_one_token_too_few_fails_the_distribution_test() -> None:
     assert "total variation" in faulty.summary()
     correct = run_case(CpuBackend(), spec, top_p_case, DType.FP32, SEED)
     assert correct.status == PASSED, correct.summary()
+
+
+def test_large_scores_are_what_catches_a_softmax_without_max() -> None:
+    """Every other attention case keeps scores near 1, where exp() without the maximum is
+    fine: only the large-score cases fail it, with NaN where the reference has a number."""
+    result = OpSuite(SoftmaxWithoutMax(), [DType.FP32], SEED).result(
+        "paged_attention_prefill", DType.FP32
+    )
+    assert {c.params.get("scores") for c in result.failed_cases} == {"large"}
+    assert all("NaN parity" in c.summary() for c in result.failed_cases)
+
+
+def _support_case(rows: str) -> int:
+    from llm_conformance.cases import specs
+
+    cases = specs()["sample"].cases
+    return next(i for i, p in enumerate(cases) if p.get("rows") == rows)
+
+
+SAMPLING_FAULTS = [
+    pytest.param(TopKOneTooFew, "top_k", id="top-k-keeps-k-1"),
+    pytest.param(TopPOneTooFew, "top_p", id="top-p-drops-boundary"),
+    pytest.param(MinPOneTooFew, "min_p", id="min-p-one-too-few"),
+]
+
+
+@pytest.mark.parametrize(("backend_class", "rows"), SAMPLING_FAULTS)
+def test_a_filter_one_token_short_fails_the_support_check(backend_class: type, rows: str) -> None:
+    from llm_conformance.cases import specs
+    from llm_conformance.opsuite import run_case
+
+    spec = specs()["sample"]
+    faulty = run_case(backend_class(), spec, _support_case(rows), DType.FP32, SEED)
+    assert faulty.status == FAILED and faulty.op == "sample"
+    assert "--op sample " in faulty.replay_command(backend_class.name, SEED)
+    assert "every kept token drawn as often as its probability" in faulty.summary()
+    assert "drawn 0 times" in faulty.summary()  # the boundary token, never drawn
+
+
+def test_the_correct_sampler_passes_every_support_case() -> None:
+    from llm_conformance.cases import specs
+    from llm_conformance.opsuite import run_case
+
+    spec = specs()["sample"]
+    for index, params in enumerate(spec.cases):
+        if params["kind"] == "support":
+            result = run_case(CpuBackend(), spec, index, DType.FP32, SEED)
+            assert result.status == PASSED, (params["rows"], result.summary())
 
 
 def test_a_missing_operator_is_unsupported_and_so_is_the_model() -> None:

@@ -123,6 +123,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     diff.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     diff.set_defaults(func=run_diff)
 
+    mutants = sub.add_parser(
+        "mutants",
+        help="mutation testing of the op suite: every reference mutant must be killed",
+        description="Run the op suite against mutants of the reference operators (one "
+        "change each) and report the kill rate; exit 1 if an output-changing mutant survives.",
+    )
+    _add_mutation_arguments(mutants)
+    mutants.set_defaults(func=run_mutants)
+
     keygen = sub.add_parser("keygen", help="create an Ed25519 key pair for signing certificates")
     keygen.add_argument("directory", type=pathlib.Path, help="where NAME.key and NAME.pub go")
     keygen.add_argument(
@@ -341,3 +350,15 @@ def run_keygen(args: argparse.Namespace) -> int:
     private, public = generate_keypair(args.directory, args.name)
     print(f"private key (keep it secret): {private}\npublic key (publish it): {public}")
     return 0
+
+
+def _add_mutation_arguments(parser: argparse.ArgumentParser) -> None:
+    from llm_conformance.mutation import add_arguments
+
+    add_arguments(parser)
+
+
+def run_mutants(args: argparse.Namespace) -> int:
+    from llm_conformance.mutation import run
+
+    return run(args)

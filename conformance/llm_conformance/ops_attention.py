@@ -5,7 +5,9 @@ Attention inputs are built the way the engine builds them: queries are strided v
 fused projection, the cache blocks of a sequence are scattered over the cache in random order,
 block-table entries past a sequence's need hold a value far outside the cache (the contract
 allows anything there), and every slot of the cache, the unused blocks included, holds random
-data written with the backend's own ``reshape_and_cache``.
+data written with the backend's own ``reshape_and_cache``. Besides random scores near 1, two
+patterns have cases of their own: scores of hundreds to ~1e4 (``scores=large``: exp() must
+not overflow) and attention sinks (``scores=sink``: P @ V must not be accumulated in bf16).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from llm_core.models.rope import cos_sin_cache
-from llm_hal import AttentionMetadata
+from llm_hal import AttentionMetadata, DType
 
 from llm_conformance.cases import Params, op_check
 from llm_conformance.compare import Check
@@ -199,11 +201,25 @@ _DECODE_SHAPES: list[tuple[list[tuple[int, int]], int, int, int, int]] = [
     ([(40, 1)], 1, 4, 2, 64),
     ([(129, 1), (10, 1)], 16, 14, 2, 72),
 ]
+#: Large-score cases: scores of hundreds to ~1e4 (see ``_level_keys``). At most ~500 cache
+#: slots, so every key of a KV head gets a score level of its own.
+_LARGE_PREFILL_SHAPES: list[tuple[list[tuple[int, int]], int, int, int, int]] = [
+    ([(0, 37)], 16, 8, 2, 64),
+    ([(40, 9), (0, 20), (100, 3)], 16, 4, 4, 128),
+    ([(0, 200)], 32, 6, 3, 80),
+]
+_LARGE_DECODE_SHAPES: list[tuple[list[tuple[int, int]], int, int, int, int]] = [
+    ([(400, 1)], 16, 8, 2, 80),
+    ([(5, 1), (64, 1), (129, 1)], 16, 8, 8, 96),
+    ([((37 * i) % 60, 1) for i in range(6)], 8, 4, 1, 128),
+]
 _VARIANTS = {"window": (7, None), "softcap": (None, 30.0), "window+softcap": (5, 10.0)}
 
 
 def _attention_cases(
     shapes: list[tuple[list[tuple[int, int]], int, int, int, int]],
+    large: list[tuple[list[tuple[int, int]], int, int, int, int]],
+    sinks: tuple[int, ...],
 ) -> list[Params]:
     def case(i: int, shape: tuple[Any, ...], variant: str) -> Params:
         contexts, bs, hq, hkv, d = shape
@@ -223,11 +239,15 @@ def _attention_cases(
     for variant in _VARIANTS:
         cases += [case(i, s, variant) for i, s in enumerate(shapes) if i % 3 == 1]
     cases.append({**cases[3], "inject": "nan"})
+    cases += [{**case(i, shapes[i], "causal"), "scores": "sink"} for i in sinks]
+    cases += [{**case(i, s, "causal"), "scores": "large"} for i, s in enumerate(large)]
+    cases.append({**case(0, large[0], "window"), "scores": "large"})
+    cases.append({**case(1, large[1], "softcap"), "scores": "large"})
     return cases
 
 
 def _fill_cache(
-    h: Harness, num_blocks: int, p: Params
+    h: Harness, num_blocks: int, p: Params, sinks: list[int]
 ) -> tuple[tuple[Any, Any], torch.Tensor, torch.Tensor]:
     """Backend caches with random data in every slot, and the same in float64."""
     bs, hkv, d = p["block_size"], p["hkv"], p["head_size"]
@@ -235,7 +255,11 @@ def _fill_cache(
     caches = h.backend.allocate_kv_cache(num_blocks, bs, hkv, d, h.dtype)
     k, k64 = h.randn((slots, hkv * d))
     v, v64 = h.randn((slots, hkv * d))
+    if p.get("scores") == "large":
+        k, k64 = _level_keys(h, k64, hkv, d)
     order = h.randperm(slots)
+    if p.get("scores") == "sink":
+        k, k64, v, v64 = _sink_keys(h, k64, v64, hkv, d, torch.argsort(order)[sinks])
     h.backend.reshape_and_cache(
         h.up(k), h.up(v), caches[0], caches[1], _single_batch_meta(order.numpy(), bs)
     )
@@ -245,6 +269,91 @@ def _fill_cache(
         cache[order] = rows.reshape(slots, hkv, d)
         logical.append(cache.reshape(num_blocks, bs, hkv, d))
     return caches, logical[0], logical[1]
+
+
+# Large scores. A kernel that takes exp(score) without subtracting the running maximum
+# overflows to inf (or underflows to 0) once scores pass ~88 in fp32 (~11 in fp16), and one
+# that rescales its running sums wrongly when the maximum grows is off by factors of e^100;
+# every other case keeps scores near 1, where both go unseen. Scores here are hundreds to ~1e4
+# in magnitude, yet the answer stays well conditioned in fp32: each KV head's keys carry
+# distinct integer levels in features 0 and 1 (exact in every dtype), every query weighs them
+# with a power of two, so the scores of any two keys differ by at least GAP_MIN; feature 2
+# adds a per-query offset of either sign; the remaining features are small noise. So every
+# query attends almost entirely to one key (the next weighs < e^-6), and a correct fp32 kernel,
+# whose scores are off by ~1e-3 at 1e4, is still within the attention tolerance.
+
+#: Largest score magnitude aimed at. fp16: also keeps the unscaled q.k inside the fp16 range.
+_LARGE_PEAK = {DType.FP16: 3e3}
+_LARGE_PEAK_DEFAULT = 1e4
+#: Smallest score difference between two keys (before the noise of the other features).
+GAP_MIN = 8.0
+
+
+def _level_keys(
+    h: Harness, k64: torch.Tensor, hkv: int, d: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``(slots, hkv * d)`` whose features 0 and 1 hold slot levels ``16 * hi + lo``
+    (a random permutation of the slots per KV head, centred), feature 2 holds 1."""
+    slots = k64.shape[0]
+    keys = k64.reshape(slots, hkv, d).clone()
+    levels = torch.stack([h.randperm(slots) for _ in range(hkv)], dim=1)  # (slots, Hkv)
+    keys[..., 0] = (levels // 16 - slots // 32).to(F64)
+    keys[..., 1] = (levels % 16 - 8).to(F64)
+    keys[..., 2] = 1.0
+    keys[..., 3:] *= 0.5
+    k = keys.reshape(slots, hkv * d).to(h.torch_dtype)
+    return k, k.to(F64)
+
+
+def _large_score_queries(
+    h: Harness, q64: torch.Tensor, p: Params, scale: float, slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries that weigh the key levels of ``_level_keys`` by a power of two ``g`` (score gap
+    ``scale * g`` in [GAP_MIN, 2 * GAP_MIN)) and add a random offset of either sign."""
+    t, hq, d = q64.shape[0], p["hq"], p["head_size"]
+    queries = q64.reshape(t, hq, d).clone()
+    g = 2.0 ** math.ceil(math.log2(GAP_MIN / scale))
+    spread = scale * g * slots / 2  # the largest |level score|
+    peak = _LARGE_PEAK.get(h.dtype, _LARGE_PEAK_DEFAULT)
+    size = max(200.0, peak - spread)
+    sign = torch.where(h.randint(0, 2, (t, hq)) == 0, -1.0, 1.0).to(F64)
+    offset = sign * size * (0.3 + 0.7 * torch.rand((t, hq), generator=h.gen, dtype=F64))
+    queries[..., 0] = 16 * g
+    queries[..., 1] = g
+    queries[..., 2] = offset / scale
+    queries[..., 3:] *= 0.5
+    q = queries.reshape(t, hq * d).to(h.torch_dtype)
+    return q, q.to(F64)
+
+
+# Attention sinks. Half of every query's weight on one key (the first of its sequence, as in
+# trained models) and the rest spread thinly over a long context, with values of mean 2: each
+# block of 16 keys then adds about 1% to an output near 1, less than a bf16 rounding step, so
+# a kernel that accumulates P @ V in bf16 or fp16 loses most of the spread-out half, while in
+# fp32 it is exact to the attention tolerance.
+
+
+def _sink_keys(
+    h: Harness, k64: torch.Tensor, v64: torch.Tensor, hkv: int, d: int, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Feature 0 of every key is 0 except in ``rows`` (the sinks), where it is 1; values + 2."""
+    keys = k64.reshape(-1, hkv, d).clone()
+    keys[..., 0] = 0.0
+    keys[rows, :, 0] = 1.0
+    k = keys.reshape(k64.shape).to(h.torch_dtype)
+    v = (v64 + 2.0).to(h.torch_dtype)
+    return k, k.to(F64), v, v.to(F64)
+
+
+def _sink_queries(
+    h: Harness, q64: torch.Tensor, p: Params, scale: float, longest: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature 0 of every query head weighs the sink: score ln(2 * longest), about half of
+    the softmax of ``longest`` keys whose other scores are ~N(0, 1)."""
+    queries = q64.reshape(q64.shape[0], p["hq"], p["head_size"]).clone()
+    queries[..., 0] = math.log(2 * longest) / scale
+    q = queries.reshape(q64.shape).to(h.torch_dtype)
+    return q, q.to(F64)
 
 
 def _metadata(h: Harness, p: Params) -> tuple[AttentionMetadata, int]:
@@ -265,10 +374,16 @@ def _metadata(h: Harness, p: Params) -> tuple[AttentionMetadata, int]:
 
 def _attention(h: Harness, p: Params, decode: bool) -> None:
     meta, num_blocks = _metadata(h, p)
-    (kc, vc), k64, v64 = _fill_cache(h, num_blocks, p)
+    sinks = [int(meta.block_tables[b, 0]) * p["block_size"] for b in range(meta.num_seqs)]
+    (kc, vc), k64, v64 = _fill_cache(h, num_blocks, p, sinks)
     before = (h.down(kc), h.down(vc))
     width = p["hq"] * p["head_size"]
     q, q64 = h.randn((meta.num_tokens, width))
+    scale = 1 / math.sqrt(p["head_size"])
+    if p.get("scores") == "large":
+        q, q64 = _large_score_queries(h, q64, p, scale, num_blocks * p["block_size"])
+    elif p.get("scores") == "sink":
+        q, q64 = _sink_queries(h, q64, p, scale, meta.max_seq_len)
     if p.get("inject"):
         # NaN in head 0 of the first and the last new token of every sequence: whole-prompt,
         # chunked and single-token paths each see one.
@@ -276,7 +391,6 @@ def _attention(h: Harness, p: Params, decode: bool) -> None:
             for row in {int(meta.query_start_loc[b]), int(meta.query_start_loc[b + 1]) - 1}:
                 q[row, 0] = q64[row, 0] = float("nan")
     dev_q = h.strided(q, extra=2 * p["hkv"] * p["head_size"]) if p["strided"] else h.up(q)
-    scale = 1 / math.sqrt(p["head_size"])
     window, cap = p["sliding_window"], p["soft_cap"]
     want = h.oracle.paged_attention_prefill(q64, k64, v64, meta, scale, window, cap)
     op = h.backend.paged_attention_decode if decode else h.backend.paged_attention_prefill
@@ -295,7 +409,7 @@ def _attention(h: Harness, p: Params, decode: bool) -> None:
 @op_check(
     "paged_attention_prefill",
     "attention",
-    _attention_cases(_PREFILL_SHAPES),
+    _attention_cases(_PREFILL_SHAPES, _LARGE_PREFILL_SHAPES, sinks=(8, 10)),
     shape_of=_attention_shape,
     depends_on=("reshape_and_cache",),
 )
@@ -306,7 +420,7 @@ def _prefill(h: Harness, p: Params) -> None:
 @op_check(
     "paged_attention_decode",
     "attention",
-    _attention_cases(_DECODE_SHAPES),
+    _attention_cases(_DECODE_SHAPES, _LARGE_DECODE_SHAPES, sinks=(7, 8)),
     shape_of=_attention_shape,
     depends_on=("reshape_and_cache",),
 )

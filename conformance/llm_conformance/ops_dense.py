@@ -34,6 +34,8 @@ def _embedding(h: Harness, p: Params) -> None:
     table, table64 = h.randn((p["vocab"], p["hidden"]))
     h.inject(table, table64, kind=p.get("inject"), count=p["vocab"] // 10 + 1)
     ids = h.randint(0, p["vocab"], (p["tokens"],))
+    if p["tokens"] > 1:  # the first and the last row of the table
+        ids[0], ids[-1] = 0, p["vocab"] - 1
     if p.get("int32"):
         ids = ids.to(torch.int32)
     dev_ids, dev_table = h.up(ids), h.up(table)
@@ -67,11 +69,19 @@ LINEAR: list[Params] = [
 LINEAR += [
     {"tokens": 4, "k": 64, "n": 32, "bias": True, "inject": "nan"},
     {"tokens": 4, "k": 64, "n": 32, "bias": False, "inject": "inf"},
+    # A long reduction: accumulating in bf16/fp16 drifts far past the bound here.
+    {"tokens": 3, "k": 8192, "n": 64, "bias": False},
 ]
 LINEAR += [
     {"tokens": t, "k": k, "n": n, "bias": True, "scheme": scheme, "group": group}
     for scheme, group in _QUANT
     for t, k, n in ((1, 64, 16), (7, 128, 48))
+]
+# One token with an outlier feature of 300 among ordinary ones: per-token activation scales
+# keep the other tokens exact, and the outlier token's small features are where rounding and
+# truncation differ.
+LINEAR += [
+    {"tokens": 16, "k": 128, "n": 48, "bias": False, "scheme": "w8a8", "group": 0, "outlier": 300.0}
 ]
 
 
@@ -100,6 +110,9 @@ def _linear(h: Harness, p: Params) -> None:
     t, k, n = p["tokens"], p["k"], p["n"]
     x, x64 = h.randn((t, k))
     h.inject(x, x64, kind=p.get("inject"))
+    if p.get("outlier"):
+        x[0, int(h.randint(0, k, (1,)))] = p["outlier"]
+        x64 = x.to(F64)
     bias, bias64 = h.randn((n,)) if p["bias"] else (None, None)
     dev_bias = None if bias is None else h.up(bias)
     be, ref = h.backend, h.oracle
@@ -201,14 +214,19 @@ def _rms_norm(h: Harness, p: Params) -> None:
 LAYER_NORM: list[Params] = [
     {"tokens": t, "hidden": hid, "bias": i % 2 == 0} for i, (t, hid) in enumerate(_NORM_SHAPES)
 ]
-LAYER_NORM += [{"tokens": 4, "hidden": 96, "bias": True, "inject": "nan"}]
+LAYER_NORM += [
+    {"tokens": 4, "hidden": 96, "bias": True, "inject": "nan"},
+    # A spread the size of sqrt(eps): where eps is inside the square root shows.
+    {"tokens": 9, "hidden": 64, "bias": True, "std": 3e-3, "mean": 1e-2},
+]
 
 
 @op_check("layer_norm", "norm", LAYER_NORM)
 def _layer_norm(h: Harness, p: Params) -> None:
     t, hid = p["tokens"], p["hidden"]
-    x, x64 = h.randn((t, hid), 3.0)
-    x, x64 = (x + 1).to(h.torch_dtype), (x + 1).to(h.torch_dtype).to(F64)
+    x, x64 = h.randn((t, hid), p.get("std", 3.0))
+    mean = p.get("mean", 1.0)
+    x, x64 = (x64 + mean).to(h.torch_dtype), (x64 + mean).to(h.torch_dtype).to(F64)
     h.inject(x, x64, kind=p.get("inject"))
     w, w64 = h.randn((hid,))
     b, b64 = h.randn((hid,)) if p["bias"] else (None, None)
@@ -318,6 +336,8 @@ def _gather_rows(h: Harness, p: Params) -> None:
     x, x64 = h.randn((p["tokens"], p["hidden"]))
     h.inject(x, x64, kind=p.get("inject"))
     idx = h.randint(0, p["tokens"], (p["rows"],))
+    if p["rows"] > 1:  # the first and the last row
+        idx[0], idx[-1] = 0, p["tokens"] - 1
     dev_x = h.strided(x) if p.get("strided") else h.up(x)
     dev_idx = h.up(idx)
     want = h.oracle.gather_rows(x64, idx)

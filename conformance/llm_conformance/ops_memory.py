@@ -24,7 +24,23 @@ FROM_HOST += [
     {"tokens": 4, "width": 32, "source": "float32", "inject": "nan"},
     {"tokens": 4, "width": 32, "source": "float32", "inject": "inf"},
     {"tokens": 64, "width": 1, "source": "int64"},
+    # Exactly halfway between two neighbours of the tested dtype (random values hardly ever
+    # are): ties go to the even one. A conversion that rounds half away from zero, as
+    # ``(bits + 0x8000) >> 16`` does for bf16, gets half of them wrong.
+    {"tokens": 16, "width": 64, "source": "float32", "ties": True},
+    {"tokens": 16, "width": 64, "source": "float64", "ties": True},
 ]
+
+
+def _ties(h: Harness, shape: tuple[int, int]) -> torch.Tensor:
+    """Values of which half lie exactly halfway between two neighbours in the tested dtype
+    (exact in float32 too for bf16 and fp16 targets)."""
+    base = (torch.randn(shape, generator=h.gen, dtype=F64) * 3).to(h.torch_dtype)
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    neighbour = (base.view(ints[base.element_size()]) + 1).view(h.torch_dtype)  # away from 0
+    mid = (base.to(F64) + neighbour.to(F64)) / 2
+    tie = torch.rand(shape, generator=h.gen) < 0.5
+    return torch.where(tie, mid, base.to(F64))
 
 
 @op_check("from_host", "exact", FROM_HOST)
@@ -33,20 +49,25 @@ def _from_host(h: Harness, p: Params) -> None:
     if p["source"] == "int64":
         ids = h.randint(-5, 50_000, shape)
         got = h.backend.from_host(ids, DType.INT64)
+        want_ids = ids.clone()
+        ids.fill_(7)
         h.expect_dtype("output", got, DType.INT64)
-        h.same("output", got, ids)
+        h.same("output (host data overwritten after the call)", got, want_ids)
         return
-    src = torch.randn(shape, generator=h.gen, dtype=F64) * 3
+    random = torch.randn(shape, generator=h.gen, dtype=F64) * 3
+    src = _ties(h, shape) if p.get("ties") else random
     h.inject(src, kind=p.get("inject"))
     host: torch.Tensor | np.ndarray = src
     if p["source"] == "float32":
         host = src.float()
     elif p["source"] == "numpy":
         host = src.float().numpy()
-    want = torch.as_tensor(host).to(h.torch_dtype).to(F64)  # torch rounds to nearest even
+    want = torch.as_tensor(host).to(h.torch_dtype).to(F64, copy=True)  # nearest even
     got = h.backend.from_host(host, h.dtype)
+    # A copy, never an alias: overwriting the host data afterwards must not change it.
+    host[...] = 7.0
     h.expect_dtype("output", got, h.dtype)
-    h.close("converted", got, want)
+    h.close("converted (host data overwritten after the call)", got, want)
 
 
 TO_HOST: list[Params] = [{"tokens": t, "width": w} for t, w in _SHAPES]
@@ -65,7 +86,9 @@ def _to_host(h: Harness, p: Params) -> None:
             "host tensor", ok, "" if ok else f"got {type(got).__name__} {getattr(got, 'dtype', '')}"
         )
     )
-    h.close("values", dev, x64)
+    if isinstance(got, torch.Tensor):
+        got.fill_(7.0)  # a copy, never the device memory: the device keeps its values
+    h.close("values (an earlier copy overwritten)", dev, x64)
 
 
 COPY: list[Params] = [
@@ -113,6 +136,7 @@ def _reshape(h: Harness, p: Params) -> None:
     x, x64 = h.randn((t, heads * d))
     dev = h.strided(x) if p.get("strided") else h.up(x)
     per_head = h.backend.reshape(dev, (t * heads, d))
+    h.expect_dtype("to (T*H, D)", per_head, h.dtype)
     h.close("to (T*H, D)", per_head, x64.reshape(t * heads, d))
     back = h.backend.reshape(per_head, (-1, heads * d))
     h.close("back with -1", back, x64)
@@ -152,3 +176,7 @@ def _allocate_kv_cache(h: Harness, p: Params) -> None:
     for name, cache in zip(("key", "value"), caches, strict=True):
         h.expect_dtype(f"{name} cache", cache, h.dtype)
         h.close(f"{name} cache zero-filled", cache, torch.zeros(shape, dtype=F64))
+    # Two tensors, not one: filling the key cache leaves the value cache zero.
+    h.backend.copy_(caches[0], h.up(torch.ones(shape, dtype=h.torch_dtype)))
+    h.close("key cache written", caches[0], torch.ones(shape, dtype=F64))
+    h.close("value cache apart from the key cache", caches[1], torch.zeros(shape, dtype=F64))

@@ -1,15 +1,19 @@
 """Checks of logits processing and sampling, always on fp32 logits (the contract's dtype).
 
-Sampling is checked three ways: greedy rows must be the exact argmax (ties to the lowest id);
-seeded draws must be reproducible and independent of the rest of the batch; and the histogram
-of ``SAMPLING_DRAWS`` seeded draws must be within ``SAMPLING_TV_MAX`` total variation of the
-exact filtered distribution, computed in float64, with no draw outside its support. Top-p and
-min-p thresholds are placed halfway between two candidate cut points, so the set of kept tokens
-is unambiguous in any precision, and a filter that keeps one token too few or too many moves
-a whole token's probability.
+Sampling is checked four ways: greedy rows must be the exact argmax (ties to the lowest id);
+seeded draws must be reproducible and independent of the rest of the batch; the histogram of
+``SAMPLING_DRAWS`` seeded draws must be within ``SAMPLING_TV_MAX`` total variation of the exact
+filtered distribution, computed in float64, with no draw outside its support; and the support
+cases put each filter's boundary token at 10-46% of the mass, so a filter that keeps one token
+too few or too many is seen in every run (see ``_support``). Top-p and min-p thresholds are
+placed halfway between two candidate cut points, so the set of kept tokens is unambiguous in
+any precision.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -192,6 +196,45 @@ SAMPLE: list[Params] = [
 ]
 
 
+def _row(temperature: float = 1.0, top_k: int = 0, **extra: Any) -> Params:
+    return {"temperature": temperature, "top_k": top_k, **extra}
+
+
+#: Support cases (see ``_support``): each row of a case is its own ladder of candidate logits
+#: and its own filter, so a kernel that reads another row's parameters is caught too.
+SUPPORT_ROWS: dict[str, list[Params]] = {
+    "top_k": [
+        _row(top_k=5),
+        _row(0.7, top_k=2),
+        _row(1.2, top_k=4, tie_at_k=True),  # the 4th and 5th tie: both are kept
+    ],
+    "top_p": [
+        _row(top_p_keeps=4),
+        _row(top_p_keeps=1),
+        _row(0.8, top_p_keeps=6),
+    ],
+    "min_p": [
+        _row(min_p_keeps=5),
+        _row(1.5, min_p_keeps=2),
+        _row(0.9, min_p_keeps=7),
+    ],
+    # The order top-k, top-p, min-p, and temperature before all three, each changes the set.
+    "combined": [
+        _row(0.7, top_k=6, top_p_keeps=4, min_p_keeps=3),
+        _row(1.3, top_k=6, top_p_keeps=4),
+        _row(0.8, top_k=7, min_p_keeps=5),
+    ],
+    # Logits of ~1000 (x / T ~ 4000: exp() overflows unless the maximum is subtracted); a row
+    # with most tokens banned (-inf) and top_k past the finite ones; a row with one token left.
+    "extremes": [
+        _row(0.25, offset=1000.0),
+        _row(top_k=40, banned=40, top_p_keeps=3),
+        _row(banned=63),
+    ],
+}
+SAMPLE += [{"kind": "support", "vocab": 64, "rows": name} for name in SUPPORT_ROWS]
+
+
 def _sampling_meta(
     rows: int, temperature: float, top_k: int, top_p: float, min_p: float, seeds: np.ndarray
 ) -> SamplingMetadata:
@@ -204,12 +247,14 @@ def _sampling_meta(
     )
 
 
-@op_check("sample", "exact", SAMPLE, quick=(0, 1, 2))
+@op_check("sample", "exact", SAMPLE, quick=(0, 1, 2, 10))
 def _sample(h: Harness, p: Params) -> None:
     if p["kind"] == "greedy":
         _greedy(h, p)
     elif p["kind"] == "mixed":
         _mixed(h, p)
+    elif p["kind"] == "support":
+        _support(h, p)
     else:
         _distribution(h, p)
 
@@ -318,6 +363,128 @@ def _distribution(h: Harness, p: Params) -> None:
     )
 
 
+# Support. The distribution test above bounds the total variation, and a filter that keeps
+# one token too few or too many moves only that token's probability, which random logits make
+# small: a top-k of k - 1 went unseen. Here the boundary is where the probability is: each row
+# is a ladder of candidate logits 0.1 apart at random ids (the rest of the vocabulary far
+# below), so the last token a filter keeps and the first it drops each hold 10-46% of the
+# mass. The thresholds are placed halfway between two cut points, so the kept set is
+# unambiguous in any precision. Over SUPPORT_DRAWS seeded draws per row: no draw may fall
+# outside the exact support, and every token's count must be within Bernstein's bound of its
+# expectation at false-alarm probability SUPPORT_FALSE_ALARM per token: a kept token of 10%
+# expects 400 draws and must get more than 268, and a kernel that drops it gets none.
+
+SUPPORT_DRAWS = 4000
+SUPPORT_FALSE_ALARM = 1e-9
+_LADDER = 10  # candidate tokens per row
+_LADDER_STEP = 0.1
+
+
+def _support_logits(h: Harness, vocab: int, row: Params) -> torch.Tensor:
+    """One row's fp32 logits: the ladder at random ids, the rest 5-7 below its foot."""
+    offset = row.get("offset", 0.0)
+    steps = torch.arange(_LADDER, dtype=F64)
+    if row.get("tie_at_k"):  # the k-th and the (k+1)-th candidates tie
+        k = row["top_k"]
+        steps[k:] -= 1
+    ladder = 2.0 - _LADDER_STEP * steps
+    logits = -4.0 - torch.rand(vocab, generator=h.gen, dtype=F64) * 2.0
+    order = h.randperm(vocab)
+    logits[order[:_LADDER]] = ladder
+    banned = row.get("banned", 0)
+    if banned:
+        logits[order[vocab - banned :]] = -float("inf")
+    return (logits + offset).float()
+
+
+def _cut_below(values: torch.Tensor, keep: int) -> float:
+    """A threshold halfway between ``values[keep - 1]`` and the value before it (0 for the
+    first): the ``keep``-th of an increasing sequence is the first to reach it."""
+    low = float(values[keep - 2]) if keep >= 2 else 0.0
+    return (low + float(values[keep - 1])) / 2
+
+
+def _support_filter(logits64: torch.Tensor, row: Params) -> tuple[float, float]:
+    """(top_p, min_p) of a row: thresholds that keep ``top_p_keeps`` tokens of the top-k set
+    and then ``min_p_keeps`` of those, computed on the exact float64 probabilities."""
+    scaled = logits64 / row["temperature"]
+    if row["top_k"]:
+        scaled = scaled.masked_fill(scaled < scaled.topk(row["top_k"]).values[-1], -float("inf"))
+    probs = torch.softmax(scaled, dim=-1).sort(descending=True).values
+    top_p = 1.0
+    if "top_p_keeps" in row:
+        top_p = _cut_below(probs.cumsum(0), row["top_p_keeps"])
+        probs = probs[: row["top_p_keeps"]]
+    min_p = 0.0
+    if "min_p_keeps" in row:
+        min_p = _cut_between(probs / probs[0], row["min_p_keeps"])
+    return top_p, min_p
+
+
+def bernstein_bound(draws: int, p: float, false_alarm: float) -> float:
+    """t with P(|X - draws * p| >= t) <= false_alarm for X ~ Binomial(draws, p), by
+    Bernstein's inequality: 2 exp(-t^2 / (2 v + 2 t / 3)) with v = draws * p * (1 - p)."""
+    log_term = math.log(2 / false_alarm)
+    v = draws * p * (1 - p)
+    return (2 * log_term / 3 + math.sqrt((2 * log_term / 3) ** 2 + 8 * log_term * v)) / 2
+
+
+def _support(h: Harness, p: Params) -> None:
+    vocab, rows = p["vocab"], SUPPORT_ROWS[p["rows"]]
+    logits = torch.stack([_support_logits(h, vocab, row) for row in rows])  # (R, V) fp32
+    filters = [_support_filter(logits[r].to(F64), row) for r, row in enumerate(rows)]
+    meta = SamplingMetadata(
+        temperature=np.array([row["temperature"] for row in rows]),
+        top_k=np.array([row["top_k"] for row in rows]),
+        top_p=np.array([top_p for top_p, _ in filters]),
+        min_p=np.array([min_p for _, min_p in filters]),
+        seeds=np.zeros(len(rows), dtype=np.int64),
+    )
+    exact = h.oracle.filtered_probs(logits.to(F64), meta)  # (R, V)
+    # Every row SUPPORT_DRAWS times, interleaved: draw i of row r is batch row i * R + r.
+    n, count = SUPPORT_DRAWS, len(rows)
+    seed_base = int(h.randint(0, 2**40, (1,)))
+    batch = SamplingMetadata(
+        temperature=np.tile(meta.temperature, n),
+        top_k=np.tile(meta.top_k, n),
+        top_p=np.tile(meta.top_p, n),
+        min_p=np.tile(meta.min_p, n),
+        seeds=np.arange(seed_base, seed_base + n * count),
+    )
+    dev = h.up(logits.repeat(n, 1))
+    ids = h.down(h.backend.sample(dev, batch)).long().reshape(n, count)
+    for r in range(count):
+        counts = torch.bincount(ids[:, r].clamp(0, vocab), minlength=vocab + 1)[:vocab]
+        outside = int(ids[:, r].ge(vocab).sum() + ids[:, r].lt(0).sum())
+        outside += int(counts[exact[r] == 0].sum())
+        kept = int((exact[r] > 0).sum())
+        h.add(
+            Check(
+                f"row {r}: draws inside the support of {kept} tokens",
+                outside == 0,
+                "" if not outside else f"{outside} of {n} draws outside it",
+            )
+        )
+        expected = exact[r] * n
+        bad = []
+        for token in torch.nonzero(exact[r] > 0).flatten().tolist():
+            pr = float(exact[r, token])
+            t = bernstein_bound(n, pr, SUPPORT_FALSE_ALARM)
+            got = int(counts[token])
+            if abs(got - float(expected[token])) >= t:
+                want = float(expected[token])
+                bad.append(
+                    f"token {token} (p={pr:.3f}) drawn {got} times, want {want:.0f} ± {t:.0f}"
+                )
+        h.add(
+            Check(
+                f"row {r}: every kept token drawn as often as its probability",
+                not bad,
+                "; ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""),
+            )
+        )
+
+
 # -------------------------------------------------------------------------------------------
 # logprobs
 # -------------------------------------------------------------------------------------------
@@ -328,12 +495,14 @@ LOGPROBS: list[Params] = [
     {"rows": 7, "vocab": 1000, "top": 5},
     {"rows": 3, "vocab": 32000, "top": 20},
     {"rows": 16, "vocab": 49152, "top": 5},
+    # Logits 500 apart: probabilities down to e^-500 underflow float32, log-probabilities not.
+    {"rows": 5, "vocab": 1000, "top": 5, "scale": 16.0},
 ]
 
 
 @op_check("compute_logprobs", "softmax", LOGPROBS)
 def _compute_logprobs(h: Harness, p: Params) -> None:
-    logits = _quantized_logits(h, p["rows"], p["vocab"])
+    logits = _quantized_logits(h, p["rows"], p["vocab"]) * p.get("scale", 1.0)
     ids = h.randint(0, p["vocab"], (p["rows"],))
     ids[0] = int(logits[0].argmax())
     want = h.oracle.compute_logprobs(logits.to(F64), ids, p["top"])

@@ -59,7 +59,8 @@ __all__ = [
 
 #: Bumped whenever a tolerance (here or in llm_hal.tolerances), a threshold, a case list or a
 #: check changes.
-SUITE_VERSION = "1.1.0"  # 1.1.0: apply_token_bitmask (HAL 1.2)
+SUITE_VERSION = "1.2.0"  # 1.1.0: apply_token_bitmask (HAL 1.2); 1.2.0: large-score
+# attention, sampling-support and mutation-driven cases
 
 FP32, FP16, BF16 = DType.FP32, DType.FP16, DType.BF16
 
