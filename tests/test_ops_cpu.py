@@ -670,6 +670,169 @@ def test_collectives_single_process(cpu: CpuBackend, dtype: torch.dtype, op: str
     assert_close(getattr(cpu, op)(x), before, "exact", dtype)
 
 
+# -------------------------------------------------------------------------------------------
+# batch invariance: a row computed alone equals the same row in any batch, bit for bit
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def invariant() -> CpuBackend:
+    return CpuBackend(batch_invariant=True)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.dtype == BF16 else torch.int32)
+
+
+def _assert_rows_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    differ = (_bits(got) != _bits(want)).reshape(got.shape[0], -1).any(-1).nonzero()
+    assert differ.numel() == 0, f"{what}: rows {differ.flatten().tolist()} depend on the batch"
+
+
+#: Every path of the linear kernel: batch-1 GEMV, the bf16 register tiles (2-3 tokens), the
+#: converted-row tiles (4+), several 48-token passes, and past NATIVE_MAX_TOKENS (64).
+INVARIANCE_TOKENS = [1, 2, 3, 4, 5, 8, 9, 16, 33, 49, 64, 65, 130]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [8, 13, 24, 64, 200, 576])  # K % 8, K % 16 = 8, ragged tails
+def test_linear_rows_do_not_depend_on_the_batch(
+    invariant: CpuBackend, dtype: torch.dtype, k: int
+) -> None:
+    gen = _seeded("invariant-linear", k)
+    n = 46  # 5 eight-row blocks + 6 rows: 4-row tiles and single rows
+    x, _ = _rand(gen, (max(INVARIANCE_TOKENS), k), dtype)
+    w, _ = _rand(gen, (n, k), dtype, 1 / math.sqrt(k))
+    b, _ = _rand(gen, (n,), dtype)
+    weight = invariant.prepare_linear(w, b)
+    alone = torch.cat([invariant.linear(x[i : i + 1], weight) for i in range(x.shape[0])])
+    for tokens in INVARIANCE_TOKENS:
+        got = invariant.linear(x[:tokens], weight)
+        _assert_rows_equal(got, alone[:tokens], f"linear T={tokens}")
+    strided, _ = _strided(gen, 33, k, dtype)
+    _assert_rows_equal(
+        invariant.linear(strided, weight),
+        torch.cat([invariant.linear(strided[i : i + 1], weight) for i in range(33)]),
+        "linear, strided rows",
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scheme", [QuantScheme.W8A16, QuantScheme.W4A16, QuantScheme.W8A8])
+def test_quantized_linear_rows_do_not_depend_on_the_batch(
+    invariant: CpuBackend, ref: TorchBackend, dtype: torch.dtype, scheme: QuantScheme
+) -> None:
+    gen = _seeded("invariant-quant", scheme)
+    k, n, group = 128, 40, 0 if scheme is QuantScheme.W8A8 else 32
+    x, x64 = _rand(gen, (70, k), dtype)
+    weight, scales64, zeros64 = _quantized(scheme, n, k, group, gen)
+    scales, zeros = scales64.to(dtype), None if zeros64 is None else zeros64.to(dtype)
+    prepared = invariant.prepare_linear(weight, None, scheme, scales, zeros, group)
+    golden = ref.prepare_linear(
+        weight, None, scheme, scales.double(), None if zeros is None else zeros.double(), group
+    )
+    kind = "w8a8" if scheme is QuantScheme.W8A8 else "quantized"
+    assert_close(invariant.linear(x, prepared), ref.linear(x64, golden), kind, dtype)
+    alone = torch.cat([invariant.linear(x[i : i + 1], prepared) for i in range(70)])
+    for tokens in (1, 9, 70):
+        _assert_rows_equal(invariant.linear(x[:tokens], prepared), alone[:tokens], f"T={tokens}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 4, 64), (4, 2, 64), (6, 2, 80), (8, 1, 32)])
+@pytest.mark.parametrize("variant", ["causal", "window", "softcap"])
+def test_attention_rows_do_not_depend_on_the_batch_or_the_chunks(
+    invariant: CpuBackend, dtype: torch.dtype, hq: int, hkv: int, d: int, variant: str
+) -> None:
+    """A prompt prefilled whole, in chunks of 1, 7, 13 and 19 tokens, and its last token
+    decoded alone or among other sequences: each row the same, bit for bit."""
+    gen = _seeded("invariant-attention", hq, hkv, d, variant)
+    window, cap = VARIANTS[variant]
+    length, bs = 40, 16
+    blocks = 3 * 4  # three sequences of up to 64 positions
+    kc, _ = _rand(gen, (blocks, bs, hkv, d), dtype)
+    vc, _ = _rand(gen, (blocks, bs, hkv, d), dtype)
+    q, _ = _rand(gen, (length, hq * d), dtype)
+    tables = np.arange(blocks, dtype=np.int32).reshape(3, 4)
+    scale = 1 / math.sqrt(d)
+
+    def prefill(a: int, b: int) -> torch.Tensor:  # new tokens a .. b-1 of sequence 0
+        meta = AttentionMetadata(np.array([0, b - a]), np.array([b]), tables[:1],
+                                 np.zeros(b - a, dtype=np.int64), bs)  # fmt: skip
+        return invariant.paged_attention_prefill(q[a:b], kc, vc, meta, scale, window, cap)
+
+    whole = prefill(0, length)
+    chunks = torch.cat([prefill(a, b) for a, b in ((0, 1), (1, 8), (8, 21), (21, 40))])
+    _assert_rows_equal(chunks, whole, "prefill in chunks")
+    alone = invariant.paged_attention_decode(
+        q[-1:], kc, vc, AttentionMetadata(np.array([0, 1]), np.array([length]), tables[:1],
+                                         np.zeros(1, dtype=np.int64), bs), scale, window, cap,
+    )  # fmt: skip
+    others, _ = _rand(gen, (2, hq * d), dtype)
+    batch = AttentionMetadata(np.arange(4), np.array([length, 17, 64]), tables,
+                              np.zeros(3, dtype=np.int64), bs)  # fmt: skip
+    decoded = invariant.paged_attention_decode(
+        torch.cat([q[-1:], others]), kc, vc, batch, scale, window, cap
+    )
+    _assert_rows_equal(decoded[:1], alone, "decode in a batch")
+    _assert_rows_equal(alone, whole[-1:], "decode vs the prompt's last row")
+
+
+@pytest.mark.parametrize(
+    "op", ["gelu", "gelu-tanh", "gelu_and_mul", "gelu_and_mul-tanh", "silu_and_mul"]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_rows_do_not_depend_on_the_batch(
+    invariant: CpuBackend, dtype: torch.dtype, op: str
+) -> None:
+    """torch's vectorized GELU and its scalar tail differ in the last bit: rows run alone."""
+    name, _, approx = op.partition("-")
+    kwargs = {} if name == "silu_and_mul" else {"approximate": approx or "none"}
+    x, _ = _rand(_seeded("invariant-act", op), (37, 2 * 150), dtype, 3.0)
+    alone = torch.cat([getattr(invariant, name)(x[i : i + 1], **kwargs) for i in range(37)])
+    for tokens in (1, 5, 37):
+        got = getattr(invariant, name)(x[:tokens], **kwargs)
+        _assert_rows_equal(got, alone[:tokens], f"{op} T={tokens}")
+
+
+def test_sampling_rows_do_not_depend_on_the_batch(invariant: CpuBackend) -> None:
+    """torch sums one row's probabilities across threads and many rows one per thread: the
+    backend filters each row on its own."""
+    gen = _seeded("invariant-sample")
+    logits = torch.randn((32, 49152), generator=gen) * 2
+    meta = _sampling_meta(32, gen)
+    meta.temperature[:] = 0.8
+    meta.top_k[::2], meta.top_p[::2], meta.min_p[::2] = 0, 1.0, 0.0  # the whole vocabulary
+    probs = invariant.filtered_probs(logits, meta)
+    tokens = invariant.sample(logits, meta)
+    for b in (0, 7, 31):
+        row = meta.temperature[b : b + 1], meta.top_k[b : b + 1], meta.top_p[b : b + 1]
+        one = SamplingMetadata(*row, meta.min_p[b : b + 1], meta.seeds[b : b + 1])
+        _assert_rows_equal(invariant.filtered_probs(logits[b : b + 1], one), probs[b : b + 1],
+                           f"filtered_probs row {b}")  # fmt: skip
+        assert int(invariant.sample(logits[b : b + 1], one)[0]) == int(tokens[b])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_rows_do_not_depend_on_the_batch(
+    invariant: CpuBackend, ref: TorchBackend, dtype: torch.dtype
+) -> None:
+    gen = _seeded("invariant-moe")
+    tokens, hidden, inter, experts = 9, 64, 48, 8
+    x, x64 = _rand(gen, (tokens, hidden), dtype)
+    w13, w13_64 = _rand(gen, (experts, 2 * inter, hidden), dtype, 1 / math.sqrt(hidden))
+    w2, w2_64 = _rand(gen, (experts, hidden, inter), dtype, 1 / math.sqrt(inter))
+    weights, ids = ref.moe_route(torch.randn((tokens, experts), generator=gen), 2, True)
+    got = invariant.moe_experts(x, w13, w2, weights, ids)
+    want = ref.moe_experts(x64, w13_64, w2_64, weights.double(), ids)
+    assert_close(got, want, "linear", dtype)
+    alone = torch.cat(
+        [invariant.moe_experts(x[i : i + 1], w13, w2, weights[i : i + 1], ids[i : i + 1])
+         for i in range(tokens)]
+    )  # fmt: skip
+    _assert_rows_equal(got, alone, "moe_experts")
+
+
 #: Where each HAL operator is tested; a new operator must be added here with its test.
 COVERAGE: dict[str, Callable[..., None]] = {
     "embedding": test_embedding,

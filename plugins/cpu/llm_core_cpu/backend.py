@@ -1,18 +1,26 @@
 """The CPU backend: the reference operators, with the hot ones replaced by C kernels.
 
-The C kernels (``csrc/cpu_kernels.c``, see ``native.py``) stream bf16/fp32 weights for the
-small-batch linear layers (torch's GEMV reaches about half the memory bandwidth, and with no
-AVX512-BF16 its bf16 path is far slower still), and run the norms, rotary embedding, KV-cache
-writes, decode attention, gated activation and the guided-decoding token mask in one pass
-each. They also make the decode step capturable (:meth:`CpuBackend.capture_graph`): replayed as
-one native call, with no Python per operator. Where the kernels do not apply (other dtypes,
-quantized weights, soft-capped attention) or could not be built, the torch operators run:
-oneDNN/MKL GEMMs for large batches, torch's fused scaled-dot-product attention for prefill.
+The C kernels (``csrc/cpu_kernels.c``, see ``native.py``) compute the bf16/fp32 linear layers
+(torch's GEMV reaches about half the memory bandwidth, and with no AVX512-BF16 its bf16 path is
+far slower still), and run the norms, rotary embedding, KV-cache writes, attention, gated
+activation and the guided-decoding token mask in one pass each. They also make the decode step
+capturable (:meth:`CpuBackend.capture_graph`): replayed as one native call, with no Python per
+operator. Where the kernels do not apply (other dtypes, quantized weights) or could not be
+built, the torch operators run: oneDNN/MKL GEMMs, torch's fused scaled-dot-product attention.
+
+Batch invariance (:meth:`CpuBackend.batch_invariant`): every C kernel computes a row of its
+output from that row alone, in one fixed order of floating-point operations, whatever the
+batch. The vendor GEMMs do not (oneDNN and MKL pick their blocking by shape), so where the
+backend is batch-invariant every linear layer runs the C kernel (quantized ones dequantized
+first, as the reference does), and what is left to torch is arranged so that a row never
+depends on the others: GELU one row at a time, the sampler's normalization a per-row scan.
+See "Seeded determinism" in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -30,6 +38,8 @@ from llm_hal import (
     TorchBackend,
 )
 from llm_hal.backend import CapturedGraph, Tensor
+from llm_hal.metadata import SamplingMetadata
+from llm_hal.reference import dequantize
 from llm_hal.spec import host_cpu_name
 
 from llm_core_cpu.arena import HugePageArena
@@ -40,8 +50,12 @@ log = logging.getLogger("llm_core_cpu")
 
 #: dtype codes of the C kernels
 _CODES = {torch.float32: 0, torch.bfloat16: 1}
-#: Above this many tokens a linear layer is compute-bound: oneDNN/MKL GEMMs take over.
+_DTYPES = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16}
+#: Above this many tokens a linear layer is compute-bound: oneDNN/MKL GEMMs take over, unless
+#: the backend is batch-invariant.
 NATIVE_MAX_TOKENS = 64
+#: "auto", "1" or "0": the default of the ``batch_invariant`` backend option (``CpuBackend``).
+ENV_BATCH_INVARIANT = "LLM_CORE_CPU_BATCH_INVARIANT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +74,14 @@ class CpuBackend(TorchBackend):
         {DType.FP32, DType.BF16, DType.FP16, DType.FP64}
     )
 
-    def __init__(self, use_kernels: bool = True) -> None:
+    def __init__(self, use_kernels: bool = True, batch_invariant: bool | None = None) -> None:
+        """``batch_invariant`` True: in fp32 and bf16, every linear layer runs on the C kernels
+        (whatever its number of tokens), so that no row's result depends on the batch (see
+        :meth:`batch_invariant`). False: batches of more than ``NATIVE_MAX_TOKENS`` tokens use
+        oneDNN/MKL GEMMs, faster prefill on CPUs with AVX-512. None:
+        ``$LLM_CORE_CPU_BATCH_INVARIANT`` ("1", "0" or "auto", the default): invariant in fp32
+        always, in bf16 unless the CPU has a bf16 GEMM (AVX512-BF16 / AMX), where oneDNN
+        prefills 3-4.5x faster than the C kernels (docs/performance.md)."""
         super().__init__("cpu")
         self._nk: NativeKernels | None = native_kernels() if use_kernels else None
         if self._nk is not None:
@@ -74,9 +95,29 @@ class CpuBackend(TorchBackend):
         # bf16 prefill GEMMs: oneDNN where the CPU has bf16 instructions; elsewhere the C
         # kernel (torch's bf16 GEMM is slow there, and its fp32 one needs a weight upcast).
         self._native_gemm = not self._fast_bf16_gemm
+        if batch_invariant is None:
+            batch_invariant = parse_batch_invariant(os.environ.get(ENV_BATCH_INVARIANT, "auto"))
+        # The torch dtypes this backend is batch-invariant in: only the C kernels are.
+        invariant = set(_CODES) if self._nk is not None and batch_invariant is not False else set()
+        if batch_invariant is None and self._fast_bf16_gemm:
+            invariant.discard(torch.bfloat16)  # auto: oneDNN's bf16 GEMM prefills 3-4.5x faster
+        self._invariant = frozenset(invariant)
+
+    def batch_invariant(self, dtype: DType) -> bool:
+        """True in the dtypes where every operator computes each row of its output from that row
+        alone, in one fixed order whatever the batch (with query and KV caches of one dtype,
+        as the engine allocates them): fp32, and bf16 unless the backend was built with
+        ``batch_invariant=None`` on a CPU with a bf16 GEMM, or False (see ``__init__``); never
+        without the C kernels, nor in fp16 and fp64 (torch operators)."""
+        return dtype in _DTYPES and _DTYPES[dtype] in self._invariant
 
     def device_info(self) -> DeviceInfo:
-        props = {"threads": str(torch.get_num_threads()), "kernels": self.kernels}
+        invariant = [d.value for d, t in _DTYPES.items() if t in self._invariant]
+        props = {
+            "threads": str(torch.get_num_threads()),
+            "kernels": self.kernels,
+            "batch_invariant": ", ".join(invariant) or "no",
+        }
         return DeviceInfo(0, host_cpu_name(), self.memory_info().total, props)
 
     @property
@@ -209,22 +250,32 @@ class CpuBackend(TorchBackend):
             isinstance(native, _NativeLinear)
             and self._nk is not None
             and x.dtype == native.dtype
-            and x.stride(-1) == 1
             and (
                 x.shape[0] <= NATIVE_MAX_TOKENS
+                or x.dtype in self._invariant
                 or self._graph is not None
                 or (self._native_gemm and x.dtype == torch.bfloat16)
             )
         ):
-            t, k = x.shape
-            n = weight.out_features
-            y = self._out(out, (t, n), x.dtype)
-            if y is not None and t > 0:
-                args = (x.data_ptr(), x.stride(0), t, k, native.weight_ptr, n, native.bias_ptr,
-                        y.data_ptr(), y.stride(0), native.code)  # fmt: skip
-                self._run("llm_linear", args, (x, weight, y))
-                return y
+            if x.stride(-1) != 1 and x.dtype in self._invariant:
+                self._eager("linear (an input with strided rows)")
+                x = x.contiguous()
+            if x.stride(-1) == 1:
+                t, k = x.shape
+                n = weight.out_features
+                y = self._out(out, (t, n), x.dtype)
+                if y is None and x.dtype in self._invariant:
+                    self._eager("linear (an output the kernel cannot write)")
+                    assert out is not None
+                    return out.copy_(self.linear(x, weight))
+                if y is not None and t > 0:
+                    args = (x.data_ptr(), x.stride(0), t, k, native.weight_ptr, n, native.bias_ptr,
+                            y.data_ptr(), y.stride(0), native.code)  # fmt: skip
+                    self._run("llm_linear", args, (x, weight, y))
+                    return y
         self._eager("linear")
+        if x.dtype in self._invariant and x.shape[0] > 0:
+            return self._invariant_linear(x, weight, out)
         if weight.scheme is not QuantScheme.NONE or weight.weight.dtype != x.dtype:
             return super().linear(x, weight, out)
         w, b = weight.weight, weight.bias
@@ -238,6 +289,37 @@ class CpuBackend(TorchBackend):
         if b is None:
             return torch.matmul(x, w.T, out=out)
         return torch.addmm(b, x, w.T, out=out)
+
+    def _invariant_linear(
+        self, x: torch.Tensor, weight: LinearWeight, out: Tensor | None
+    ) -> Tensor:
+        """A quantized (or mixed-dtype) linear layer, batch-invariant: the reference's fp32
+        weight and its activation quantization (W8A8: per token), and the products summed by
+        the fp32 C kernel (torch's GEMMs would pick their summation order by shape)."""
+        xf = x.float()
+        if weight.scheme is QuantScheme.W8A8:
+            assert weight.scales is not None, "prepare_linear guarantees W8A8 scales"
+            a_scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0  # (T, 1)
+            xq = torch.clamp(torch.round(xf / a_scale), -127, 127)
+            y = self._matmul_f32(xq, weight.weight.float())
+            y = y * a_scale * weight.scales.float().reshape(1, -1)
+        else:
+            y = self._matmul_f32(xf, dequantize(weight).float())
+        if weight.bias is not None:
+            y = y + weight.bias.float()
+        y = y.to(x.dtype)
+        return y if out is None else out.copy_(y)
+
+    def _matmul_f32(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``x (T, K) @ w (N, K)^T`` in fp32 by the C linear kernel: each output summed in
+        the kernel's one order, whatever T."""
+        x, w = x.float().contiguous(), w.float().contiguous()
+        (t, k), n = x.shape, w.shape[0]
+        y = torch.empty((t, n), dtype=torch.float32)
+        if t > 0:
+            args = (x.data_ptr(), k, t, k, w.data_ptr(), n, None, y.data_ptr(), n, _CODES[y.dtype])
+            self._run("llm_linear", args, (x, w, y))
+        return y
 
     def rms_norm(
         self,
@@ -380,14 +462,14 @@ class CpuBackend(TorchBackend):
         logits_soft_cap: float | None = None,
         out: Tensor | None = None,
     ) -> Tensor:
-        code = self._attention_code(query, key_cache, value_cache, logits_soft_cap)
+        code = self._attention_code(query, key_cache, value_cache)
         if code is not None:
             t, d = query.shape[0], key_cache.shape[3]
             y = self._out(out, (t, query.shape[1]), query.dtype)
             if y is not None:
                 row_seq, row_lens = _prefill_rows(meta)
                 self._attention(query, key_cache, value_cache, meta, row_seq, row_lens, scale,
-                                sliding_window, y, code)  # fmt: skip
+                                sliding_window, logits_soft_cap, y, code)  # fmt: skip
                 return y
         self._eager("paged_attention_prefill")
         if logits_soft_cap:
@@ -435,12 +517,12 @@ class CpuBackend(TorchBackend):
         out: Tensor | None = None,
     ) -> Tensor:
         meta.require_decode()
-        code = self._attention_code(query, key_cache, value_cache, logits_soft_cap)
+        code = self._attention_code(query, key_cache, value_cache)
         if code is not None:
             y = self._out(out, (meta.num_seqs, query.shape[1]), query.dtype)
             if y is not None:
                 self._attention(query, key_cache, value_cache, meta, None, meta.seq_lens, scale,
-                                sliding_window, y, code)  # fmt: skip
+                                sliding_window, logits_soft_cap, y, code)  # fmt: skip
                 return y
         self._eager("paged_attention_decode")
         if logits_soft_cap:
@@ -455,15 +537,13 @@ class CpuBackend(TorchBackend):
         query: torch.Tensor,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
-        logits_soft_cap: float | None,
     ) -> int | None:
         """The dtype code for the C attention kernel, or None when it cannot take these
-        inputs (no kernels, soft cap, mixed dtypes, non-contiguous caches)."""
+        inputs (no kernels, mixed dtypes, non-contiguous caches)."""
         code = _CODES.get(query.dtype)
         if (
             self._nk is None
             or code is None
-            or logits_soft_cap
             or not query.dtype == key_cache.dtype == value_cache.dtype
             or query.stride(-1) != 1
             or not key_cache.is_contiguous()
@@ -482,6 +562,7 @@ class CpuBackend(TorchBackend):
         row_lens: np.ndarray,
         scale: float,
         sliding_window: int | None,
+        logits_soft_cap: float | None,
         y: torch.Tensor,
         code: int,
     ) -> None:
@@ -494,7 +575,7 @@ class CpuBackend(TorchBackend):
             len(row_lens), query.shape[1] // d, key_cache.shape[2], d, key_cache.shape[1],
             tables.ctypes.data, tables.shape[1],
             None if row_seq is None else row_seq.ctypes.data, row_lens.ctypes.data,
-            scale, sliding_window or 0, y.data_ptr(), y.stride(0), code,
+            scale, logits_soft_cap or 0.0, sliding_window or 0, y.data_ptr(), y.stride(0), code,
         )  # fmt: skip
         keep = (query, key_cache, value_cache, meta, tables, row_seq, row_lens, y)
         self._run("llm_attention", args, keep)
@@ -578,9 +659,75 @@ class CpuBackend(TorchBackend):
         self._eager("gather_rows")
         return super().gather_rows(x, indices, out)
 
+    def gelu_and_mul(
+        self, x: torch.Tensor, approximate: str = "none", out: Tensor | None = None
+    ) -> Tensor:
+        if x.dtype in self._invariant and x.dim() == 2:
+            # torch's vectorized GELU and its scalar tail differ in the last bit: one row at a
+            # time, each row takes the same path whatever the batch.
+            rows = _rows(x, lambda r: super(CpuBackend, self).gelu_and_mul(r, approximate))
+            return _into(out, rows)
+        return super().gelu_and_mul(x, approximate, out)
+
+    def gelu(self, x: torch.Tensor, approximate: str = "none", out: Tensor | None = None) -> Tensor:
+        if x.dtype in self._invariant and x.dim() == 2:
+            return _into(out, _rows(x, lambda r: super(CpuBackend, self).gelu(r, approximate)))
+        return super().gelu(x, approximate, out)
+
+    def moe_experts(
+        self,
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        activation: str = "silu",
+        out: Tensor | None = None,
+    ) -> Tensor:
+        if x.dtype not in self._invariant or activation not in ("silu", "gelu"):
+            return super().moe_experts(x, w13, w2, topk_weights, topk_ids, activation, out)
+        # The reference's loop over experts with its GEMMs on the C kernel and a row-wise
+        # activation: an expert's tokens are however many the batch routed to it.
+        xf = x.float()
+        result = torch.zeros(xf.shape, dtype=torch.float32)
+        for e in topk_ids.unique().tolist():
+            tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+            h = self._matmul_f32(xf[tok], w13[e])  # (n, 2I)
+            act = self.silu_and_mul(h) if activation == "silu" else self.gelu_and_mul(h)
+            y = self._matmul_f32(act, w2[e])
+            result.index_add_(0, tok, y * topk_weights[tok, slot].float().unsqueeze(1))
+        return _into(out, result.to(x.dtype))
+
     # ------------------------------------------------------------------------------------------
     # logits processing
     # ------------------------------------------------------------------------------------------
+
+    def filtered_probs(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        if not self._invariant or logits.dtype != torch.float32:
+            return super().filtered_probs(logits, meta)
+        # The reference's filters, but the kept probabilities normalized by a per-row scan:
+        # torch sums one row across threads and many rows one per thread, so a row's sum (and
+        # then its draw) would depend on the batch; a cumulative sum runs each row in order.
+        dev, vocab = logits.device, logits.shape[1]
+        temp = torch.from_numpy(meta.temperature).to(dev).unsqueeze(1)
+        greedy = temp == 0
+        x = logits / torch.where(greedy, torch.ones_like(temp), temp)
+        top_k = torch.from_numpy(meta.top_k).to(dev)
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab).long()
+        sorted_x, order = x.sort(dim=-1, descending=True, stable=True)
+        x = x.masked_fill(x < sorted_x.gather(1, (k - 1).unsqueeze(1)), float("-inf"))
+        probs = torch.softmax(x, dim=-1)
+        sorted_p = probs.gather(1, order)
+        top_p = torch.from_numpy(meta.top_p).to(dev).unsqueeze(1)
+        # Keep a token while the mass of strictly more likely tokens is below top_p.
+        drop_sorted = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
+        drop_sorted[:, 0] = False
+        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), 0)
+        min_p = torch.from_numpy(meta.min_p).to(dev).unsqueeze(1)
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs = probs / probs.cumsum(dim=-1)[:, -1:]
+        one_hot = F.one_hot(logits.argmax(dim=-1), vocab).to(probs.dtype)
+        return torch.where(greedy, one_hot, probs)
 
     def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor) -> Tensor:
         if logits.dim() != 2 or bitmask.dim() != 2:
@@ -606,6 +753,24 @@ class CpuBackend(TorchBackend):
             return logits
         self._eager("apply_token_bitmask")
         return super().apply_token_bitmask(logits, bitmask)
+
+
+def parse_batch_invariant(value: str) -> bool | None:
+    """The ``batch_invariant`` setting: None for "auto", else on unless "0", "false", "off" or
+    "no"."""
+    value = value.strip().lower()
+    if value == "auto":
+        return None
+    return value not in ("0", "false", "off", "no")
+
+
+def _into(out: Tensor | None, result: torch.Tensor) -> Tensor:
+    return result if out is None else out.copy_(result)
+
+
+def _rows(x: torch.Tensor, fn: Callable[[torch.Tensor], Tensor]) -> torch.Tensor:
+    """``fn`` applied to each row of ``x`` (as a (1, ...) tensor) on its own, concatenated."""
+    return torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])]) if x.shape[0] else fn(x)
 
 
 def _prefill_rows(meta: AttentionMetadata) -> tuple[np.ndarray, np.ndarray]:

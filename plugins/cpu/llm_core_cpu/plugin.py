@@ -12,6 +12,16 @@ from llm_core_cpu.version import __version__
 #: can refuse it when the host's HAL is incompatible (it must never be the host's version).
 BUILT_FOR_HAL_API = "1.2"  # 1.2: apply_token_bitmask (guided decoding)
 
+#: ``BackendConfig.options`` the factory understands (``--backend-option KEY=VALUE``).
+OPTIONS = {
+    "batch_invariant": (
+        "1: a row's result never depends on the batch, in fp32 and bf16 (every linear layer "
+        "on the C kernels); 0: oneDNN/MKL GEMMs above 64 tokens, no such promise; auto (the "
+        "default, or $LLM_CORE_CPU_BATCH_INVARIANT): 1 in fp32, and in bf16 unless the CPU has "
+        "a bf16 GEMM (AVX512-BF16/AMX)"
+    ),
+}
+
 
 def _probe() -> Availability:
     from llm_hal.reference import host_memory_info
@@ -28,9 +38,15 @@ def _threads() -> int:
 
 
 def _factory(config: BackendConfig) -> Backend:
-    from llm_core_cpu.backend import CpuBackend
+    unknown = sorted(set(config.options) - set(OPTIONS))
+    if unknown:
+        known = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
+        raise ValueError(f"unknown cpu backend option(s) {', '.join(unknown)}; known: {known}")
+    from llm_core_cpu.backend import CpuBackend, parse_batch_invariant
 
-    return CpuBackend()
+    option = config.options.get("batch_invariant")
+    invariant = None if option is None else parse_batch_invariant(option)
+    return CpuBackend(batch_invariant=invariant)
 
 
 @hookimpl

@@ -312,18 +312,6 @@ static void parallel_for(chunk_fn fn, void* ctx, int64_t n, int threads) {
 
 void llm_set_threads(int32_t n) { g_threads = n > 0 ? n : 1; }
 
-/* A second per-thread buffer, for helpers called while the first is in use. */
-static float* scratch_b(int64_t n) {
-    static __thread float* buf = NULL;
-    static __thread int64_t cap = 0;
-    if (n > cap) {
-        free(buf);
-        cap = n > 4096 ? n : 4096;
-        buf = (float*)malloc((size_t)cap * sizeof(float));
-    }
-    return buf;
-}
-
 /* A per-thread scratch buffer of at least ``n`` floats (kept between calls). */
 static float* scratch(int64_t n) {
     static __thread float* buf = NULL;
@@ -340,171 +328,64 @@ static float* scratch(int64_t n) {
 /* linear: y (T, N) = x (T, K) @ w (N, K)^T + bias                                             */
 /* ------------------------------------------------------------------------------------------ */
 
-/* One token, one weight row read straight from memory: the batch-1 decode case. Rows are
- * consecutive in memory and read one after the other, so each thread streams one sequential
- * range (what the hardware prefetcher follows best; software prefetching measured slower);
- * four accumulators hide the FMA latency. */
-static float dot_row_1tok(const float* x, const void* w, int dt, int64_t K) {
-    int64_t k = 0;
-    float s = 0.0f;
-#if LLM_AVX2
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    if (dt == DT_BF16) {
-        const uint16_t* wr = (const uint16_t*)w;
-        for (; k + 32 <= K; k += 32) {
-            a0 = _mm256_fmadd_ps(load_bf16x8(wr + k), _mm256_loadu_ps(x + k), a0);
-            a1 = _mm256_fmadd_ps(load_bf16x8(wr + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-            a2 = _mm256_fmadd_ps(load_bf16x8(wr + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-            a3 = _mm256_fmadd_ps(load_bf16x8(wr + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-        }
-        for (; k + 8 <= K; k += 8)
-            a0 = _mm256_fmadd_ps(load_bf16x8(wr + k), _mm256_loadu_ps(x + k), a0);
-    } else {
-        const float* wr = (const float*)w;
-        for (; k + 32 <= K; k += 32) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(x + k), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-        }
-        for (; k + 8 <= K; k += 8)
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(x + k), a0);
-    }
-    s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-    if (dt == DT_BF16) {
-        const uint16_t* wr = (const uint16_t*)w;
-        for (; k < K; k++) s += bf2f(wr[k]) * x[k];
-    } else {
-        const float* wr = (const float*)w;
-        for (; k < K; k++) s += wr[k] * x[k];
-    }
-    return s;
+/* Batch invariance. Every output y[t][n] is summed in one fixed order, whatever the number of
+ * tokens T, the path that computes it (batch-1 GEMV, small batch, prefill), the register tile
+ * it falls in and the thread that runs it, so a token's result never depends on the rest of
+ * the batch:
+ *   - eight fp32 lanes, each a chain of fused multiply-adds over the 8-wide blocks of k in
+ *     "lane order": ascending, except that with bf16 weights each full 16-wide block is taken
+ *     as k+0..3,8..11 then k+4..7,12..15 (the two halves one 32-byte load unpacks into);
+ *   - the lanes summed by one tree, ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), which
+ *     three horizontal adds and one add compute for four outputs at once (reduce4);
+ *   - the last K % 8 products added one by one (fmaf), then the bias, then one rounding.
+ * The tokens are stored in lane order once per call, and so are bf16 weight rows wherever a
+ * path converts them first; every path then runs the same chains and differs only in how many
+ * it interleaves. The scalar build (no AVX2) computes the same sums bit for bit. */
+#define LIN_ROWS 8    /* weight rows per block (converted to fp32 in L1 where a path does) */
+#define LIN_TOKENS 48 /* tokens per pass over a weight block (their fp32 copy stays in L2) */
+#define LIN_DIRECT 3  /* bf16, up to this many tokens: weights converted in registers */
+
+static inline float tree8(const float* l) {
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
-/* One weight row against NT tokens (x rows K apart), the row read from memory once and
- * converted in registers: the small-batch decode case. Rows stream one after the other (several
- * concurrent row streams defeat the hardware prefetcher: 3-4x slower from DRAM), and the k loop
- * is unrolled U times so NT * U >= 8 independent accumulators keep both FMA pipes busy despite
- * the 4-cycle FMA latency. */
-#if LLM_AVX2
-#define DEF_ROW_TILE(NT, U)                                                                    \
-    static void row_tile_##NT(const float* x, const void* w, int dt, int64_t K, float* out) {  \
-        __m256 acc[U][NT];                                                                     \
-        for (int u = 0; u < U; u++)                                                            \
-            for (int t = 0; t < NT; t++) acc[u][t] = _mm256_setzero_ps();                      \
-        int64_t k = 0;                                                                         \
-        if (dt == DT_BF16) {                                                                   \
-            const uint16_t* wb = (const uint16_t*)w;                                           \
-            for (; k + 8 * U <= K; k += 8 * U)                                                 \
-                for (int u = 0; u < U; u++) {                                                  \
-                    __m256 wv = load_bf16x8(wb + k + 8 * u);                                   \
-                    for (int t = 0; t < NT; t++)                                               \
-                        acc[u][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * K + k + 8 * u), \
-                                                    acc[u][t]);                                \
-                }                                                                              \
-        } else {                                                                               \
-            const float* wf = (const float*)w;                                                 \
-            for (; k + 8 * U <= K; k += 8 * U)                                                 \
-                for (int u = 0; u < U; u++) {                                                  \
-                    __m256 wv = _mm256_loadu_ps(wf + k + 8 * u);                               \
-                    for (int t = 0; t < NT; t++)                                               \
-                        acc[u][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * K + k + 8 * u), \
-                                                    acc[u][t]);                                \
-                }                                                                              \
-        }                                                                                      \
-        for (int t = 0; t < NT; t++) {                                                         \
-            __m256 v = acc[0][t];                                                              \
-            for (int u = 1; u < U; u++) v = _mm256_add_ps(v, acc[u][t]);                       \
-            float s = hsum8(v);                                                                \
-            for (int64_t j = k; j < K; j++)                                                    \
-                s += (dt == DT_BF16 ? bf2f(((const uint16_t*)w)[j]) : ((const float*)w)[j]) *  \
-                     x[t * K + j];                                                             \
-            out[t] = s;                                                                        \
-        }                                                                                      \
+/* n values of dtype dt at src as fp32 in lane order: bf16 full 16-blocks permuted as
+ * _mm256_unpack{lo,hi}_epi16 gives them, everything else in place. */
+static void to_lanes(const void* src, int dt, float* dst, int64_t n) {
+    if (dt == DT_F32) {
+        memcpy(dst, src, (size_t)n * 4);
+        return;
     }
-DEF_ROW_TILE(2, 4)
-DEF_ROW_TILE(3, 3)
-DEF_ROW_TILE(4, 2)
-DEF_ROW_TILE(5, 2)
-DEF_ROW_TILE(6, 2)
-DEF_ROW_TILE(7, 1)
-DEF_ROW_TILE(8, 1)
-#endif
-
-/* out[t] = w . x[t] for the nt (1..8) token rows of x */
-static void row_tokens(const float* x, int64_t nt, const void* w, int dt, int64_t K, float* out) {
-    switch (LLM_AVX2 ? nt : 0) {
-#if LLM_AVX2
-    case 2: row_tile_2(x, w, dt, K, out); return;
-    case 3: row_tile_3(x, w, dt, K, out); return;
-    case 4: row_tile_4(x, w, dt, K, out); return;
-    case 5: row_tile_5(x, w, dt, K, out); return;
-    case 6: row_tile_6(x, w, dt, K, out); return;
-    case 7: row_tile_7(x, w, dt, K, out); return;
-    case 8: row_tile_8(x, w, dt, K, out); return;
-#endif
-    default:
-        for (int64_t t = 0; t < nt; t++) out[t] = dot_row_1tok(x + t * K, w, dt, K);
-    }
-}
-
-static inline void store_out(void* y, int64_t ldy, int dt, int64_t t, int64_t n, float v,
-                             const float* bias);
-
-/* Rows [n0, n1) of y for all T tokens: each weight row streams from memory once and meets the
- * tokens eight at a time while it is in L1. */
-static void linear_stream(const float* x, int64_t T, const void* w, int dt, int64_t K,
-                          int64_t n0, int64_t n1, void* y, int64_t ldy, const float* bias) {
-    size_t wes = esize(dt);
-    float acc[8];
-    for (int64_t n = n0; n < n1; n++) {
-        const char* row = (const char*)w + n * K * wes;
-        for (int64_t t0 = 0; t0 < T; t0 += 8) {
-            int64_t nt = T - t0 < 8 ? T - t0 : 8;
-            row_tokens(x + t0 * K, nt, row, dt, K, acc);
-            for (int64_t t = 0; t < nt; t++) store_out(y, ldy, dt, t0 + t, n, acc[t], bias);
-        }
-    }
-}
-
-/* 2 fp32 weight rows x 4 tokens, the register tile of the prefill case. */
-static void tile_f32_2x4(const float* w, int64_t K, const float* x, int64_t K_x, float out[2][4]) {
+    const uint16_t* s = (const uint16_t*)src;
     int64_t k = 0;
 #if LLM_AVX2
-    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c02 = _mm256_setzero_ps(),
-           c03 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps(),
-           c12 = _mm256_setzero_ps(), c13 = _mm256_setzero_ps();
-    const float *x0 = x, *x1 = x + K_x, *x2 = x + 2 * K_x, *x3 = x + 3 * K_x;
-    const float *w0 = w, *w1 = w + K;
-    for (; k + 8 <= K; k += 8) {
-        __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
-        __m256 t = _mm256_loadu_ps(x0 + k);
-        c00 = _mm256_fmadd_ps(v0, t, c00);
-        c10 = _mm256_fmadd_ps(v1, t, c10);
-        t = _mm256_loadu_ps(x1 + k);
-        c01 = _mm256_fmadd_ps(v0, t, c01);
-        c11 = _mm256_fmadd_ps(v1, t, c11);
-        t = _mm256_loadu_ps(x2 + k);
-        c02 = _mm256_fmadd_ps(v0, t, c02);
-        c12 = _mm256_fmadd_ps(v1, t, c12);
-        t = _mm256_loadu_ps(x3 + k);
-        c03 = _mm256_fmadd_ps(v0, t, c03);
-        c13 = _mm256_fmadd_ps(v1, t, c13);
+    __m256i z = _mm256_setzero_si256();
+    for (; k + 16 <= n; k += 16) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(s + k));
+        _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v)));
+        _mm256_storeu_ps(dst + k + 8, _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v)));
     }
-    out[0][0] = hsum8(c00); out[0][1] = hsum8(c01); out[0][2] = hsum8(c02); out[0][3] = hsum8(c03);
-    out[1][0] = hsum8(c10); out[1][1] = hsum8(c11); out[1][2] = hsum8(c12); out[1][3] = hsum8(c13);
 #else
-    for (int r = 0; r < 2; r++)
-        for (int t = 0; t < 4; t++) out[r][t] = 0.0f;
-#endif
-    for (int r = 0; r < 2; r++)
-        for (int t = 0; t < 4; t++) {
-            float s = 0.0f;
-            for (int64_t j = k; j < K; j++) s += w[r * K + j] * x[t * K_x + j];
-            out[r][t] += s;
+    for (; k + 16 <= n; k += 16)
+        for (int i = 0; i < 8; i++) {
+            int lo = i < 4 ? i : i + 4;
+            dst[k + i] = bf2f(s[k + lo]);
+            dst[k + 8 + i] = bf2f(s[k + lo + 4]);
         }
+#endif
+    for (; k < n; k++) dst[k] = bf2f(s[k]);
+}
+
+/* The sum of one weight row and one token, both fp32 in lane order, one product at a time:
+ * the scalar build's kernel, and the AVX2 build's for the last N % 4 rows. */
+static float dot_lanes(const float* w, const float* x, int64_t K) {
+    float l[8] = {0};
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)
+        for (int i = 0; i < 8; i++) l[i] = fmaf(w[k + i], x[k + i], l[i]);
+    float s = tree8(l);
+    for (; k < K; k++) s = fmaf(w[k], x[k], s);
+    return s;
 }
 
 static inline void store_out(void* y, int64_t ldy, int dt, int64_t t, int64_t n, float v,
@@ -516,198 +397,193 @@ static inline void store_out(void* y, int64_t ldy, int dt, int64_t t, int64_t n,
         ((float*)y)[t * ldy + n] = v;
 }
 
-#define LIN_ROWS 8    /* weight rows converted per block (kept in L1/L2) */
-#define LIN_TOKENS 64 /* tokens per pass over a weight block (their fp32 copy stays in L2) */
-#define LIN_STREAM_TOKENS 8 /* up to this many tokens, rows stream once (row_tokens) */
-#define LIN_PANEL_TOKENS 128 /* up to this many, the weight-broadcast kernel (panel_tile) */
-
-/* The prefill GEMM: a 6-token x 16-output register tile in broadcast form (BLIS's AVX2 shape:
- * 12 accumulators, two weight vectors, one broadcast). The weights of a 16-row block are packed
- * once, transposed to fp32 (K x 16, in L2), and the tokens into 6-row panels (K x 6); every
- * k step is then 2 loads, 6 broadcasts and 12 FMAs with no horizontal sums. */
-#define GEMM_MR 6
-#define GEMM_NR 16
-
 #if LLM_AVX2
-static void gemm_tile(const float* a /* K x 6 */, const float* b /* K x 16 */, int64_t K,
-                      float c[GEMM_MR][GEMM_NR]) {
-    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
-           c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
-           c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
-           c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k++, a += GEMM_MR, b += GEMM_NR) {
-        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8), t;
-        t = _mm256_broadcast_ss(a + 0);
-        c00 = _mm256_fmadd_ps(t, b0, c00);
-        c01 = _mm256_fmadd_ps(t, b1, c01);
-        t = _mm256_broadcast_ss(a + 1);
-        c10 = _mm256_fmadd_ps(t, b0, c10);
-        c11 = _mm256_fmadd_ps(t, b1, c11);
-        t = _mm256_broadcast_ss(a + 2);
-        c20 = _mm256_fmadd_ps(t, b0, c20);
-        c21 = _mm256_fmadd_ps(t, b1, c21);
-        t = _mm256_broadcast_ss(a + 3);
-        c30 = _mm256_fmadd_ps(t, b0, c30);
-        c31 = _mm256_fmadd_ps(t, b1, c31);
-        t = _mm256_broadcast_ss(a + 4);
-        c40 = _mm256_fmadd_ps(t, b0, c40);
-        c41 = _mm256_fmadd_ps(t, b1, c41);
-        t = _mm256_broadcast_ss(a + 5);
-        c50 = _mm256_fmadd_ps(t, b0, c50);
-        c51 = _mm256_fmadd_ps(t, b1, c51);
-    }
-    _mm256_storeu_ps(c[0], c00); _mm256_storeu_ps(c[0] + 8, c01);
-    _mm256_storeu_ps(c[1], c10); _mm256_storeu_ps(c[1] + 8, c11);
-    _mm256_storeu_ps(c[2], c20); _mm256_storeu_ps(c[2] + 8, c21);
-    _mm256_storeu_ps(c[3], c30); _mm256_storeu_ps(c[3] + 8, c31);
-    _mm256_storeu_ps(c[4], c40); _mm256_storeu_ps(c[4] + 8, c41);
-    _mm256_storeu_ps(c[5], c50); _mm256_storeu_ps(c[5] + 8, c51);
+/* The sums of four accumulators by the lane tree, one per lane of the result. */
+static inline __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
-#endif
 
-/* Token panels of width W: xp[p] = tokens W*p .. W*p+W-1 of x (T x K) as K x W, zero-padded
- * past T; returns the panels' buffer (malloc'ed, the caller frees it). GEMM_MR wide for the
- * prefill GEMM, PANEL_TOKENS wide for the weight-broadcast kernel. */
-static float* pack_tokens(const float* x, int64_t T, int64_t K, int64_t W) {
-    int64_t panels = (T + W - 1) / W;
-    float* xp = (float*)malloc((size_t)(panels * W * K) * sizeof(float));
-    for (int64_t p = 0; p < panels; p++) {
-        float* dst = xp + p * K * W;
-        for (int64_t i = 0; i < W; i++) {
-            int64_t t = p * W + i;
-            for (int64_t k = 0; k < K; k++) dst[k * W + i] = t < T ? x[t * K + k] : 0.0f;
+/* s[r] plus the products of k .. K-1 (fewer than 8, natural order) of row r (of four, fp32 or
+ * bf16 per wdt, ldw apart) and token x, one by one. */
+static __m128 tail4(__m128 s, const void* w, int wdt, int64_t ldw, const float* x, int64_t k,
+                    int64_t K) {
+    float v[4];
+    _mm_storeu_ps(v, s);
+    for (int r = 0; r < 4; r++)
+        for (int64_t j = k; j < K; j++) {
+            float wj = wdt == DT_BF16 ? bf2f(((const uint16_t*)w)[r * ldw + j])
+                                      : ((const float*)w)[r * ldw + j];
+            v[r] = fmaf(wj, x[j], v[r]);
         }
-    }
-    return xp;
+    return _mm_loadu_ps(v);
 }
 
-/* Weight rows n .. n+15 (zero past N) as K x 16 fp32. */
-static void pack_rows(const void* w, int dt, int64_t K, int64_t n, int64_t N, float* wp) {
-    float* row = scratch_b(K);
-    for (int64_t r = 0; r < GEMM_NR; r++) {
-        if (n + r < N)
-            to_f32((const char*)w + (n + r) * K * esize(dt), dt, row, K);
-        for (int64_t k = 0; k < K; k++) wp[k * GEMM_NR + r] = n + r < N ? row[k] : 0.0f;
-    }
+/* Four outputs of token t (rows n .. n+3): plus the bias, rounded to dt, stored. */
+static inline void store4(void* y, int64_t ldy, int dt, int64_t t, int64_t n, __m128 v,
+                          const float* bias) {
+    if (bias) v = _mm_add_ps(v, _mm_loadu_ps(bias + n));
+    if (dt == DT_BF16)
+        _mm_storel_epi64((__m128i*)((uint16_t*)y + t * ldy + n),
+                         f32x8_to_bf16(_mm256_zextps128_ps256(v)));
+    else
+        _mm_storeu_ps((float*)y + t * ldy + n, v);
 }
 
-/* Batched decode, LIN_STREAM_TOKENS < T <= LIN_PANEL_TOKENS: the GEMM tile with the roles
- * swapped. The tokens are packed once per call into 16-token panels (K x 16); a block of 6
- * weight rows is converted to fp32 in one sequential stream (rows are contiguous: one stream
- * for the prefetcher) into an L1 buffer, and each k step broadcasts one weight per row against
- * two token vectors: 2 loads, 6 broadcasts, 12 FMAs, as in the prefill tile, but with no
- * transposed weight panel to build (which costs as much as the FMAs at 16 tokens). */
-#define PANEL_ROWS 6
-#define PANEL_TOKENS 16
+/* R (4 or 8) weight rows, fp32 in lane order (ldw apart), x TT tokens (lane order, ldx apart):
+ * one accumulator per output; out[g][t] holds rows 4g .. 4g+3 for token t, summed over the
+ * first K - K % 8 products (the caller adds the rest with tail4). */
+#define DEF_TILE(R, TT)                                                                          \
+    static void tile_##R##x##TT(const float* w, int64_t ldw, const float* x, int64_t ldx,      \
+                                int64_t K, __m128 out[2][LIN_DIRECT]) {                        \
+        __m256 acc[R][TT];                                                                       \
+        for (int r = 0; r < R; r++)                                                              \
+            for (int t = 0; t < TT; t++) acc[r][t] = _mm256_setzero_ps();                        \
+        int64_t k = 0;                                                                           \
+        for (; k + 8 <= K; k += 8) { /* TT + 1 + R * TT registers: 16 for 4 x 3 */               \
+            __m256 xv[TT];                                                                       \
+            for (int t = 0; t < TT; t++) xv[t] = _mm256_loadu_ps(x + t * ldx + k);               \
+            for (int r = 0; r < R; r++) {                                                        \
+                __m256 wv = _mm256_loadu_ps(w + r * ldw + k);                                    \
+                for (int t = 0; t < TT; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);   \
+            }                                                                                    \
+        }                                                                                        \
+        for (int g = 0; g < R / 4; g++)                                                          \
+            for (int t = 0; t < TT; t++)                                                         \
+                out[g][t] = reduce4(acc[4 * g][t], acc[4 * g + 1][t], acc[4 * g + 2][t],         \
+                                    acc[4 * g + 3][t]);                                          \
+    }
+DEF_TILE(8, 1)
+DEF_TILE(4, 1)
+DEF_TILE(4, 2)
+DEF_TILE(4, 3)
 
-#if LLM_AVX2
-static void panel_tile(const float* w /* 6 rows, K apart */, const float* a /* K x 16 */,
-                       int64_t K, float c[PANEL_ROWS][PANEL_TOKENS]) {
-    __m256 acc[PANEL_ROWS][2];
-    for (int r = 0; r < PANEL_ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k++, a += PANEL_TOKENS) {
-        __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
-        for (int r = 0; r < PANEL_ROWS; r++) {
-            __m256 t = _mm256_broadcast_ss(w + r * K + k);
-            acc[r][0] = _mm256_fmadd_ps(t, a0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(t, a1, acc[r][1]);
-        }
+/* The same sums straight from R bf16 weight rows (K apart), each 32-byte load unpacked into
+ * two fp32 vectors in registers: batch-1 decode and the smallest batches, where converting
+ * the rows into a buffer first would cost more than the FMAs. R rows side by side give R * TT
+ * independent chains (one row at a time left the loop waiting on FMA latency). */
+#define DEF_BTILE(R, TT)                                                                         \
+    static void btile_##R##x##TT(const uint16_t* w, const float* x, int64_t ldx, int64_t K,    \
+                                 __m128 out[2][LIN_DIRECT]) {                                  \
+        __m256 acc[R][TT];                                                                       \
+        for (int r = 0; r < R; r++)                                                              \
+            for (int t = 0; t < TT; t++) acc[r][t] = _mm256_setzero_ps();                        \
+        const __m256i z = _mm256_setzero_si256();                                                \
+        int64_t k = 0;                                                                           \
+        for (; k + 16 <= K; k += 16)                                                             \
+            for (int r = 0; r < R; r++) {                                                        \
+                __m256i v = _mm256_loadu_si256((const __m256i*)(w + r * K + k));                 \
+                __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));                    \
+                __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));                    \
+                for (int t = 0; t < TT; t++) {                                                   \
+                    acc[r][t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + t * ldx + k), acc[r][t]); \
+                    acc[r][t] =                                                                  \
+                        _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + t * ldx + k + 8), acc[r][t]);    \
+                }                                                                                \
+            }                                                                                    \
+        if (k + 8 <= K) {                                                                        \
+            for (int r = 0; r < R; r++) {                                                        \
+                __m256 wv = load_bf16x8(w + r * K + k);                                          \
+                for (int t = 0; t < TT; t++)                                                     \
+                    acc[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * ldx + k), acc[r][t]); \
+            }                                                                                    \
+            k += 8;                                                                              \
+        }                                                                                        \
+        for (int g = 0; g < R / 4; g++)                                                          \
+            for (int t = 0; t < TT; t++)                                                         \
+                out[g][t] = reduce4(acc[4 * g][t], acc[4 * g + 1][t], acc[4 * g + 2][t],         \
+                                    acc[4 * g + 3][t]);                                          \
     }
-    for (int r = 0; r < PANEL_ROWS; r++) {
-        _mm256_storeu_ps(c[r], acc[r][0]);
-        _mm256_storeu_ps(c[r] + 8, acc[r][1]);
-    }
-}
+DEF_BTILE(8, 1)
+DEF_BTILE(4, 2)
+DEF_BTILE(4, 3)
+
+typedef void (*tile_fn)(const float*, int64_t, const float*, int64_t, int64_t,
+                        __m128[2][LIN_DIRECT]);
+static const tile_fn TILES4[LIN_DIRECT] = {tile_4x1, tile_4x2, tile_4x3};
 #endif
 
 typedef struct {
-    const float* xf; /* (T, K) fp32 */
-    const float* xp; /* token panels for the panel or GEMM path, or NULL */
+    const float* xf; /* (T, K) fp32, lane order */
     const void* w;
     const float* bias; /* (N,) fp32 or NULL */
     void* y;
-    int64_t T, K, N, ldy, rows; /* rows per chunk */
+    int64_t T, K, N, ldy, rows; /* rows per chunk, a multiple of LIN_ROWS */
     int dt;
 } linear_job;
+
+/* Row n (fp32, lane order, at wl) for tokens t0 .. t1-1, one output at a time. */
+static void linear_row(const linear_job* j, const float* wl, int64_t n, int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++)
+        store_out(j->y, j->ldy, j->dt, t, n, dot_lanes(wl, j->xf + t * j->K, j->K), j->bias);
+}
 
 static void linear_chunk(void* p, int64_t chunk) {
     const linear_job* j = (const linear_job*)p;
     int64_t K = j->K, T = j->T;
     int64_t n0 = chunk * j->rows, n1 = n0 + j->rows < j->N ? n0 + j->rows : j->N;
     size_t wes = esize(j->dt);
-    if (T == 1) {
-        for (int64_t n = n0; n < n1; n++)
-            store_out(j->y, j->ldy, j->dt, 0, n,
-                      dot_row_1tok(j->xf, (const char*)j->w + n * K * wes, j->dt, K), j->bias);
-        return;
-    }
-    if (T <= LIN_STREAM_TOKENS) {
-        linear_stream(j->xf, T, j->w, j->dt, K, n0, n1, j->y, j->ldy, j->bias);
-        return;
-    }
+    float* wb = scratch(LIN_ROWS * K); /* a block of rows in lane order */
 #if LLM_AVX2
-    if (j->xp && T <= LIN_PANEL_TOKENS) {
-        float* wb = scratch(PANEL_ROWS * K);
-        float c[PANEL_ROWS][PANEL_TOKENS];
-        for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
-            int64_t rows = n1 - n < PANEL_ROWS ? n1 - n : PANEL_ROWS;
-            to_f32((const char*)j->w + n * K * wes, j->dt, wb, rows * K);
-            if (rows < PANEL_ROWS) memset(wb + rows * K, 0, (size_t)((PANEL_ROWS - rows) * K) * 4);
-            for (int64_t p = 0; p * PANEL_TOKENS < T; p++) {
-                panel_tile(wb, j->xp + p * K * PANEL_TOKENS, K, c);
-                int64_t nt = T - p * PANEL_TOKENS < PANEL_TOKENS ? T - p * PANEL_TOKENS : PANEL_TOKENS;
-                for (int64_t r = 0; r < rows; r++)
-                    for (int64_t t = 0; t < nt; t++)
-                        store_out(j->y, j->ldy, j->dt, p * PANEL_TOKENS + t, n + r, c[r][t], j->bias);
+    __m128 c[2][LIN_DIRECT];
+    if (T == 1 || (j->dt == DT_BF16 && T <= LIN_DIRECT)) {
+        /* weights straight from memory: eight rows side by side at batch 1, else four */
+        int64_t R = T == 1 ? 8 : 4, n = n0;
+        for (; n + R <= n1; n += R) {
+            const void* w = (const char*)j->w + n * K * wes;
+            if (j->dt == DT_BF16) {
+                if (T == 1) btile_8x1(w, j->xf, K, K, c);
+                else if (T == 2) btile_4x2(w, j->xf, K, K, c);
+                else btile_4x3(w, j->xf, K, K, c);
+            } else {
+                tile_8x1(w, K, j->xf, K, K, c);
             }
+            for (int64_t g = 0; g < R / 4; g++)
+                for (int64_t t = 0; t < T; t++) {
+                    if (K & 7)
+                        c[g][t] = tail4(c[g][t], (const char*)w + 4 * g * K * wes, j->dt, K,
+                                        j->xf + t * K, K & ~7, K);
+                    store4(j->y, j->ldy, j->dt, t, n + 4 * g, c[g][t], j->bias);
+                }
         }
-        return;
-    }
-    if (j->xp) { /* rows come in multiples of 16 except at the very end */
-        float* wp = scratch(K * GEMM_NR);
-        float c[GEMM_MR][GEMM_NR];
-        for (int64_t n = n0; n < n1; n += GEMM_NR) {
-            pack_rows(j->w, j->dt, K, n, j->N, wp);
-            int64_t nr = n1 - n < GEMM_NR ? n1 - n : GEMM_NR;
-            for (int64_t p = 0; p * GEMM_MR < T; p++) {
-                gemm_tile(j->xp + p * K * GEMM_MR, wp, K, c);
-                int64_t mr = T - p * GEMM_MR < GEMM_MR ? T - p * GEMM_MR : GEMM_MR;
-                for (int64_t i = 0; i < mr; i++)
-                    for (int64_t r = 0; r < nr; r++)
-                        store_out(j->y, j->ldy, j->dt, p * GEMM_MR + i, n + r, c[i][r], j->bias);
-            }
+        for (; n < n1; n++) {
+            to_lanes((const char*)j->w + n * K * wes, j->dt, wb, K);
+            linear_row(j, wb, n, 0, T);
         }
         return;
     }
 #endif
-    float* wb = scratch(LIN_ROWS * K);
     for (int64_t tc = 0; tc < T; tc += LIN_TOKENS) {
-        int64_t tn = T - tc < LIN_TOKENS ? T - tc : LIN_TOKENS;
-        const float* xc = j->xf + tc * K;
+        int64_t te = tc + LIN_TOKENS < T ? tc + LIN_TOKENS : T;
         for (int64_t n = n0; n < n1; n += LIN_ROWS) {
-            int64_t rows = n1 - n < LIN_ROWS ? n1 - n : LIN_ROWS;
-            to_f32((const char*)j->w + n * K * wes, j->dt, wb, rows * K);
-            /* Token tiles outside, row pairs inside: a tile's 4 rows of x stay in L1 while
-             * every row of the weight block (also in L1) passes over them. */
-            int64_t t = 0;
-            float acc[2][4];
-            for (; t + 4 <= tn; t += 4) {
-                int64_t r = 0;
-                for (; r + 2 <= rows; r += 2) {
-                    tile_f32_2x4(wb + r * K, K, xc + t * K, K, acc);
-                    for (int i = 0; i < 2; i++)
-                        for (int k = 0; k < 4; k++)
-                            store_out(j->y, j->ldy, j->dt, tc + t + k, n + r + i, acc[i][k], j->bias);
-                }
-                for (; r < rows; r++)
-                    for (int k = 0; k < 4; k++)
-                        store_out(j->y, j->ldy, j->dt, tc + t + k, n + r,
-                                  dot_f32(wb + r * K, xc + (t + k) * K, K), j->bias);
+            int64_t block = n1 - n < LIN_ROWS ? n1 - n : LIN_ROWS;
+            const float* wl = (const float*)j->w + n * K; /* fp32 rows are read in place */
+            if (j->dt != DT_F32) {
+                for (int64_t r = 0; r < block; r++)
+                    to_lanes((const char*)j->w + (n + r) * K * wes, j->dt, wb + r * K, K);
+                wl = wb;
             }
-            for (; t < tn; t++)
-                for (int64_t r = 0; r < rows; r++)
-                    store_out(j->y, j->ldy, j->dt, tc + t, n + r, dot_f32(wb + r * K, xc + t * K, K),
-                              j->bias);
+            int64_t r4 = 0;
+#if LLM_AVX2
+            /* four rows x three tokens: four weight and three token loads per 12 FMAs; the
+             * block's rows stay in L1 while each group of tokens meets all of them */
+            r4 = block / 4 * 4;
+            for (int64_t t = tc; t < te;) {
+                int64_t tt = te - t < LIN_DIRECT ? te - t : LIN_DIRECT;
+                if (te - t == 4) tt = 2; /* 2 + 2, not 3 + 1 */
+                for (int64_t r = 0; r < r4; r += 4) {
+                    TILES4[tt - 1](wl + r * K, K, j->xf + t * K, K, K, c);
+                    for (int64_t u = 0; u < tt; u++) {
+                        if (K & 7)
+                            c[0][u] = tail4(c[0][u], wl + r * K, DT_F32, K, j->xf + (t + u) * K,
+                                            K & ~7, K);
+                        store4(j->y, j->ldy, j->dt, t + u, n + r, c[0][u], j->bias);
+                    }
+                }
+                t += tt;
+            }
+#endif
+            for (int64_t r = r4; r < block; r++) linear_row(j, wl + r * K, n + r, tc, te);
         }
     }
 }
@@ -715,28 +591,19 @@ static void linear_chunk(void* p, int64_t chunk) {
 void llm_linear(const void* x, int64_t ldx, int64_t T, int64_t K, const void* w, int64_t N,
                 const void* bias, void* y, int64_t ldy, int32_t dt) {
     float* xf = (float*)malloc((size_t)(T * K + (bias ? N : 0)) * sizeof(float));
-    for (int64_t t = 0; t < T; t++) to_f32((const char*)x + t * ldx * esize(dt), dt, xf + t * K, K);
+    for (int64_t t = 0; t < T; t++) to_lanes((const char*)x + t * ldx * esize(dt), dt, xf + t * K, K);
     float* bf = NULL;
     if (bias) {
         bf = xf + T * K;
         to_f32(bias, dt, bf, N);
     }
     int threads = (double)N * K * (T > 4 ? T : 1) < 65536.0 ? 1 : g_threads;
-    float* xp = NULL;
-    int64_t unit = LIN_ROWS;
-#if LLM_AVX2
-    if (T > LIN_STREAM_TOKENS) {
-        int panel = T <= LIN_PANEL_TOKENS;
-        xp = pack_tokens(xf, T, K, panel ? PANEL_TOKENS : GEMM_MR);
-        unit = panel ? PANEL_ROWS : GEMM_NR;
-    }
-#endif
-    /* About eight chunks per thread: a helper that starts late still takes a share. */
+    /* About eight chunks per thread: a helper that starts late still takes a share. One thread
+     * computes each output, so the split never changes a value. */
     int64_t rows = N / (8 * threads);
-    rows = rows < unit ? unit : (rows / unit) * unit;
-    linear_job job = {xf, xp, w, bf, y, T, K, N, ldy, rows, dt};
+    rows = rows < LIN_ROWS ? LIN_ROWS : (rows / LIN_ROWS) * LIN_ROWS;
+    linear_job job = {xf, w, bf, y, T, K, N, ldy, rows, dt};
     parallel_for(linear_chunk, &job, (N + rows - 1) / rows, threads);
-    free(xp);
     free(xf);
 }
 
@@ -960,7 +827,7 @@ typedef struct {
     const int32_t *tables, *row_seq, *row_lens;
     const int64_t* tiles; /* tile i is rows [tiles[i], tiles[i + 1]) */
     int64_t ldq, Hq, Hkv, D, bs, ldt, window, ldo, max_len;
-    float scale;
+    float scale, cap; /* cap: logits soft cap (cap * tanh(score / cap)), 0 for none */
     int dt;
 } attn_job;
 
@@ -983,7 +850,7 @@ static void attn_chunk(void* p, int64_t item) {
     }
     int64_t span = hi - lo, QH = nr * G; /* query heads in the tile: (row, head) pairs */
     const int32_t* table = j->tables + (j->row_seq ? j->row_seq[r0] : r0) * j->ldt;
-    float* buf = scratch(QH * span + 2 * QH * D + D + QH + span + 7 * D);
+    float* buf = scratch(QH * span + 2 * QH * D + D + QH + span + 10 * D);
     float *sc = buf, *qf = sc + QH * span, *acc = qf + QH * D, *row = acc + QH * D;
     float* sum = row + D;
     for (int64_t r = 0; r < nr; r++)
@@ -1010,10 +877,13 @@ static void attn_chunk(void* p, int64_t item) {
                     float o[3][4];
                     if (qh + 3 <= QH)
                         dots_3x4(qf + qh * D, kb, D, o);
-                    else /* fewer than three heads left: one by one */
-                        for (int64_t h = qh; h < QH; h++)
-                            for (int64_t i = 0; i < m; i++)
-                                o[h - qh][i] = dot_f32(qf + h * D, kb + i * D, D);
+                    else { /* one or two heads left: padded to three, so that a score is
+                            * summed in the same order whichever tile its row falls in */
+                        float* q3 = kb + 4 * D;
+                        memset(q3, 0, (size_t)(3 * D) * sizeof(float));
+                        memcpy(q3, qf + qh * D, (size_t)((QH - qh) * D) * sizeof(float));
+                        dots_3x4(q3, kb, D, o);
+                    }
                     for (int64_t h = 0; h < 3 && qh + h < QH; h++)
                         for (int64_t i = 0; i < m; i++) sc[(qh + h) * span + pos - lo + i] = o[h][i];
                 }
@@ -1035,6 +905,12 @@ static void attn_chunk(void* p, int64_t item) {
                         sc[(r * G + h) * span + pos - lo] = dot_f32(qf + (r * G + h) * D, row, D);
         }
     }
+    if (j->cap > 0.0f)
+        for (int64_t r = 0; r < nr; r++)
+            for (int64_t h = 0; h < G; h++) {
+                float* s = sc + (r * G + h) * span + first[r] - lo;
+                for (int64_t i = 0; i < lens[r] - first[r]; i++) s[i] = j->cap * tanhf(s[i] / j->cap);
+            }
     for (int64_t r = 0; r < nr; r++)
         for (int64_t h = 0; h < G; h++)
             softmax_inplace(sc + (r * G + h) * span + first[r] - lo, lens[r] - first[r],
@@ -1094,11 +970,14 @@ static void attn_chunk(void* p, int64_t item) {
  * passes one row per sequence with row_lens = seq_lens; causal prefill passes one row per new
  * token with row_lens = its position + 1. A work item is a tile of up to ATTN_TILE consecutive
  * rows of one sequence and one KV head: each cached key and value row is converted to fp32 once
- * per tile and used by every query head of its GQA group in every row of the tile. */
+ * per tile and used by every query head of its GQA group in every row of the tile. A row's
+ * result never depends on the tile it falls in (each score and sum has one order), so it is
+ * the same whatever the batch or the prefill chunk. cap > 0: logits soft-capped,
+ * cap * tanh(score / cap), before the softmax. */
 void llm_attention(const void* q, int64_t ldq, const void* kc, const void* vc, int64_t R,
                    int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, const int32_t* tables,
                    int64_t ldt, const int32_t* row_seq, const int32_t* row_lens, float scale,
-                   int64_t window, void* out, int64_t ldo, int32_t dt) {
+                   float cap, int64_t window, void* out, int64_t ldo, int32_t dt) {
     int64_t max_len = 1, work = 0, ntiles = 0;
     int64_t* tiles = (int64_t*)malloc((size_t)(R + 1) * sizeof(int64_t));
     for (int64_t r = 0; r < R; r++) {
@@ -1110,7 +989,7 @@ void llm_attention(const void* q, int64_t ldq, const void* kc, const void* vc, i
     tiles[ntiles] = R;
     int threads = work * Hq * D >= 65536 ? g_threads : 1;
     attn_job job = {q, kc, vc, out, tables, row_seq, row_lens, tiles, ldq, Hq, Hkv, D, bs, ldt,
-                    window, ldo, max_len, scale, dt};
+                    window, ldo, max_len, scale, cap, dt};
     parallel_for(attn_chunk, &job, ntiles * Hkv, threads);
     free(tiles);
 }
@@ -1301,7 +1180,7 @@ int64_t llm_run(const llm_record* recs, int64_t n) {
         case K_ATTENTION:
             llm_attention(p[0], i[0], p[1], p[2], i[1], i[2], i[3], i[4], i[5],
                           (const int32_t*)p[3], i[6], (const int32_t*)p[4], (const int32_t*)p[5],
-                          (float)r->f[0], i[7], p[6], i[8], (int32_t)i[9]);
+                          (float)r->f[0], (float)r->f[1], i[7], p[6], i[8], (int32_t)i[9]);
             break;
         case K_SILU_MUL:
             llm_silu_mul(p[0], i[0], p[1], i[1], i[2], i[3], (int32_t)i[4]);
