@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_module_graph import ROOT, Import, ImportGraph, tree_graph
+from test_module_graph import ROOT, Import, ImportGraph, dotted, tree_graph
 
 VENDOR_SDKS = {"torch_npu", "cupy", "pyopencl", "triton", "pycuda", "tensorrt"}
 TRITON_PLUGINS = {"llm_core_cuda", "llm_core_rocm"}
@@ -115,26 +115,18 @@ def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
 
-def _dotted(node: ast.AST) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return f"{_dotted(node.value)}.{node.attr}"
-    return "?"
-
-
 def cuda_names(tree: ast.AST) -> list[Finding]:
     bad = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr == "cuda":
-            bad.append((node.lineno, f"names {_dotted(node)}"))
+            bad.append((node.lineno, f"names {dotted(node)}"))
         elif isinstance(node, ast.keyword) and node.arg == "device":
             if isinstance(node.value, ast.Constant) and CUDA_DEVICE.match(str(node.value.value)):
                 bad.append((node.value.lineno, f"device={node.value.value!r}"))
-        elif isinstance(node, ast.Call) and _dotted(node.func).split(".")[-1] in {"device", "to"}:
+        elif isinstance(node, ast.Call) and dotted(node.func).split(".")[-1] in {"device", "to"}:
             for arg in node.args:
                 if isinstance(arg, ast.Constant) and CUDA_DEVICE.match(str(arg.value)):
-                    bad.append((node.lineno, f"{_dotted(node.func)}({arg.value!r})"))
+                    bad.append((node.lineno, f"{dotted(node.func)}({arg.value!r})"))
     return bad
 
 
@@ -160,16 +152,16 @@ def monkeypatches(tree: ast.AST) -> list[Finding]:
             targets = [node.target]
         for t in targets:
             if isinstance(t, ast.Attribute) and root(t) in imported:
-                bad.append((t.lineno, f"assigns {_dotted(t)}"))
-            elif isinstance(t, ast.Subscript) and _dotted(t.value) == "sys.modules":
+                bad.append((t.lineno, f"assigns {dotted(t)}"))
+            elif isinstance(t, ast.Subscript) and dotted(t.value) == "sys.modules":
                 bad.append((t.lineno, "writes into sys.modules"))
         if (
             isinstance(node, ast.Call)
-            and _dotted(node.func) in {"setattr", "delattr"}
+            and dotted(node.func) in {"setattr", "delattr"}
             and node.args
             and root(node.args[0]) in imported
         ):
-            bad.append((node.lineno, f"{_dotted(node.func)} on {_dotted(node.args[0])}"))
+            bad.append((node.lineno, f"{dotted(node.func)} on {dotted(node.args[0])}"))
     return bad
 
 

@@ -52,16 +52,16 @@ def module_name(relative: str) -> tuple[str, bool]:
     return ".".join(parts), False
 
 
-def _dotted(node: ast.AST) -> str:
+def dotted(node: ast.AST) -> str:
     if isinstance(node, ast.Name):
         return node.id
     if isinstance(node, ast.Attribute):
-        return f"{_dotted(node.value)}.{node.attr}"
+        return f"{dotted(node.value)}.{node.attr}"
     return "?"
 
 
 def _is_type_checking(test: ast.expr) -> bool:
-    return _dotted(test) in {"TYPE_CHECKING", "typing.TYPE_CHECKING"}
+    return dotted(test) in {"TYPE_CHECKING", "typing.TYPE_CHECKING"}
 
 
 class _Collector(ast.NodeVisitor):
@@ -90,7 +90,7 @@ class _Collector(ast.NodeVisitor):
         self._add(node.lineno, base, tuple(alias.name for alias in node.names))
 
     def visit_Call(self, node: ast.Call) -> None:
-        if _dotted(node.func) in IMPORT_FUNCTIONS and node.args:
+        if dotted(node.func) in IMPORT_FUNCTIONS and node.args:
             name = node.args[0]
             if isinstance(name, ast.Constant) and isinstance(name.value, str):
                 level = len(name.value) - len(name.value.lstrip("."))

@@ -75,6 +75,17 @@ class BackendSpec:
             )
 
 
+def distribution_version(distribution: str) -> str:
+    """The installed version of ``distribution`` (a plugin's own), or "0.0.0+source" when the
+    code runs from a source tree that was never installed."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0+source"
+
+
 def host_cpu_name() -> str:
     """This machine's CPU model ("model name" in /proc/cpuinfo), else its architecture."""
     try:

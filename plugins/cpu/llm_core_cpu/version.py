@@ -1,8 +1,5 @@
 """The CPU plugin's version: that of the llm-core distribution that ships it."""
 
-import importlib.metadata
+from llm_hal.spec import distribution_version
 
-try:
-    __version__ = importlib.metadata.version("llm-core")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+source"
+__version__ = distribution_version("llm-core")

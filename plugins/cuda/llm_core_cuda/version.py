@@ -1,8 +1,5 @@
 """The plugin's version: that of its distribution (the repository's one version)."""
 
-import importlib.metadata
+from llm_hal.spec import distribution_version
 
-try:
-    __version__ = importlib.metadata.version("llm-core-cuda")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+source"
+__version__ = distribution_version("llm-core-cuda")

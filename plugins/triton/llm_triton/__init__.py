@@ -6,11 +6,8 @@ imports the other. Importing this package is cheap; :mod:`llm_triton.kernels` an
 :mod:`llm_triton.backend` import Triton and torch's GPU runtime when a backend is built.
 """
 
-import importlib.metadata
+from llm_hal.spec import distribution_version
 
-try:
-    __version__ = importlib.metadata.version("llm-core-triton")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+source"
+__version__ = distribution_version("llm-core-triton")
 
 __all__ = ["__version__"]
