@@ -384,7 +384,7 @@ def _tiny_model_logits(hf: Any, backend: Any, dtype: DType) -> torch.Tensor:
     ids = torch.tensor([t for p in prompts for t in p])
     positions = torch.tensor([i for n in lens for i in range(n)])
     last = torch.tensor([lens[0] - 1, sum(lens) - 1])
-    first = model.forward(ForwardBatch(ids, positions, prefill, last), caches)
+    first = model.forward(ForwardBatch(ids, positions, prefill, last, positions), caches)
     decode = AttentionMetadata(
         np.array([0, 1, 2]),
         np.array(lens) + 1,
@@ -392,8 +392,9 @@ def _tiny_model_logits(hf: Any, backend: Any, dtype: DType) -> torch.Tensor:
         np.array([lens[0], block_size + lens[1]]),
         block_size,
     )
+    pos = torch.tensor(lens)
     step = model.forward(
-        ForwardBatch(torch.tensor([17, 23]), torch.tensor(lens), decode, torch.arange(2)), caches
+        ForwardBatch(torch.tensor([17, 23]), pos, decode, torch.arange(2), pos), caches
     )
     return torch.cat((first, step)).double()  # (4, V)
 

@@ -32,10 +32,13 @@ from test_ops_cpu import (
     DTYPES,
     F32,
     F64,
+    GEMMA_NORM_SHAPES,
     LINEAR_SHAPES,
     LOGIT_SHAPES,
     NORM_SHAPES,
     PREFILL_CASES,
+    SCALE_FACTORS,
+    SOFT_CAP_SCALES,
     VARIANTS,
     Attn,
     _attention_case_params,
@@ -160,10 +163,11 @@ def test_memory_ops(ocl: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_supports_is_honest(ocl: Any) -> None:
-    native = {"embedding", "linear", "rms_norm", "layer_norm", "rotary_embedding",
-              "reshape_and_cache", "paged_attention_prefill", "paged_attention_decode",
-              "silu_and_mul", "gelu_and_mul", "gelu", "add", "gather_rows", "apply_penalties",
-              "apply_token_bans", "apply_token_bitmask", "sample", "compute_logprobs"}  # fmt: skip
+    native = {"embedding", "linear", "rms_norm", "gemma_rms_norm", "layer_norm",
+              "rotary_embedding", "reshape_and_cache", "paged_attention_prefill",
+              "paged_attention_decode", "silu_and_mul", "gelu_and_mul", "gelu", "add", "scale",
+              "soft_cap", "gather_rows", "apply_penalties", "apply_token_bans",
+              "apply_token_bitmask", "sample", "compute_logprobs"}  # fmt: skip
     assert ocl.native_ops() == native
     for op in ("moe_route", "moe_experts", "all_reduce", "all_gather"):
         assert not ocl.supports(op)
@@ -286,6 +290,48 @@ def test_rms_norm(
     assert torch.equal(ocl.to_host(x), x_before)
     if not residual:  # with a residual the call rewrites it, so a second call would differ
         _check_out(ocl, lambda out: ocl.rms_norm(x, d_w, 1e-6, out=out), got, lambda res: res[0])
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, pytest.param(F16, id="fp16")])
+@pytest.mark.parametrize(("tokens", "hidden"), GEMMA_NORM_SHAPES)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_gemma_rms_norm(
+    ocl: Any, ref: Reference, dtype: torch.dtype, tokens: int, hidden: int, residual: bool
+) -> None:
+    gen = _seeded("gemma_rms", tokens, hidden, residual)
+    x, x64 = _strided(ocl, gen, tokens, hidden, dtype)
+    w, w64 = _rand(gen, (hidden,), dtype, 0.5)
+    r, r64 = _rand(gen, (tokens, hidden), dtype) if residual else (None, None)
+    x_before = ocl.to_host(x)
+    d_w = ocl.from_host(w)
+    y, s = ocl.gemma_rms_norm(x, d_w, 1e-6, residual=None if r is None else ocl.from_host(r))
+    s64 = x64 if r64 is None else (x64 + r64).to(dtype).double()  # one rounding of the sum
+    got = ocl.to_host(y)
+    assert got.dtype == dtype
+    assert_close(got, ref.gemma_rms_norm(s64, w64, 1e-6)[0], "norm", dtype)
+    if residual:
+        assert s is not None and ocl.dtype_of(s) is DType.parse(dtype)
+        assert torch.equal(ocl.to_host(s), s64.to(dtype))
+    else:
+        assert s is None
+    assert torch.equal(ocl.to_host(x), x_before)
+    if not residual:  # with a residual the call rewrites it, so a second call would differ
+        _check_out(ocl, lambda out: ocl.gemma_rms_norm(x, d_w, 1e-6, out=out), got,
+                   lambda res: res[0])  # fmt: skip
+
+
+@pytest.mark.parametrize("weight_dtype", [F32, F64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+def test_gemma_rms_norm_takes_the_weight_as_it_is(
+    ocl: Any, ref: Reference, dtype: torch.dtype, weight_dtype: torch.dtype
+) -> None:
+    """(1 + w) is formed from the weight in its own dtype, not from w rounded to x's."""
+    gen = _seeded("gemma_rms_weight", dtype, weight_dtype)
+    x, _ = _rand(gen, (5, 96), dtype)
+    w = torch.randn((96,), generator=gen, dtype=F64).to(weight_dtype) * 0.3 + 1e-3
+    got = ocl.to_host(ocl.gemma_rms_norm(ocl.from_host(x), ocl.from_host(w), 1e-6)[0])
+    want = ref.gemma_rms_norm(x.double(), w.float().double(), 1e-6)[0]
+    assert_close(got, want, "norm", dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -539,6 +585,70 @@ def test_add(ocl: Any, ref: Reference, dtype: torch.dtype, tokens: int, width: i
     got = ocl.to_host(ocl.add(a, d_b))
     assert_close(got, ref.add(a64, b64), "elementwise", dtype)
     _check_out(ocl, lambda out: ocl.add(a, d_b, out=out), got)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, pytest.param(F16, id="fp16")])
+@pytest.mark.parametrize(("tokens", "width"), ACT_SHAPES)
+@pytest.mark.parametrize("factor", SCALE_FACTORS)
+def test_scale(
+    ocl: Any, ref: Reference, dtype: torch.dtype, tokens: int, width: int, factor: float
+) -> None:
+    gen = _seeded("scale", tokens, width, factor)
+    x, x64 = _strided(ocl, gen, tokens, width, dtype)
+    got = ocl.to_host(ocl.scale(x, factor))
+    assert got.dtype == dtype
+    rounded = float(torch.tensor(factor).to(dtype))
+    assert_close(got, ref.scale(x64, rounded), "elementwise", dtype)
+    # The product of two values of x's dtype is exact in fp32: one rounding, bit for bit.
+    assert torch.equal(got, x64.to(dtype) * torch.tensor(factor, dtype=dtype))
+    _check_out(ocl, lambda out: ocl.scale(x, factor, out=out), got)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, pytest.param(F16, id="fp16")])
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 32), (5, 1000), (3, 40001)])
+@pytest.mark.parametrize("spread", SOFT_CAP_SCALES)
+def test_soft_cap(
+    ocl: Any, ref: Reference, dtype: torch.dtype, rows: int, vocab: int, spread: float
+) -> None:
+    gen = _seeded("soft_cap", rows, vocab, spread)
+    xh, _ = _rand(gen, (rows, vocab), dtype, spread)
+    xh[0, :2] = torch.tensor([float("inf"), -float("inf")], dtype=dtype)
+    x = ocl.from_host(xh)
+    got = ocl.to_host(ocl.soft_cap(x, 30.0))
+    assert got.dtype == dtype
+    assert_close(got, ref.soft_cap(xh.double(), 30.0), "elementwise", dtype)
+    assert got[0, :2].tolist() == [30.0, -30.0]
+    _check_out(ocl, lambda out: ocl.soft_cap(x, 30.0, out=out), got)
+    nan = ocl.from_host(torch.full((2, 9), float("nan"), dtype=dtype))
+    assert torch.isnan(ocl.to_host(ocl.soft_cap(nan, 30.0))).all()
+    for bad in (0.0, -30.0):
+        with pytest.raises(ValueError, match="cap > 0"):
+            ocl.soft_cap(x, bad)
+
+
+def test_gemma_operators_are_captured_and_replayed(ocl: Any, ref: Reference) -> None:
+    gen = _seeded("gemma-capture")
+    x, _ = _rand(gen, (2, 64), F32)
+    w, _ = _rand(gen, (64,), F32)
+    logits, _ = _rand(gen, (2, 500), F32, 40.0)
+    d_x, d_w, d_logits = ocl.from_host(x), ocl.from_host(w), ocl.from_host(logits)
+    outputs: dict[str, Any] = {}
+
+    def step() -> None:
+        outputs["norm"], _ = ocl.gemma_rms_norm(ocl.scale(d_x, 8.0), d_w, 1e-6)
+        outputs["capped"] = ocl.soft_cap(d_logits, 30.0)
+
+    graph = ocl.capture_graph(step)
+    assert graph is not None
+    x, _ = _rand(gen, (2, 64), F32)
+    logits, _ = _rand(gen, (2, 500), F32, 40.0)
+    ocl.copy_(d_x, ocl.from_host(x))
+    ocl.copy_(d_logits, ocl.from_host(logits))
+    graph.replay()
+    want = ref.gemma_rms_norm(ref.scale(x.double(), 8.0), w.double(), 1e-6)[0]
+    assert_close(ocl.to_host(outputs["norm"]), want, "norm", F32)
+    assert_close(ocl.to_host(outputs["capped"]), ref.soft_cap(logits.double(), 30.0),
+                 "elementwise", F32)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from llm_core_cpu import CpuBackend
+from llm_core_cpu.graph import CpuGraph
 from llm_hal import AttentionMetadata, PenaltyMetadata, QuantScheme, SamplingMetadata, TorchBackend
 from support.numerics import assert_close
 
@@ -207,6 +208,59 @@ def test_rms_norm(
     _check_out(lambda out: cpu.rms_norm(x, w, 1e-6, residual=r, out=out), y, lambda res: res[0])
 
 
+#: The Gemma norms: the shapes above, Gemma 2's hidden size, and a per-head q/k norm (D = 256).
+GEMMA_NORM_SHAPES = [*NORM_SHAPES, (5, 2304), (9 * 4, 256)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "hidden"), GEMMA_NORM_SHAPES)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_gemma_rms_norm(
+    cpu: CpuBackend, ref: TorchBackend, dtype: torch.dtype, tokens: int, hidden: int,
+    residual: bool,
+) -> None:  # fmt: skip
+    gen = _seeded("gemma_rms", tokens, hidden, residual)
+    x, x64 = _strided(gen, tokens, hidden, dtype)
+    w, w64 = _rand(gen, (hidden,), dtype, 0.5)
+    r, r64 = _rand(gen, (tokens, hidden), dtype) if residual else (None, None)
+    x_before = x.clone()
+    y, s = cpu.gemma_rms_norm(x, w, 1e-6, residual=r)
+    s64 = x64 if r64 is None else (x64 + r64).to(dtype).double()  # the rounded sum
+    y_ref, _ = ref.gemma_rms_norm(s64, w64, 1e-6)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, "norm", dtype)
+    if residual:
+        assert s is not None and r is not None
+        assert torch.equal(s, (x.float() + r.float()).to(dtype))
+    else:
+        assert s is None
+    assert torch.equal(x, x_before)
+    want = cpu.gemma_rms_norm(x, w, 1e-6, residual=r)[0]
+    _check_out(lambda out: cpu.gemma_rms_norm(x, w, 1e-6, residual=r, out=out), want,
+               lambda res: res[0])  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("kernels", [True, False], ids=["c", "torch"])
+def test_gemma_rms_norm_paths_agree_with_the_reference(
+    ref: TorchBackend, dtype: torch.dtype, kernels: bool
+) -> None:
+    """The C kernel and the torch path (fp16, or no kernels) against the reference in the
+    same dtype: (x * inv) * (1 + w) rounded once, so the two differ by what the order of the
+    sum of squares changes (a few fp32 ulps) and, in bf16/fp16, one ulp where that flips a
+    rounding."""
+    backend = CpuBackend(use_kernels=kernels)
+    gen = _seeded("gemma_rms_paths", dtype)
+    x, _ = _rand(gen, (17, 320), dtype, 2.0)
+    w, _ = _rand(gen, (320,), dtype)
+    r, _ = _rand(gen, (17, 320), dtype)
+    y, s = backend.gemma_rms_norm(x, w, 1e-6, residual=r)
+    y_ref, s_ref = ref.gemma_rms_norm(x, w, 1e-6, residual=r)
+    assert s is not None and s_ref is not None and torch.equal(s, s_ref)
+    ulp = (y.double() - y_ref.double()).abs() / y_ref.double().abs().clamp_min(1e-30)
+    assert float(ulp.max()) <= (2.0**-20 if dtype == F32 else 2.0**-7)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("tokens", "hidden"), NORM_SHAPES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -379,6 +433,48 @@ def test_paged_attention_decode(
     )
 
 
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        pytest.param(torch.float16, id="fp16"),
+        pytest.param(F64, id="fp64"),
+        pytest.param(F32, id="fp32"),
+    ],
+)
+@pytest.mark.parametrize("variant", ["softcap", "both"])
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+def test_soft_capped_attention_in_torch_runs_the_backends_own_path(
+    ref: TorchBackend, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, variant: str,
+    decode: bool,
+) -> None:  # fmt: skip
+    """Where the C kernel does not apply (fp16, fp64, no kernels), soft-capped attention is
+    computed by the backend's torch path, never handed back to the reference."""
+    backend = CpuBackend(use_kernels=dtype != F32)
+    calls: list[str] = []
+
+    def spy(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return method(*args, **kwargs)
+
+        return call
+
+    for name in ("paged_attention_prefill", "paged_attention_decode"):
+        monkeypatch.setattr(TorchBackend, name, spy(name, getattr(TorchBackend, name)))
+    case = DECODE_CASES[5] if decode else PREFILL_CASES[6]
+    gen = _seeded("eager-softcap", str(case), variant, dtype)
+    inputs = _attention_inputs(case, dtype, gen)
+    window, cap = VARIANTS[variant]
+    scale = 1 / math.sqrt(case.d)
+    meta = inputs["meta"]
+    op = "paged_attention_decode" if decode else "paged_attention_prefill"
+    got = getattr(backend, op)(*inputs["cpu"], meta, scale, window, cap)
+    assert calls == [], "the reference ran"
+    monkeypatch.undo()
+    want = getattr(ref, op)(*inputs["ref"], meta, scale, window, cap)
+    assert_close(got, want, "attention", dtype)
+
+
 def test_decode_metadata_reused_across_window_and_global_layers(
     cpu: CpuBackend, ref: TorchBackend
 ) -> None:
@@ -466,6 +562,77 @@ def test_add(
     got = cpu.add(a, b)
     assert_close(got, ref.add(a64, b64), "elementwise", dtype)
     _check_out(lambda out: cpu.add(a, b, out=out), got)
+
+
+#: Gemma's embedding scales sqrt(H): exact (48), and rounded in bf16 (sqrt(2560) -> 50.5).
+SCALE_FACTORS = [48.0, 2560**0.5, 0.1]
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize(("tokens", "width"), ACT_SHAPES)
+@pytest.mark.parametrize("factor", SCALE_FACTORS)
+def test_scale(
+    cpu: CpuBackend, ref: TorchBackend, dtype: torch.dtype, tokens: int, width: int,
+    factor: float,
+) -> None:  # fmt: skip
+    gen = _seeded("scale", tokens, width, factor)
+    x, x64 = _strided(gen, tokens, width, dtype)
+    got = cpu.scale(x, factor)
+    assert got.dtype == dtype
+    rounded = float(torch.tensor(factor).to(dtype))
+    assert_close(got, ref.scale(x64, rounded), "elementwise", dtype)
+    # The product of two values of x's dtype is exact in fp32: one rounding, bit for bit.
+    assert torch.equal(got, x * torch.tensor(factor, dtype=dtype))
+    _check_out(lambda out: cpu.scale(x, factor, out=out), got)
+
+
+#: Logits near 1, around the cap, far past it (saturation), with inf and NaN.
+SOFT_CAP_SCALES = [1.0, 30.0, 1e3]
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 32), (5, 1000), (3, 40001)])
+@pytest.mark.parametrize("spread", SOFT_CAP_SCALES)
+def test_soft_cap(
+    cpu: CpuBackend, ref: TorchBackend, dtype: torch.dtype, rows: int, vocab: int, spread: float
+) -> None:
+    gen = _seeded("soft_cap", rows, vocab, spread)
+    x, x64 = _strided(gen, rows, vocab, dtype)
+    x.mul_(spread)
+    x[0, :2] = torch.tensor([float("inf"), -float("inf")], dtype=dtype)
+    x64 = x.double()
+    got = cpu.soft_cap(x, 30.0)
+    assert got.dtype == dtype
+    assert_close(got, ref.soft_cap(x64, 30.0), "elementwise", dtype)
+    assert got[0, :2].tolist() == [30.0, -30.0]
+    _check_out(lambda out: cpu.soft_cap(x, 30.0, out=out), got)
+    assert torch.isnan(cpu.soft_cap(torch.full((2, 9), float("nan"), dtype=dtype), 30.0)).all()
+    for bad in (0.0, -30.0):
+        with pytest.raises(ValueError, match="cap > 0"):
+            cpu.soft_cap(x, bad)
+
+
+def test_gemma_operators_run_as_c_kernels_in_a_captured_step(cpu: CpuBackend) -> None:
+    """The decode step of a Gemma model is captured: the three operators record C kernels, and
+    a replay recomputes them from the inputs' current values."""
+    gen = _seeded("gemma-capture")
+    x, _ = _rand(gen, (2, 64), F32)
+    w, _ = _rand(gen, (64,), F32)
+    logits, _ = _rand(gen, (2, 500), F32, 40.0)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def step() -> None:
+        h = cpu.scale(x, 8.0)
+        outputs["norm"], _ = cpu.gemma_rms_norm(h, w, 1e-6)
+        outputs["capped"] = cpu.soft_cap(logits, 30.0)
+
+    graph = cpu.capture_graph(step)
+    assert isinstance(graph, CpuGraph) and len(graph) == 3
+    x.copy_(_rand(gen, (2, 64), F32)[0])
+    logits.copy_(_rand(gen, (2, 500), F32, 40.0)[0])
+    graph.replay()
+    assert_close(outputs["norm"], cpu.gemma_rms_norm(cpu.scale(x, 8.0), w, 1e-6)[0], "exact", F32)
+    assert_close(outputs["capped"], cpu.soft_cap(logits, 30.0), "exact", F32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -795,6 +962,27 @@ def test_activation_rows_do_not_depend_on_the_batch(
         _assert_rows_equal(got, alone[:tokens], f"{op} T={tokens}")
 
 
+@pytest.mark.parametrize("op", ["gemma_rms_norm", "gemma_rms_norm-residual", "scale", "soft_cap"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemma_rows_do_not_depend_on_the_batch(
+    invariant: CpuBackend, dtype: torch.dtype, op: str
+) -> None:
+    gen = _seeded("invariant-gemma", op)
+    x, _ = _rand(gen, (37, 2304), dtype, 3.0)
+    r, _ = _rand(gen, (37, 2304), dtype)
+    w, _ = _rand(gen, (2304,), dtype)
+    calls: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "gemma_rms_norm": lambda t, _: invariant.gemma_rms_norm(t, w, 1e-6)[0],
+        "gemma_rms_norm-residual": lambda t, res: invariant.gemma_rms_norm(t, w, 1e-6, res)[0],
+        "scale": lambda t, _: invariant.scale(t, 2304**0.5),
+        "soft_cap": lambda t, _: invariant.soft_cap(t, 5.0),
+    }
+    fn = calls[op]
+    alone = torch.cat([fn(x[i : i + 1], r[i : i + 1]) for i in range(37)])
+    for tokens in (1, 5, 37):
+        _assert_rows_equal(fn(x[:tokens], r[:tokens]), alone[:tokens], f"{op} T={tokens}")
+
+
 def test_sampling_rows_do_not_depend_on_the_batch(invariant: CpuBackend) -> None:
     """torch sums one row's probabilities across threads and many rows one per thread: the
     backend filters each row on its own."""
@@ -838,6 +1026,7 @@ COVERAGE: dict[str, Callable[..., None]] = {
     "embedding": test_embedding,
     "linear": test_linear_dense,
     "rms_norm": test_rms_norm,
+    "gemma_rms_norm": test_gemma_rms_norm,
     "layer_norm": test_layer_norm,
     "rotary_embedding": test_rotary_embedding,
     "reshape_and_cache": test_reshape_and_cache,
@@ -847,6 +1036,8 @@ COVERAGE: dict[str, Callable[..., None]] = {
     "gelu_and_mul": test_activations,
     "gelu": test_activations,
     "add": test_add,
+    "scale": test_scale,
+    "soft_cap": test_soft_cap,
     "gather_rows": test_gather_rows,
     "apply_penalties": test_apply_penalties,
     "apply_token_bans": test_apply_token_bans,

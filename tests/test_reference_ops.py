@@ -3,7 +3,8 @@
 The reference is the oracle of every other test and of the conformance suite, so the tricky
 operators are checked here against straightforward loops written from the HAL docstrings:
 rotary embedding, paged attention, the KV-cache write, penalties, sampling filters and draws,
-quantized linear layers, mixture of experts and logprobs.
+quantized linear layers, mixture of experts and logprobs; the Gemma operators (gemma_rms_norm,
+scale, soft_cap) against transformers' own modules, bit for bit in fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -470,6 +471,83 @@ def test_layer_norm(ref: TorchBackend) -> None:
     mean, var = x.mean(axis=1, keepdims=True), x.var(axis=1, keepdims=True)
     want = (x - mean) / np.sqrt(var + 1e-5) * w + b
     np.testing.assert_allclose(ref.layer_norm(_t(x), _t(w), _t(b), 1e-5).numpy(), want, atol=1e-12)
+
+
+# -------------------------------------------------------------------------------------------
+# Gemma: gemma_rms_norm, scale, soft_cap, against transformers in the model's dtype
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("module", ["gemma2", "gemma3"])
+def test_gemma_rms_norm_is_transformers_bit_for_bit(
+    ref: TorchBackend, dtype: torch.dtype, residual: bool, module: str
+) -> None:
+    if module == "gemma2":
+        from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm as Norm
+    else:
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm as Norm
+    gen = torch.Generator().manual_seed(21)
+    t, hidden, eps = 7, 2304, 1e-6
+    x = (torch.randn((t, hidden), generator=gen) * 3).to(dtype)
+    res = torch.randn((t, hidden), generator=gen).to(dtype)
+    norm = Norm(hidden, eps=eps).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden, generator=gen) * 0.5)
+        s = x + res if residual else x  # the decoder's residual add, in the model's dtype
+        want = norm(s)
+    y, s_out = ref.gemma_rms_norm(x, norm.weight.detach(), eps, res if residual else None)
+    assert y.dtype == dtype and torch.equal(y, want)
+    assert (s_out is None) if not residual else torch.equal(s_out, s)
+    # Per head (Gemma 3's q/k norms): rows of head_size.
+    heads = x.reshape(t * 9, 256)
+    qk = Norm(256, eps=eps).to(dtype)
+    with torch.no_grad():
+        qk.weight.copy_(torch.randn(256, generator=gen))
+        assert torch.equal(ref.gemma_rms_norm(heads, qk.weight.detach(), eps)[0], qk(heads))
+
+
+def test_gemma_rms_norm_rounds_once(ref: TorchBackend) -> None:
+    """bf16: the product with (1 + w) is taken before rounding (rms_norm rounds first)."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 5.0]], dtype=torch.bfloat16)
+    w = torch.tensor([0.3, -0.7, 0.01, 2.0], dtype=torch.bfloat16)
+    xf = x.double()
+    normed = xf / torch.sqrt((xf**2).mean() + 1e-6)
+    want = (normed * (1 + w.double())).to(torch.bfloat16)  # one rounding (fp64 is exact enough)
+    assert torch.equal(ref.gemma_rms_norm(x, w, 1e-6)[0], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", [640, 2304, 2560, 3584])
+def test_scale_is_transformers_embed_scale(
+    ref: TorchBackend, dtype: torch.dtype, hidden: int
+) -> None:
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    gen = torch.Generator().manual_seed(22)
+    emb = Gemma3TextScaledWordEmbedding(50, hidden, 0, embed_scale=hidden**0.5).to(dtype)
+    ids = torch.randint(0, 50, (9,), generator=gen)
+    with torch.no_grad():
+        want = emb(ids)  # table[ids] * embed_scale.to(dtype)
+        # Gemma 2: hidden * torch.tensor(hidden ** 0.5, dtype=hidden.dtype)
+        rows = emb.weight[ids]
+        assert torch.equal(want, rows * torch.tensor(hidden**0.5, dtype=dtype))
+    assert torch.equal(ref.scale(rows, hidden**0.5), want)
+
+
+def test_soft_cap_matches_the_formula_and_saturates(ref: TorchBackend) -> None:
+    x = torch.tensor([[0.0, 1.0, -30.0, 30.0, 1e4, -1e4, float("inf"), -float("inf")]], dtype=F64)
+    want = 30.0 * np.tanh(x.numpy() / 30.0)
+    np.testing.assert_allclose(ref.soft_cap(x, 30.0).numpy(), want, rtol=1e-15)
+    assert ref.soft_cap(x, 30.0)[0, -2:].tolist() == [30.0, -30.0]
+    assert torch.isnan(ref.soft_cap(torch.tensor([[float("nan")]]), 30.0)).all()
+    # fp32 logits of Gemma 2: computed in fp32, as transformers does.
+    logits = torch.randn((2, 1000), generator=torch.Generator().manual_seed(23)) * 40
+    assert torch.equal(ref.soft_cap(logits, 30.0), torch.tanh(logits / 30.0) * 30.0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="cap > 0"):
+            ref.soft_cap(logits, bad)
 
 
 # -------------------------------------------------------------------------------------------

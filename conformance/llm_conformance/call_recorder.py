@@ -45,6 +45,7 @@ _IDENTIFYING: dict[str, tuple[str, ...]] = {
     "embedding": ("table",),
     "linear": ("weight",),
     "rms_norm": ("weight",),
+    "gemma_rms_norm": ("weight",),
     "layer_norm": ("weight", "bias"),
     "reshape_and_cache": ("key_cache", "value_cache"),
     "paged_attention_prefill": ("key_cache", "value_cache"),

@@ -13,6 +13,7 @@ random model's are nearly uniform, and KL divergence on a uniform distribution s
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import re
 from collections.abc import Callable
@@ -25,8 +26,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    Glm4Config,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -56,6 +61,49 @@ TINY_ARCHITECTURES: dict[str, tuple[Any, dict[str, Any]]] = {
     "mistral": (MistralConfig, {"num_attention_heads": 4, "num_key_value_heads": 1}),
     "qwen2": (Qwen2Config, {"num_attention_heads": 4, "num_key_value_heads": 2}),
     "qwen3": (Qwen3Config, {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}),
+    # Windows of 8-12 tokens and small soft-caps, so the prompts cross windows and the caps bite;
+    # the query scale differs from head_dim**-0.5; Gemma 3's global layer has linear scaling.
+    "gemma2": (
+        Gemma2Config,
+        {
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 8,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 10.0,
+        },
+    ),
+    "gemma3_text": (
+        Gemma3TextConfig,
+        {
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 48,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            },
+        },
+    ),
+    "phi3": (
+        Phi3Config,
+        {
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "sliding_window": 12,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+            },
+        },
+    ),
+    "glm4": (Glm4Config, {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}),
 }
 
 
@@ -81,9 +129,12 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_config(arch: str, *, tie_word_embeddings: bool = False) -> PretrainedConfig:
+def tiny_config(
+    arch: str, *, tie_word_embeddings: bool = False, overrides: dict[str, Any] | None = None
+) -> PretrainedConfig:
     """The config of a tiny model: ``arch`` is a key of ``TINY_ARCHITECTURES`` or any Hugging
-    Face model type (``"llama"``) or causal-LM class name (``"LlamaForCausalLM"``)."""
+    Face model type (``"llama"``) or causal-LM class name (``"LlamaForCausalLM"``);
+    ``overrides`` replace or add config fields (``attention_bias=True``, a rope scaling)."""
     model_type = model_type_of(arch)
     if model_type in TINY_ARCHITECTURES:
         config_class, extra = TINY_ARCHITECTURES[model_type]
@@ -92,19 +143,21 @@ def tiny_config(arch: str, *, tie_word_embeddings: bool = False) -> PretrainedCo
         # An architecture without an entry: its config class with the same small shapes.
         extra = {"num_attention_heads": 4, "num_key_value_heads": 2}
         make = lambda **kw: AutoConfig.for_model(model_type, **kw)  # noqa: E731
-    return make(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+    fields: dict[str, Any] = {
+        "vocab_size": TINY_VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": tie_word_embeddings,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
         **extra,
-    )
+        **(overrides or {}),
+    }
+    return make(**fields)
 
 
 def model_type_of(arch: str) -> str:
@@ -129,6 +182,7 @@ def tiny_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     logit_scale: float = 1.0,
+    overrides: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
     """A random-weight ``*ForCausalLM``; norms are randomized too, so no weight is trivial.
 
@@ -137,7 +191,8 @@ def tiny_model(
     """
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
-        tiny_config(arch, tie_word_embeddings=tie_word_embeddings), dtype=dtype
+        tiny_config(arch, tie_word_embeddings=tie_word_embeddings, overrides=overrides),
+        dtype=dtype,
     )
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -157,6 +212,7 @@ def save_tiny_hf_checkpoint(
     max_shard_size: str | None = None,
     seed: int = 0,
     logit_scale: float = 1.0,
+    overrides: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
     """Save a tiny model and tokenizer as a Hugging Face checkpoint; return the model."""
     model = tiny_model(
@@ -165,6 +221,7 @@ def save_tiny_hf_checkpoint(
         dtype=dtype,
         seed=seed,
         logit_scale=logit_scale,
+        overrides=overrides,
     )
     kwargs: dict[str, Any] = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, safe_serialization=True, **kwargs)
@@ -208,6 +265,103 @@ def permute_like_llama_cpp(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return per_head.swapaxes(1, 2).reshape(weight.shape)
 
 
+#: GGUF ``general.architecture`` of the Hugging Face model types llama.cpp writes under
+#: another name (Mistral as Llama, Gemma 3's text model as "gemma3"); others keep theirs.
+GGUF_ARCHITECTURE_NAMES = {"mistral": "llama", "gemma3_text": "gemma3"}
+#: Model types written the way llama.cpp's converter writes each family (its metadata keys and
+#: its tensor names, taken from the gguf package's own name map); the others as Llama.
+_FAMILY_GGUF = ("gemma2", "gemma3_text", "phi3", "glm4")
+
+#: Tiny configs that llama.cpp's format can express, for GGUF round trips: llama.cpp hard-codes
+#: Gemma's query scale (the head size) and sliding pattern (Gemma 2: alternate, first local;
+#: Gemma 3: five local, one global) and Gemma 3's local rope base (10000), so the Gemma models
+#: here keep to them (Gemma 3 with six layers to have a global one). ``phi3_longrope`` is
+#: Phi-3 with LongRoPE factors, which llama.cpp stores as tensors.
+TINY_GGUF_ARCHITECTURES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "gemma2": (
+        Gemma2Config,
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,  # llama.cpp: the head size
+            tie_word_embeddings=True,  # llama.cpp writes no output tensor for Gemma 2
+            sliding_window=8,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=10.0,
+        ),
+    ),
+    "gemma3_text": (
+        Gemma3TextConfig,
+        dict(
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            query_pre_attn_scalar=32,  # llama.cpp: the head size
+            tie_word_embeddings=True,
+            sliding_window=8,
+            rope_parameters=dict(
+                sliding_attention=dict(rope_type="default", rope_theta=10000.0),
+                full_attention=dict(rope_type="linear", factor=4.0, rope_theta=1e6),
+            ),
+        ),
+    ),
+    "phi3": (
+        Phi3Config,
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=12,
+            rope_parameters=dict(
+                rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75
+            ),
+        ),
+    ),
+    "phi3_longrope": (
+        Phi3Config,
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            original_max_position_embeddings=64,
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=10000.0,
+                long_factor=[1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 9.5],
+                short_factor=[1.0, 1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0],
+            ),
+        ),
+    ),
+    "glm4": (Glm4Config, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+}
+
+
+def tiny_gguf_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
+    """A random-weight model of ``TINY_GGUF_ARCHITECTURES[arch]`` (64 hidden units, 2 layers
+    unless the entry says otherwise), norms and biases randomized like ``tiny_model``'s."""
+    config_class, extra = TINY_GGUF_ARCHITECTURES[arch]
+    fields: dict[str, Any] = {
+        "vocab_size": TINY_VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    fields.update(extra)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config_class(**fields), dtype=dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                param.normal_()
+    return model.eval()
+
+
 def write_tiny_gguf(
     path: pathlib.Path,
     arch: str,
@@ -216,30 +370,46 @@ def write_tiny_gguf(
     quantize: Callable[[str], gguf.GGMLQuantizationType] = lambda _: gguf.GGMLQuantizationType.F32,
     tokenizer: PreTrainedTokenizerFast | None = None,
     gguf_architecture: str | None = None,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``model`` as a GGUF file; ``quantize(hf_name)`` picks each tensor's type."""
+    """Write ``model`` as a GGUF file; ``quantize(hf_name)`` picks each tensor's type.
+    ``extra_metadata``: more keys (bool, int as uint32, float as float32, str, or a list of
+    one of those), for files that carry what a converter might add.
+
+    Llama, Mistral and Qwen2/3 are written as Llama (q/k rows permuted for ``llama``);
+    Gemma 2/3, Phi-3 and GLM-4 as llama.cpp's converter writes each (its keys, its tensor
+    names, Gemma's norms stored as ``1 + w``, Phi-3's LongRoPE factors as tensors). A config
+    llama.cpp's format cannot express is refused (``ValueError``) rather than written wrong.
+    """
     config = model.config
-    # llama.cpp writes Mistral models as "llama", permuted like Llama.
-    name = gguf_architecture or ("llama" if arch == "mistral" else arch)
+    model_type = config.model_type if arch not in TINY_ARCHITECTURES else arch
+    name = gguf_architecture or GGUF_ARCHITECTURE_NAMES.get(model_type, model_type)
+    family = model_type in _FAMILY_GGUF
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = gguf.GGUFWriter(path, name)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if family:
+        _add_family_metadata(writer, model_type, config, head_dim)
+    else:
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_id)
     writer.add_pad_token_id(config.pad_token_id)
     if tokenizer is not None:
         _add_tokenizer(writer, tokenizer)
+    for key, value in (extra_metadata or {}).items():
+        _add_value(writer, key, value)
 
+    tensor_name = _family_tensor_namer(model_type, config) if family else gguf_tensor_name
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
@@ -248,18 +418,120 @@ def write_tiny_gguf(
         projection = hf_name.split(".")[-2]
         if name == "llama" and projection in heads:
             data = permute_like_llama_cpp(data, heads[projection])
+        if model_type in ("gemma2", "gemma3_text") and hf_name.endswith("norm.weight"):
+            data = data + 1.0  # llama.cpp's Gemma converters store 1 + w
         qtype = quantize(hf_name) if data.ndim == 2 else gguf.GGMLQuantizationType.F32
         if qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_tensor_name(hf_name), data)
+            writer.add_tensor(tensor_name(hf_name), data)
         elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(gguf_tensor_name(hf_name), data.astype(np.float16))
+            writer.add_tensor(tensor_name(hf_name), data.astype(np.float16))
         else:
             packed = gguf.quants.quantize(data, qtype)
-            writer.add_tensor(gguf_tensor_name(hf_name), packed, raw_dtype=qtype)
+            writer.add_tensor(tensor_name(hf_name), packed, raw_dtype=qtype)
+    if model_type == "phi3" and config.rope_parameters.get("rope_type") == "longrope":
+        for kind in ("long", "short"):
+            factors = np.asarray(config.rope_parameters[f"{kind}_factor"], dtype=np.float32)
+            writer.add_tensor(f"rope_factors_{kind}.weight", factors)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _add_family_metadata(
+    writer: gguf.GGUFWriter, model_type: str, config: Any, head_dim: int
+) -> None:
+    """The metadata llama.cpp's converter (``convert_hf_to_gguf.py``) writes for the family."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    rope = config.rope_parameters
+    if model_type in ("gemma2", "gemma3_text"):
+        _check_gemma_expressible(model_type, config, head_dim)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_sliding_window(config.sliding_window)
+        if config.final_logit_softcapping is not None:
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if model_type == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if model_type == "gemma3_text":
+        full = rope["full_attention"]
+        writer.add_rope_freq_base(float(full["rope_theta"]))
+        if full.get("rope_type", "default") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(full["factor"]))
+    if model_type == "phi3":
+        rotary = int(rope.get("partial_rotary_factor", 1.0) * config.hidden_size)
+        rotary //= config.num_attention_heads
+        writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+        writer.add_rope_dimension_count(rotary)
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
+        writer.add_sliding_window(config.sliding_window or 0)
+        if rope.get("rope_type") == "longrope":
+            scale = config.max_position_embeddings / config.original_max_position_embeddings
+            original = config.original_max_position_embeddings
+            attn_factor = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+            writer.add_rope_scaling_attn_factors(attn_factor)
+    if model_type == "glm4":
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 0.5)))
+
+
+def _add_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    else:
+        writer.add_array(key, list(value))
+
+
+def _check_gemma_expressible(model_type: str, config: Any, head_dim: int) -> None:
+    period = 2 if model_type == "gemma2" else 6
+    pattern = [
+        "sliding_attention" if (i + 1) % period else "full_attention"
+        for i in range(config.num_hidden_layers)
+    ]
+    problems = []
+    if config.query_pre_attn_scalar != head_dim:
+        problems.append(f"query_pre_attn_scalar={config.query_pre_attn_scalar} (not head_dim)")
+    if list(config.layer_types) != pattern:
+        problems.append(f"layer_types={list(config.layer_types)} (llama.cpp: {pattern})")
+    if model_type == "gemma3_text":
+        local = config.rope_parameters["sliding_attention"]
+        if local.get("rope_theta") != 10000.0 or local.get("rope_type", "default") != "default":
+            problems.append(f"sliding-layer rope {local} (llama.cpp: default, base 10000)")
+    if problems:
+        raise ValueError(
+            f"llama.cpp's GGUF format cannot express this {model_type} config: "
+            + "; ".join(problems)
+        )
+
+
+def _family_tensor_namer(model_type: str, config: Any) -> Callable[[str], str]:
+    """Hugging Face name -> GGUF name, from the gguf package's own map (llama.cpp's)."""
+    name = GGUF_ARCHITECTURE_NAMES.get(model_type, model_type)
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name)
+    name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+
+    def tensor_name(hf_name: str) -> str:
+        mapped = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise ValueError(f"llama.cpp has no GGUF name for {hf_name} ({name})")
+        return mapped
+
+    return tensor_name
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerFast) -> None:

@@ -88,7 +88,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "the first generated token that differs. Exit status: 0 no divergence, 1 a "
         "divergence (or a side raised), 2 the diff cannot run here.",
     )
-    diff.add_argument("--model", required=True, help="architecture (llama), smollm2, or a path")
+    diff.add_argument(
+        "--model", required=True, help="architecture (llama), smollm2, gemma3-270m, or a path"
+    )
     diff.add_argument("--backend", required=True, help="the candidate backend")
     diff.add_argument(
         "--against",
@@ -151,9 +153,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--model",
         action="append",
         metavar="NAME",
-        help="architecture (LlamaForCausalLM or llama), smollm2 for the demo model, or a "
-        "checkpoint path (repeat or comma-separate; default: every supported architecture and "
-        "the demo model)",
+        help="architecture (LlamaForCausalLM or llama), a real model (smollm2, the demo model; "
+        "gemma3-270m), or a checkpoint path (repeat or comma-separate; default: every supported "
+        "architecture and every real model)",
     )
     parser.add_argument(
         "--dtype",
@@ -190,10 +192,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a subset of the operator cases, no demo model, one audit: for "
+        help="a subset of the operator cases, no real models, one audit: for "
         "development, never a certification",
     )
-    parser.add_argument("--no-real-model", action="store_true", help="skip the demo model")
+    parser.add_argument(
+        "--no-real-model",
+        action="store_true",
+        help="skip the real models (smollm2, gemma3-270m): no fetch, tiny checkpoints only",
+    )
     parser.add_argument("--no-audits", action="store_true", help="skip the engine audits")
     parser.add_argument(
         "--op",

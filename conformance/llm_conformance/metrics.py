@@ -51,11 +51,17 @@ def backend_logits(
         slot_mapping=slots,
         block_size=BLOCK_SIZE,
     )
+    positions = positions.astype(np.int64)
+    device_positions = backend.from_host(positions, DType.INT64)
+    # Each sequence is one forward of its whole length, as the reference runs it (LongRoPE).
+    rows = model.rope_rows(positions, np.repeat(lengths, lengths).astype(np.int64))
+    rope = device_positions if rows is positions else backend.from_host(rows, DType.INT64)
     batch = ForwardBatch(
         input_ids=backend.from_host(np.concatenate(sequences).astype(np.int64), DType.INT64),
-        positions=backend.from_host(positions.astype(np.int64), DType.INT64),
+        positions=device_positions,
         attn=meta,
         logits_indices=backend.from_host(np.arange(total, dtype=np.int64), DType.INT64),
+        rope_positions=rope,
     )
     logits = backend.to_host(model.forward(batch, caches)).to(torch.float64)
     return list(torch.split(logits, lengths, dim=0))

@@ -2,9 +2,10 @@
 
 For every architecture the engine supports, a tiny random-weight checkpoint is built with
 transformers (weights drawn from the run's seed, output projection scaled so next-token
-distributions are as peaked as a trained model's). The real demo model (SmolLM2-135M-Instruct)
-joins when it is present. The reference is transformers' own forward pass on the same weights:
-for the tiny checkpoints it loads the saved safetensors; for the GGUF demo model it loads the
+distributions are as peaked as a trained model's). The real models of ``REAL_MODELS`` (the demo
+model SmolLM2-135M-Instruct and Gemma 3 270M, llm-core's built-in models) join when they can be
+fetched. The reference is transformers' own forward pass on the same weights:
+for the tiny checkpoints it loads the saved safetensors; for a GGUF real model it loads the
 tensors the engine's loader produces (dequantized, un-permuted), because transformers' own GGUF
 reader takes a minute. The loader itself is checked against transformers' reader by the
 project's tests, not here.
@@ -43,7 +44,47 @@ REAL_PROMPTS = (
     "def fibonacci(n):",
     "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n",
 )
-REAL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True, slots=True)
+class RealModel:
+    """A real checkpoint of the matrix: one of llm-core's built-in models, fetched by name."""
+
+    key: str  # the built-in model's name (llm_core.loaders.BUILTIN_MODELS): "smollm2"
+    name: str  # the matrix row
+    aliases: tuple[str, ...]  # what --model accepts for it (lower case)
+    text: str  # teacher-forced text
+    prompts: tuple[str, ...]  # greedy prompts, in the model's own chat format where chatty
+
+
+#: Gemma's 262k-token vocabulary makes each teacher-forced logits tensor ~2 MB a token (in
+#: float64): a shorter text keeps the references of three dtypes near 0.5 GB.
+_GEMMA3_TEXT = REAL_TEXT.split(" Today")[0]
+
+#: The real-model rows of the matrix, in order; ``--no-real-model`` leaves them all out.
+REAL_MODELS: dict[str, RealModel] = {
+    "smollm2": RealModel(
+        "smollm2", "SmolLM2-135M-Instruct", ("smollm2", "demo", "real"), REAL_TEXT, REAL_PROMPTS
+    ),
+    "gemma3-270m": RealModel(
+        "gemma3-270m",
+        "Gemma-3-270M",
+        ("gemma3-270m",),
+        _GEMMA3_TEXT,
+        (
+            "The capital of France is",
+            "def fibonacci(n):",
+            "<start_of_turn>user\nName three colors.<end_of_turn>\n<start_of_turn>model\n",
+        ),
+    ),
+}
+REAL_NAME = REAL_MODELS["smollm2"].name  # the demo model's row
+
+
+def real_model_spec(name: str) -> RealModel | None:
+    """The real model ``name`` stands for (a key or an alias, any case), or ``None``."""
+    wanted = name.strip().lower()
+    return next((m for m in REAL_MODELS.values() if wanted in (m.key, *m.aliases)), None)
 
 
 @dataclass(slots=True)
@@ -126,15 +167,18 @@ def tiny_model_under_test(architecture: str, directory: pathlib.Path, seed: int)
     )
 
 
-def real_model_under_test(path: pathlib.Path) -> ModelUnderTest:
-    """The demo model, from its GGUF file."""
+def real_model_under_test(
+    path: pathlib.Path, spec: RealModel = REAL_MODELS["smollm2"]
+) -> ModelUnderTest:
+    """A real model from its checkpoint (``spec`` gives its row name, text and prompts; any
+    other checkpoint is tested on the demo model's)."""
     from llm_core.loaders import open_checkpoint
 
     checkpoint = open_checkpoint(path)
     tokenizer = checkpoint.load_tokenizer()
-    text_ids = list(tokenizer.encode(REAL_TEXT))
-    prompts = [list(tokenizer.encode(p)) for p in REAL_PROMPTS]
-    model = ModelUnderTest(REAL_NAME, checkpoint.architecture, path, "real", [text_ids], prompts)
+    text_ids = list(tokenizer.encode(spec.text))
+    prompts = [list(tokenizer.encode(p)) for p in spec.prompts]
+    model = ModelUnderTest(spec.name, checkpoint.architecture, path, "real", [text_ids], prompts)
     model._checkpoint = checkpoint
     return model
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from llm_hal import DType, LogprobsResult, QuantScheme, TorchBackend
 from llm_hal.dtypes import to_torch
-from llm_hal.reference import _acc, _acc_dtype, _into, dequantize
+from llm_hal.reference import _acc, _acc_dtype, _into, dequantize, dtype_rounded
 
 FP32, BF16, FP16, FP64 = DType.FP32, DType.BF16, DType.FP16, DType.FP64
 Method = Callable[..., Any]
@@ -539,6 +539,80 @@ register(
 )
 
 
+def _gemma_rms_norm(
+    *,
+    one_plus: bool = True,
+    eps_inside: bool = True,
+    residual_add: bool = True,
+    norm_of: str = "s",
+    dim: int = -1,
+    writes_x: bool = False,
+    round_normed: bool = False,
+    offset_in_dtype: bool = False,
+) -> Method:
+    """The reference gemma_rms_norm, with one knob turned: the weight used as it is (the
+    rms_norm convention, no 1 +), eps outside the square root, the residual not added, the norm
+    of x instead of s, the mean over tokens, s written into x, the normalized value rounded
+    before the weight (as rms_norm does), or 1 + w rounded to x's dtype."""
+
+    def gemma_rms_norm(
+        self: TorchBackend,
+        x: Any,
+        weight: Any,
+        eps: float,
+        residual: Any = None,
+        out: Any = None,
+    ) -> Any:
+        s = x
+        if residual is not None:
+            s = (_acc(x) + (_acc(residual) if residual_add else 0)).to(x.dtype)
+            if writes_x:
+                x.copy_(s)
+        sf = _acc(x) if norm_of == "x" else _acc(s)
+        mean = sf.pow(2).mean(dim=dim, keepdim=True)
+        normed = sf * torch.rsqrt(mean + eps) if eps_inside else sf / (mean.sqrt() + eps)
+        if round_normed:
+            normed = _acc(normed.to(x.dtype))
+        w = _acc(weight).to(sf.dtype)
+        gain = 1.0 + w if one_plus else w
+        if offset_in_dtype:
+            gain = _acc(gain.to(x.dtype))
+        y = _into(out, (normed * gain).to(x.dtype))
+        return y, (None if residual is None else s)
+
+    return gemma_rms_norm
+
+
+register(
+    "gemma_rms_norm",
+    [
+        ("weight-without-one", "multiplies by w, not 1 + w", _gemma_rms_norm(one_plus=False)),
+        ("eps-outside-sqrt", "x / (sqrt(mean x^2) + eps)", _gemma_rms_norm(eps_inside=False)),
+        ("no-residual", "the residual is not added", _gemma_rms_norm(residual_add=False)),
+        ("norm-of-x", "normalizes x, not s = x + residual", _gemma_rms_norm(norm_of="x")),
+        ("over-tokens", "the mean over tokens instead of features", _gemma_rms_norm(dim=0)),
+        (
+            "input-as-contiguous",
+            "a strided x read as if contiguous",
+            _as_contiguous(_gemma_rms_norm()),
+        ),
+        ("writes-x", "stores s = x + residual into x", _gemma_rms_norm(writes_x=True)),
+        (
+            "llama-rounding",
+            "rounds the normalized value to x's dtype before the weight (rms_norm's convention)",
+            _gemma_rms_norm(round_normed=True),
+            BF16_ONLY,
+        ),
+        (
+            "offset-in-dtype",
+            "1 + w rounded to x's dtype",
+            _gemma_rms_norm(offset_in_dtype=True),
+            BF16_ONLY | equivalent("one unbiased rounding of the gain, at most u relative"),
+        ),
+    ],
+)
+
+
 def _layer_norm(
     *,
     unbiased: bool = False,
@@ -948,6 +1022,66 @@ register(
             BF16_ONLY
             | equivalent("torch rounds the exact sum of two bf16 values once: the same bits"),
         ),
+    ],
+)
+
+
+def _scale(*, round_factor: bool = True, power: int = 1, divide: bool = False) -> Method:
+    def scale(self: TorchBackend, x: Any, factor: float, out: Any = None) -> Any:
+        f = dtype_rounded(factor, x.dtype) if round_factor else factor
+        y = _acc(x) / f if divide else _acc(x) * f**power
+        return _into(out, y.to(x.dtype))
+
+    return scale
+
+
+register(
+    "scale",
+    [
+        (
+            "factor-unrounded",
+            "multiplies by the exact factor, not the factor rounded to x's dtype",
+            _scale(round_factor=False),
+            BF16_ONLY,
+        ),
+        ("squared", "x * factor^2", _scale(power=2)),
+        ("ignores-factor", "returns x", _scale(power=0)),
+        ("divides", "x / factor", _scale(divide=True)),
+        ("input-as-contiguous", "a strided x read as if contiguous", _as_contiguous(_scale())),
+    ],
+)
+
+
+def _soft_cap(*, form: str = "cap * tanh(x / cap)", check: bool = True) -> Method:
+    def soft_cap(self: TorchBackend, x: Any, cap: float, out: Any = None) -> Any:
+        if check and not cap > 0:
+            raise ValueError(f"soft_cap needs a cap > 0, not {cap!r}")
+        xf = _acc(x)
+        forms = {
+            "cap * tanh(x / cap)": lambda: cap * torch.tanh(xf / cap),
+            "clamp": lambda: xf.clamp(-cap, cap),
+            "x": lambda: xf,
+            "tanh(x / cap)": lambda: torch.tanh(xf / cap),
+            "cap * tanh(x)": lambda: cap * torch.tanh(xf),
+        }
+        return _into(out, forms[form]().to(x.dtype))
+
+    return soft_cap
+
+
+register(
+    "soft_cap",
+    [
+        ("clamp", "clamps x to [-cap, cap] instead of tanh", _soft_cap(form="clamp")),
+        ("no-cap", "returns x", _soft_cap(form="x")),
+        ("unscaled", "tanh(x / cap), not multiplied back by cap", _soft_cap(form="tanh(x / cap)")),
+        ("tanh-of-x", "cap * tanh(x), x not divided by cap", _soft_cap(form="cap * tanh(x)")),
+        (
+            "any-cap",
+            "computes with a cap <= 0 instead of raising ValueError",
+            _soft_cap(check=False),
+        ),
+        ("input-as-contiguous", "a strided x read as if contiguous", _as_contiguous(_soft_cap())),
     ],
 )
 

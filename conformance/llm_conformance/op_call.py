@@ -32,6 +32,7 @@ from llm_hal import (
     TorchBackend,
 )
 from llm_hal.dtypes import from_torch
+from llm_hal.reference import dtype_rounded
 
 #: The calls the diff records and checks: every HAL operator, and the device-contract methods
 #: that move or convert model data (``from_host`` only while a model loads: its weights).
@@ -49,6 +50,7 @@ STATIC_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "embedding": ("table",),
     "linear": ("weight",),
     "rms_norm": ("weight",),
+    "gemma_rms_norm": ("weight",),
     "layer_norm": ("weight", "bias"),
     "rotary_embedding": ("cos_sin_cache",),
     "moe_experts": ("w13", "w2"),
@@ -57,6 +59,7 @@ STATIC_ARGUMENTS: dict[str, tuple[str, ...]] = {
 #: Names of the parts of a tuple result.
 OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
     "rms_norm": ("y", "residual"),
+    "gemma_rms_norm": ("y", "residual"),
     "rotary_embedding": ("q", "k"),
     "moe_route": ("weights", "ids"),
 }
@@ -231,14 +234,18 @@ def reference_outputs(
     call: HostCall, oracle: TorchBackend, memo: HostMemo | None = None
 ) -> list[tuple[str, torch.Tensor]]:
     """What the float64 oracle answers for ``call``, with the roundings the contract mandates
-    (rms_norm rounds the residual sum to the activation dtype before normalizing)."""
+    (the norms round the residual sum to the activation dtype before normalizing; ``scale``
+    rounds its factor to it)."""
     args = call.args
-    if call.op == "rms_norm" and args.get("residual") is not None:
+    if call.op in ("rms_norm", "gemma_rms_norm") and args.get("residual") is not None:
         x, residual = args["x"], args["residual"]
         exact = x.to(torch.float64) + residual.to(torch.float64)
-        rounded = HostCall("rms_norm", {**args, "x": exact.to(x.dtype), "residual": None})
+        rounded = HostCall(call.op, {**args, "x": exact.to(x.dtype), "residual": None})
         (y,) = execute(oracle, rounded, upcast=True, memo=memo)
         return [y, ("residual", exact)]
+    if call.op == "scale":
+        factor = dtype_rounded(args["factor"], args["x"].dtype)
+        return execute(oracle, HostCall("scale", {**args, "factor": factor}), upcast=True)
     return execute(oracle, call, upcast=True, memo=memo)
 
 

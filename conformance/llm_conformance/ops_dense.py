@@ -1,5 +1,6 @@
-"""Checks of the dense operators: embedding, linear (dense and quantized), norms, activations,
-add, gather_rows and the single-process collectives."""
+"""Checks of the dense operators: embedding, linear (dense and quantized), norms (the Gemma
+convention included), activations, add, scale, soft_cap, gather_rows and the single-process
+collectives."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import torch
 from llm_hal import QuantScheme
+from llm_hal.reference import dtype_rounded
 
 from llm_conformance.cases import Params, op_check
 from llm_conformance.compare import Check
@@ -211,6 +213,60 @@ def _rms_norm(h: Harness, p: Params) -> None:
     )
 
 
+# The Gemma convention (HAL 1.3): hidden sizes of Gemma 2/3 (2304) and odd ones, one row, the
+# residual add on and off, and the per-head q/k norm of Gemma 3 (head size 256).
+_GEMMA_NORM_SHAPES = [(1, 8), (7, 80), (3, 13), (33, 576), (5, 2304), (16, 64)]
+GEMMA_RMS_NORM: list[Params] = []
+for _i, (_t, _hid) in enumerate(_GEMMA_NORM_SHAPES):
+    GEMMA_RMS_NORM.append({"tokens": _t, "hidden": _hid, "eps": 1e-6, "strided": _i % 2 == 1})
+    GEMMA_RMS_NORM.append({"tokens": _t, "hidden": _hid, "eps": 1e-6, "residual": True})
+GEMMA_RMS_NORM += [
+    {"tokens": 9, "hidden": 64, "eps": 1e-6, "scale": 1e-3},
+    {"tokens": 9, "hidden": 64, "eps": 1e-6, "scale": 1e-3, "residual": True},
+    {"tokens": 7, "hidden": 64, "eps": 1e-6, "heads": 4, "strided": True},
+    {"tokens": 3, "hidden": 256, "eps": 1e-6, "heads": 2, "strided": True},
+    {"tokens": 5, "hidden": 64, "eps": 1e-6, "inject": "nan"},
+    {"tokens": 5, "hidden": 64, "eps": 1e-6, "residual": True, "inject": "nan"},
+]
+
+
+@op_check("gemma_rms_norm", "norm", GEMMA_RMS_NORM)
+def _gemma_rms_norm(h: Harness, p: Params) -> None:
+    t, hid, eps, heads = p["tokens"], p["hidden"], p["eps"], p.get("heads", 1)
+    x, x64 = h.randn((t, hid * heads), p.get("scale", 1.0))
+    h.inject(x, x64, kind=p.get("inject"))
+    w, w64 = h.randn((hid,), 0.5)  # an offset from one: (1 + w) crosses zero too
+    be = h.backend
+    dev_x = h.strided(x) if p.get("strided") else h.up(x)
+    if heads > 1:
+        dev_x = be.reshape(dev_x, (t * heads, hid))
+        x, x64 = x.reshape(t * heads, hid), x64.reshape(t * heads, hid)
+    dev_w = h.up(w)
+    residual = p.get("residual", False)
+    if residual:
+        r, r64 = h.randn(tuple(x.shape), p.get("scale", 1.0))
+        s64 = (x64 + r64).to(h.torch_dtype).to(F64)  # the contract rounds the sum
+    else:
+        s64 = x64
+    want, _ = h.oracle.gemma_rms_norm(s64, w64, eps)
+    y, s = be.gemma_rms_norm(dev_x, dev_w, eps, residual=h.up(r) if residual else None)
+    h.expect_dtype("output", y, h.dtype)
+    h.close("output", y, want)
+    if residual:
+        if s is None:
+            h.add(Check("residual sum", False, "returned None; with a residual it returns s"))
+        else:
+            h.close("residual sum", s, x64 + r64, "elementwise")
+    h.unchanged("input x", dev_x, x)
+    h.with_out(
+        lambda out: be.gemma_rms_norm(
+            dev_x, dev_w, eps, residual=h.up(r) if residual else None, out=out
+        ),
+        want,
+        lambda res: res[0],
+    )
+
+
 LAYER_NORM: list[Params] = [
     {"tokens": t, "hidden": hid, "bias": i % 2 == 0} for i, (t, hid) in enumerate(_NORM_SHAPES)
 ]
@@ -319,6 +375,72 @@ def _add(h: Harness, p: Params) -> None:
     h.close("output", got, want)
     h.unchanged("input a", dev_a, a)
     h.with_out(lambda out: h.backend.add(dev_a, dev_b, out=out), want)
+
+
+# Gemma's embedding scale sqrt(H): 48 (H = 2304) is exact in every dtype; sqrt(640), sqrt(2560)
+# round to bf16 0.19% low (0.49 u), which the rounding-bias check sees in a backend that
+# forgets to round the factor first.
+SCALE: list[Params] = [
+    {"tokens": 1, "hidden": 8, "factor": 48.0},
+    {"tokens": 7, "hidden": 640, "factor": math.sqrt(640), "strided": True},
+    {"tokens": 33, "hidden": 2560, "factor": math.sqrt(2560)},
+    {"tokens": 5, "hidden": 13, "factor": math.sqrt(1152), "strided": True},
+    {"tokens": 64, "hidden": 96, "factor": 0.1},
+    {"tokens": 4, "hidden": 32, "factor": math.sqrt(3584), "inject": "nan"},
+    {"tokens": 4, "hidden": 32, "factor": 48.0, "inject": "inf"},
+]
+
+
+@op_check("scale", "elementwise", SCALE)
+def _scale(h: Harness, p: Params) -> None:
+    x, x64 = h.randn((p["tokens"], p["hidden"]))
+    h.inject(x, x64, kind=p.get("inject"))
+    dev_x = h.strided(x) if p.get("strided") else h.up(x)
+    factor = p["factor"]
+    want = h.oracle.scale(x64, dtype_rounded(factor, h.torch_dtype))
+    got = h.backend.scale(dev_x, factor)
+    h.expect_dtype("output", got, h.dtype)
+    h.close("output", got, want)
+    h.unchanged("input x", dev_x, x)
+    h.with_out(lambda out: h.backend.scale(dev_x, factor, out=out), want)
+
+
+# Gemma 2's final-logit soft cap (30): logits near 1, around the cap (the knee of tanh), far
+# past it (saturation at +-cap, inf included), a small cap; and caps <= 0, which are refused.
+SOFT_CAP: list[Params] = [
+    {"rows": 1, "vocab": 8, "cap": 30.0},
+    {"rows": 3, "vocab": 1001, "cap": 30.0, "strided": True},
+    {"rows": 2, "vocab": 32000, "cap": 30.0, "scale": 10.0},
+    {"rows": 5, "vocab": 257, "cap": 50.0, "scale": 50.0, "strided": True},
+    {"rows": 4, "vocab": 300, "cap": 30.0, "scale": 1e3},
+    {"rows": 2, "vocab": 96, "cap": 0.5, "scale": 3.0},
+    {"rows": 4, "vocab": 64, "cap": 30.0, "scale": 10.0, "inject": "inf"},
+    {"rows": 4, "vocab": 64, "cap": 30.0, "inject": "nan"},
+    {"rows": 1, "vocab": 16, "cap": 30.0, "bad_caps": True},
+]
+
+
+@op_check("soft_cap", "elementwise", SOFT_CAP)
+def _soft_cap(h: Harness, p: Params) -> None:
+    x, x64 = h.randn((p["rows"], p["vocab"]), p.get("scale", 1.0))
+    h.inject(x, x64, kind=p.get("inject"))
+    dev_x = h.strided(x) if p.get("strided") else h.up(x)
+    cap = p["cap"]
+    want = h.oracle.soft_cap(x64, cap)
+    got = h.backend.soft_cap(dev_x, cap)
+    h.expect_dtype("output", got, h.dtype)
+    h.close("output", got, want)
+    h.unchanged("input x", dev_x, x)
+    h.with_out(lambda out: h.backend.soft_cap(dev_x, cap, out=out), want)
+    if p.get("bad_caps"):
+        for bad in (0.0, -cap):
+            try:
+                h.backend.soft_cap(dev_x, bad)
+                refused = False
+            except ValueError:
+                refused = True
+            detail = "" if refused else "returned a result; a cap <= 0 raises ValueError"
+            h.add(Check(f"cap {bad:g} refused", refused, detail))
 
 
 GATHER_ROWS: list[Params] = [

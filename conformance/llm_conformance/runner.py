@@ -31,9 +31,10 @@ from llm_conformance.audits import AUDITS, Auditor
 from llm_conformance.cell import CELL_FAILED, CELL_UNSUPPORTED, CERTIFIED, NOT_RUN, Cell
 from llm_conformance.metrics import backend_logits, compare_greedy, compare_logits, gate_logits
 from llm_conformance.models import (
-    REAL_NAME,
+    REAL_MODELS,
     ModelUnderTest,
     kv_block_bytes,
+    real_model_spec,
     real_model_under_test,
     reference_greedy,
     reference_logits,
@@ -61,7 +62,8 @@ from llm_conformance.tracing import RecordingBackend
 log = logging.getLogger("llm_conformance")
 
 DEFAULT_DTYPES: tuple[DType, ...] = (DType.FP32, DType.BF16, DType.FP16)
-REAL_MODEL_ALIASES = ("smollm2", "demo", "real")
+#: What ``--model`` accepts for the demo model; every real model: ``REAL_MODELS``.
+REAL_MODEL_ALIASES = REAL_MODELS["smollm2"].aliases
 
 
 @dataclass(slots=True)
@@ -84,10 +86,11 @@ class Conformance:
     """A configured run. ``run()`` returns the certificate as a dict (unsigned).
 
     ``backends``: names (looked up in the registry) or instances; None for every installed
-    backend. ``models``: architecture names (``LlamaForCausalLM`` or ``llama``), ``smollm2``
-    for the demo model, or checkpoint paths; None for every supported architecture plus the
-    demo model (unless ``real_model`` is False). ``dtypes``: None for each backend's own
-    serving dtypes (see :func:`serving_dtypes`).
+    backend. ``models``: architecture names (``LlamaForCausalLM`` or ``llama``), the name of a
+    real model (``smollm2``, the demo model; ``gemma3-270m``: ``REAL_MODELS``), or checkpoint
+    paths; None for every supported architecture plus every real model (unless ``real_model``
+    is False; one that cannot be fetched is NOT RUN, with the reason). ``dtypes``: None for
+    each backend's own serving dtypes (see :func:`serving_dtypes`).
     """
 
     def __init__(
@@ -184,18 +187,25 @@ class Conformance:
         if self.requested_models is not None:
             return self.requested_models
         names = self.mandatory_architectures()
-        return names + (["smollm2"] if self.real_model else [])
+        return names + (list(REAL_MODELS) if self.real_model else [])
 
     def _model(self, name: str) -> ModelUnderTest | tuple[str, str]:
-        from llm_core.loaders import CheckpointError, default_model_path
+        from llm_core.loaders import CheckpointError, builtin_model_path, default_model_path
 
         from llm_conformance.checkpoints import model_type_of
 
-        if name.lower() in REAL_MODEL_ALIASES:
+        spec = real_model_spec(name)
+        if spec is not None:
             try:
-                return real_model_under_test(default_model_path())
+                # The demo model honours LLM_CORE_DEFAULT_MODEL, as llm-core itself does.
+                default = spec.key == "smollm2"
+                path = default_model_path() if default else builtin_model_path(spec.key)
+                model = real_model_under_test(path, spec)
             except (CheckpointError, OSError) as exc:
-                return (REAL_NAME, f"demo model unavailable: {exc}")
+                return (spec.name, f"real model {spec.key} unavailable: {exc}")
+            if model.architecture not in self.mandatory_architectures():
+                return (spec.name, f"the engine has no model for {model.architecture}")
+            return model
         if pathlib.Path(name).exists():
             model = real_model_under_test(pathlib.Path(name))
             model.name = pathlib.Path(name).name
@@ -212,7 +222,7 @@ class Conformance:
         raise ValueError(
             f"unknown model {name!r}: give an architecture "
             f"({', '.join(self.mandatory_architectures())}), "
-            f"{' or '.join(REAL_MODEL_ALIASES)} for the demo model, or a checkpoint path"
+            f"a real model ({', '.join(REAL_MODELS)}), or a checkpoint path"
         )
 
     # -- the run -------------------------------------------------------------------------------
@@ -289,7 +299,8 @@ class Conformance:
         if model.kind == "tiny":
             which = model.name
         else:
-            which = "smollm2" if model.name == REAL_NAME else str(model.path)
+            keys = {spec.name: key for key, spec in REAL_MODELS.items()}
+            which = keys.get(model.name, str(model.path))
         return (
             f"llm-core conformance --backend {backend} --model {which} --dtype {dtype.value} "
             f"--seed {self.seed}"

@@ -59,8 +59,9 @@ __all__ = [
 
 #: Bumped whenever a tolerance (here or in llm_hal.tolerances), a threshold, a case list or a
 #: check changes.
-SUITE_VERSION = "1.2.0"  # 1.1.0: apply_token_bitmask (HAL 1.2); 1.2.0: large-score
-# attention, sampling-support and mutation-driven cases
+SUITE_VERSION = "1.3.0"  # 1.1.0: apply_token_bitmask (HAL 1.2); 1.2.0: large-score
+# attention, sampling-support and mutation-driven cases; 1.3.0: gemma_rms_norm, scale and
+# soft_cap (HAL 1.3)
 
 FP32, FP16, BF16 = DType.FP32, DType.FP16, DType.BF16
 

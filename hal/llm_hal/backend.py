@@ -85,6 +85,7 @@ OPS: tuple[str, ...] = (
     "embedding",
     "linear",
     "rms_norm",
+    "gemma_rms_norm",
     "layer_norm",
     "rotary_embedding",
     "reshape_and_cache",
@@ -94,6 +95,8 @@ OPS: tuple[str, ...] = (
     "gelu_and_mul",
     "gelu",
     "add",
+    "scale",
+    "soft_cap",
     "gather_rows",
     "apply_penalties",
     "apply_token_bans",
@@ -412,6 +415,32 @@ class Backend:
         """
         raise self._unsupported("rms_norm")
 
+    def gemma_rms_norm(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        eps: float,
+        residual: Tensor | None = None,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`rms_norm` in the Gemma convention (Gemma 2 and 3; transformers'
+        ``Gemma2RMSNorm``, ``Gemma3RMSNorm``): the weight is an offset from one, and the result
+        is rounded once.
+
+        x: (T, H) float; weight: (H,) float, any of the float dtypes (usually x's). Without
+        ``residual``: returns ``(y, None)`` with ``y = (x_f32 * rsqrt(mean(x_f32**2) + eps)) *
+        (1 + weight_f32)``, computed entirely in at least fp32 and rounded once to x's dtype
+        (``rms_norm`` rounds the normalized value before multiplying by the weight; this does
+        not). With ``residual`` (T, H): exactly as :meth:`rms_norm`, ``s = x + residual`` is
+        formed in x's dtype (rounded) and returned as the new residual, and ``y =
+        gemma_rms_norm(s)``: returns ``(y, s)``. A backend may write ``s`` into ``residual``'s
+        storage. Also used for per-head q/k norms with x reshaped to (T * heads, D). Never
+        writes ``x``. HAL 1.3.
+
+        INHERITED.
+        """
+        raise self._unsupported("gemma_rms_norm")
+
     def layer_norm(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, out: Tensor | None = None
     ) -> Tensor:
@@ -551,6 +580,30 @@ class Backend:
         INHERITED.
         """
         raise self._unsupported("add")
+
+    def scale(self, x: Tensor, factor: float, out: Tensor | None = None) -> Tensor:
+        """Elementwise ``x * factor``: Gemma's scaled embeddings (``factor = sqrt(H)``).
+
+        x: (T, H) float. ``factor`` (a Python float) is first rounded to x's dtype, as
+        transformers does with ``embed_scale.to(weight.dtype)``; the product is computed in at
+        least fp32 and rounded once to x's dtype. For fp32, bf16 and fp16 that product is
+        exact in fp32, so the result is bit for bit transformers' ``x * normalizer`` in x's
+        dtype. HAL 1.3.
+
+        INHERITED.
+        """
+        raise self._unsupported("scale")
+
+    def soft_cap(self, x: Tensor, cap: float, out: Tensor | None = None) -> Tensor:
+        """Elementwise ``cap * tanh(x / cap)``: the final-logit soft cap of Gemma 2.
+
+        x: (B, V) float (fp32 logits where the engine calls it). Computed in at least fp32 and
+        rounded once to x's dtype; saturates to ``+-cap`` for large ``|x|`` (``+-inf`` gives
+        ``+-cap``, NaN stays NaN). HAL 1.3.
+
+        INHERITED. Raises ``ValueError`` unless ``cap > 0``.
+        """
+        raise self._unsupported("soft_cap")
 
     def gather_rows(self, x: Tensor, indices: Tensor, out: Tensor | None = None) -> Tensor:
         """x: (T, H); indices: (B,) int64 in ``[0, T)``. Returns (B, H), ``out[b] = x[indices[b]]``

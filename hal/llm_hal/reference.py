@@ -53,6 +53,18 @@ def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def dtype_rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (to nearest even), as a Python float: the factor of
+    ``scale``."""
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype))
+
+
+def check_soft_cap(cap: float) -> None:
+    """``soft_cap``'s argument check: a positive cap (``ValueError`` otherwise)."""
+    if not cap > 0:
+        raise ValueError(f"soft_cap needs a cap > 0, not {cap!r}")
+
+
 def dequantize(w: LinearWeight) -> torch.Tensor:
     """The dense ``(N, K)`` weight a quantized :class:`LinearWeight` stands for, in fp32
     (fp64 if its scales are fp64)."""
@@ -201,6 +213,20 @@ class TorchBackend(Backend):
         y = _into(out, (_acc(normed) * _acc(weight)).to(x.dtype))
         return y, (None if residual is None else s)
 
+    def gemma_rms_norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None = None,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        s = x if residual is None else (_acc(x) + _acc(residual)).to(x.dtype)
+        sf = _acc(s)
+        normed = sf * torch.rsqrt(sf.pow(2).mean(dim=-1, keepdim=True) + eps)
+        y = _into(out, (normed * (1.0 + _acc(weight).to(sf.dtype))).to(x.dtype))
+        return y, (None if residual is None else s)
+
     def layer_norm(
         self,
         x: torch.Tensor,
@@ -334,6 +360,13 @@ class TorchBackend(Backend):
 
     def add(self, a: torch.Tensor, b: torch.Tensor, out: Tensor | None = None) -> Tensor:
         return _into(out, (_acc(a) + _acc(b)).to(a.dtype))
+
+    def scale(self, x: torch.Tensor, factor: float, out: Tensor | None = None) -> Tensor:
+        return _into(out, (_acc(x) * dtype_rounded(factor, x.dtype)).to(x.dtype))
+
+    def soft_cap(self, x: torch.Tensor, cap: float, out: Tensor | None = None) -> Tensor:
+        check_soft_cap(cap)
+        return _into(out, (cap * torch.tanh(_acc(x) / cap)).to(x.dtype))
 
     def gather_rows(
         self, x: torch.Tensor, indices: torch.Tensor, out: Tensor | None = None

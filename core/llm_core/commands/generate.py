@@ -17,7 +17,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=None,
-        help="HF checkpoint directory or .gguf file (default: the SmolLM2-135M demo model)",
+        help="HF checkpoint directory, .gguf file, or built-in model name (smollm2, "
+        "gemma3-270m; fetched on first use) (default: the SmolLM2-135M demo model)",
     )
     g.add_argument("--backend", default=None, help="backend name (default: best available)")
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")

@@ -28,8 +28,9 @@ def add_parser(subparsers: Any) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description=(
-            "Serve MODEL (an HF checkpoint directory or a .gguf file; default: the "
-            "SmolLM2-135M demo model) over OpenAI's /v1/completions and /v1/chat/completions, "
+            "Serve MODEL (an HF checkpoint directory, a .gguf file or a built-in model name: "
+            "smollm2, gemma3-270m; default: the SmolLM2-135M demo model) over OpenAI's "
+            "/v1/completions and /v1/chat/completions, "
             "with streaming, /tokenize, /detokenize, /health, /version and Prometheus /metrics."
         ),
     )

@@ -174,6 +174,7 @@ class LLMEngine:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_chunked_prefill=args.enable_chunked_prefill,
                 max_model_len=self.max_model_len,
+                recompute_past=self.model.rope_switch_length,
             ),
             self.block_manager,
         )

@@ -103,13 +103,16 @@ class _PromptRows:
 class _DecodeGraph:
     """The persistent inputs of one capture size and, once captured, its graph.
 
-    Rows past the step's real batch are padding: token 0 at position 0, slot -1 (no cache
-    write), length 1 over block 0; their logits are computed and dropped.
+    Rows past the step's real batch are padding: token 0 at position 0 of a 1-token prompt,
+    slot -1 (no cache write), length 1 over block 0; their logits are computed and dropped.
+    ``batch.rope_positions`` is ``batch.positions`` itself while the model's rotary rows are
+    its positions, else a buffer of its own refreshed from ``model.rope_rows`` every step.
     """
 
     size: int
     ids: np.ndarray  # (size,) int64, host staging of batch.input_ids
     positions: np.ndarray  # (size,) int64, host staging of batch.positions
+    seq_lens: np.ndarray  # (size,) int64, each row's sequence length (all its known tokens)
     batch: ForwardBatch
     graph: CapturedGraph | None = None
     logits: Tensor | None = None  # (size, V) fp32, rewritten by every replay
@@ -189,12 +192,14 @@ class ModelRunner:
             table = seq.block_table
             g.ids[row] = seq.token_ids[pos]
             g.positions[row] = pos
+            g.seq_lens[row] = seq.num_tokens
             attn.seq_lens[row] = pos + 1
             attn.slot_mapping[row] = table[pos // bs] * bs + pos % bs
             tables[row, : len(table)] = table
         # Padding rows (a smaller batch may follow a larger one in the same graph).
         g.ids[n:] = 0
         g.positions[n:] = 0
+        g.seq_lens[n:] = 1
         attn.seq_lens[n:] = 1
         attn.slot_mapping[n:] = -1
         tables[n:, 0] = 0
@@ -204,6 +209,7 @@ class ModelRunner:
         be = self.backend
         be.copy_(g.batch.input_ids, be.from_host(g.ids, DType.INT64))
         be.copy_(g.batch.positions, be.from_host(g.positions, DType.INT64))
+        self._stage_rope_rows(g)
         if g.graph is not None:
             g.graph.replay()  # rewrites g.logits (or, emulated, sets it anew)
             logits = g.logits
@@ -237,15 +243,46 @@ class ModelRunner:
             block_size=self.block_size,
         )
         zeros = np.zeros(size, dtype=np.int64)
+        positions = be.from_host(zeros, DType.INT64)
         batch = ForwardBatch(
             input_ids=be.from_host(zeros, DType.INT64),
-            positions=be.from_host(zeros, DType.INT64),
+            positions=positions,
             attn=attn,
             logits_indices=be.from_host(np.arange(size, dtype=np.int64), DType.INT64),
+            rope_positions=positions,
         )
-        g = _DecodeGraph(size, zeros.copy(), zeros.copy(), batch)
+        g = _DecodeGraph(size, zeros.copy(), zeros.copy(), np.ones(size, dtype=np.int64), batch)
+        rows = self._rope_rows(g.positions, g.seq_lens)
+        if rows is not g.positions:
+            batch.rope_positions = be.from_host(rows, DType.INT64)
         self._graphs[size] = g
         return g
+
+    def _stage_rope_rows(self, g: _DecodeGraph) -> None:
+        """Refresh ``g.batch.rope_positions`` for the rows staged in ``g`` (after its
+        positions). A graph recorded reading the positions tensor as its rotary rows is
+        dropped, and recorded anew with a buffer of its own, once the model's rows stop being
+        the positions."""
+        be, batch = self.backend, g.batch
+        rows = self._rope_rows(g.positions, g.seq_lens)
+        if rows is g.positions:
+            if batch.rope_positions is not batch.positions:
+                be.copy_(batch.rope_positions, batch.positions)
+        elif batch.rope_positions is batch.positions:
+            batch.rope_positions = be.from_host(rows, DType.INT64)
+            g.graph, g.logits, g.tried = None, None, False
+        else:
+            be.copy_(batch.rope_positions, be.from_host(rows, DType.INT64))
+
+    def _rope_rows(self, positions: np.ndarray, seq_lens: np.ndarray) -> np.ndarray:
+        """The model's rotary-table rows for the tokens (``positions`` itself: identity)."""
+        rows = self.model.rope_rows(positions, seq_lens)
+        if rows is not positions and np.shape(rows) != positions.shape:
+            raise ValueError(
+                f"{type(self.model).__name__}.rope_rows returned shape {np.shape(rows)} for "
+                f"{positions.shape[0]} tokens"
+            )
+        return rows
 
     # ------------------------------------------------------------------------------------------
     # eager steps
@@ -258,6 +295,7 @@ class ModelRunner:
         then the rows of the prompt positions whose log-probabilities were asked for."""
         ids: list[int] = []
         positions: list[np.ndarray] = []
+        known_lens: list[int] = []  # each sequence's length (all its known tokens), per item
         slots: list[np.ndarray] = []
         starts = [0]
         seq_lens: list[int] = []
@@ -273,6 +311,7 @@ class ModelRunner:
             pos = np.arange(start, end, dtype=np.int64)
             table = np.asarray(seq.block_table, dtype=np.int64)
             positions.append(pos)
+            known_lens.append(seq.num_tokens)
             slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
             tables[row, : len(table)] = table
             starts.append(starts[-1] + item.num_new_tokens)
@@ -299,11 +338,18 @@ class ModelRunner:
             slot_mapping=np.concatenate(slots),
             block_size=self.block_size,
         )
+        host_positions = np.concatenate(positions)
+        device_positions = be.from_host(host_positions, DType.INT64)
+        counts = [len(p) for p in positions]
+        rows = self._rope_rows(host_positions, np.repeat(np.asarray(known_lens, np.int64), counts))
         batch = ForwardBatch(
             input_ids=be.from_host(np.asarray(ids, dtype=np.int64), DType.INT64),
-            positions=be.from_host(np.concatenate(positions), DType.INT64),
+            positions=device_positions,
             attn=attn,
             logits_indices=be.from_host(np.asarray(logits_rows, dtype=np.int64), DType.INT64),
+            rope_positions=(
+                device_positions if rows is host_positions else be.from_host(rows, DType.INT64)
+            ),
         )
         return batch, sampled, prompt
 

@@ -29,6 +29,8 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    #: The model's ``rope_switch_length``: a sequence growing past it is recomputed once.
+    recompute_past: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
@@ -137,8 +139,23 @@ class Scheduler:
             )
         return None
 
+    def _switch_rope(self, seq: Sequence) -> bool:
+        """Drop the KV cache of a sequence that has just grown past ``recompute_past`` (its
+        keys were rotated for a short sequence), so this step recomputes all of it; its blocks
+        are hashed apart from those of short sequences from then on. True if it did."""
+        past = self.config.recompute_past
+        if past is None or seq.num_tokens <= past or _is_long(seq):
+            return False
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        _mark_long(seq)
+        return True
+
     def add(self, seq: Sequence) -> None:
         """Queue ``seq`` behind every waiting sequence."""
+        past = self.config.recompute_past
+        if past is not None and seq.num_tokens > past:
+            _mark_long(seq)  # computed with the long rope from its first step
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
@@ -184,7 +201,12 @@ class Scheduler:
                 self._release(seq)
                 ignored.append(seq)
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            if self._switch_rope(seq):
+                # Recomputed from scratch: like an admission, after its prefix-cache hits.
+                _, num_hit_tokens = bm.get_computed_blocks(seq)
+                num_new = min(seq.num_tokens - num_hit_tokens, budget)
+            else:
+                num_new = min(seq.num_uncomputed_tokens, budget)
             while not bm.can_allocate(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -273,3 +295,16 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
+
+
+_LONG_SALT = "rope:long"
+
+
+def _is_long(seq: Sequence) -> bool:
+    return (seq.cache_salt or "").endswith(_LONG_SALT)
+
+
+def _mark_long(seq: Sequence) -> None:
+    """Salt the sequence's block hashes: a block's keys depend on the rope it was rotated with."""
+    seq.cache_salt = f"{seq.cache_salt or ''}|{_LONG_SALT}"
+    seq.block_hashes = []

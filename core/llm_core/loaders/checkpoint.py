@@ -105,13 +105,9 @@ def pickle_refusal_message(where: pathlib.Path) -> str:
 
 # --- checks shared by the formats -------------------------------------------------------------
 
-#: Model types whose tensors follow the Llama layout ``check_decoder_tensors`` knows.
-DECODER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
-
-#: Tensors every layer of a Llama-layout decoder has.
-_LAYER_CORE = (
+#: Model types whose tensors ``check_decoder_tensors`` knows, each with the tensors every layer
+#: has (the Llama layout, and the Gemma, Phi-3 and GLM-4 variants of it).
+_LLAMA_CORE = (
     "input_layernorm.weight",
     "self_attn.q_proj.weight",
     "self_attn.k_proj.weight",
@@ -122,6 +118,42 @@ _LAYER_CORE = (
     "mlp.up_proj.weight",
     "mlp.down_proj.weight",
 )
+_GEMMA2_CORE = (
+    *_LLAMA_CORE,
+    "pre_feedforward_layernorm.weight",
+    "post_feedforward_layernorm.weight",
+)
+_LAYER_CORES: dict[str, tuple[str, ...]] = {
+    "llama": _LLAMA_CORE,
+    "mistral": _LLAMA_CORE,
+    "qwen2": _LLAMA_CORE,
+    "qwen3": _LLAMA_CORE,
+    "gemma2": _GEMMA2_CORE,
+    "gemma3_text": (*_GEMMA2_CORE, "self_attn.q_norm.weight", "self_attn.k_norm.weight"),
+    "phi3": (
+        "input_layernorm.weight",
+        "self_attn.qkv_proj.weight",
+        "self_attn.o_proj.weight",
+        "post_attention_layernorm.weight",
+        "mlp.gate_up_proj.weight",
+        "mlp.down_proj.weight",
+    ),
+    "glm4": (
+        "input_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "post_self_attn_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "post_mlp_layernorm.weight",
+        "mlp.gate_up_proj.weight",
+        "mlp.down_proj.weight",
+    ),
+}
+DECODER_MODEL_TYPES = frozenset(_LAYER_CORES)
+
+_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -161,7 +193,7 @@ def check_decoder_tensors(
     source: str,
     stored_name: Callable[[str], str] = str,
 ) -> None:
-    """Check a Llama-layout decoder's tensors against its config before any weight is read.
+    """Check a decoder's tensors against its config before any weight is read.
 
     ``shapes`` maps Hugging Face names to shapes in numpy order; ``stored_name`` gives the
     name the file uses (for messages) and ``source`` says where the config came from ("the
@@ -196,6 +228,12 @@ def check_decoder_tensors(
         "mlp.gate_proj": (inter, hidden),
         "mlp.up_proj": (inter, hidden),
         "mlp.down_proj": (hidden, inter),
+        "pre_feedforward_layernorm": (hidden,),
+        "post_feedforward_layernorm": (hidden,),
+        "post_self_attn_layernorm": (hidden,),
+        "post_mlp_layernorm": (hidden,),
+        "self_attn.qkv_proj": (q + 2 * kv, hidden),
+        "mlp.gate_up_proj": (2 * inter, hidden),
     }
     sizes = (
         f"vocab_size={vocab}, hidden_size={hidden}, intermediate_size={inter}, "
@@ -220,7 +258,8 @@ def check_decoder_tensors(
                 "does not match its weights."
             )
     required = ["model.embed_tokens.weight", "model.norm.weight"]
-    required += [f"model.layers.{i}.{part}" for i in range(layers) for part in _LAYER_CORE]
+    core = _LAYER_CORES[config.model_type]
+    required += [f"model.layers.{i}.{part}" for i in range(layers) for part in core]
     missing = [name for name in required if name not in shapes]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from llm_hal import AttentionMetadata, Backend, DType, LinearWeight, Tensor
 
@@ -19,6 +20,9 @@ class ForwardBatch:
     positions: Tensor  # (T,) int64
     attn: AttentionMetadata
     logits_indices: Tensor  # (B',) int64: rows of the step whose logits are needed
+    #: (T,) int64: the rotary-table row each token reads (``CausalLM.rope_rows``); the
+    #: ``positions`` tensor itself where those rows are the positions.
+    rope_positions: Tensor
 
 
 class CausalLM:
@@ -42,6 +46,21 @@ class CausalLM:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Consume (HF name, host tensor) pairs; returns the bytes placed on the device."""
         raise NotImplementedError
+
+    #: A sequence whose length passes this many tokens is recomputed whole (the scheduler
+    #: drops its KV cache once, at the crossing) and from then on rotated with other
+    #: frequencies: transformers' LongRoPE semantics for Phi-3 (None: never).
+    rope_switch_length: int | None = None
+
+    def rope_rows(self, positions: np.ndarray, seq_lens: np.ndarray) -> np.ndarray:
+        """The rotary-table row of each token of a step (int64, like ``positions``), from its
+        position and the length of its sequence (``seq_lens``, one per token: every token the
+        sequence holds at this step, the ones still to compute included). The engine puts the
+        result in ``ForwardBatch.rope_positions``; returning ``positions`` itself (this
+        default) tells it the rows are the positions, and it reuses the positions tensor.
+        Overridden by models whose rotary frequencies depend on the sequence length (LongRoPE:
+        see :meth:`llm_core.models.rope.RopeTable.rows` and ``rope_switch_length``)."""
+        return positions
 
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Run the step; returns fp32 logits (B', V) for ``batch.logits_indices``."""

@@ -1,17 +1,19 @@
-"""Mistral: the Llama layout with an optional sliding attention window."""
+"""Mistral: the Llama layout with an optional sliding attention window on every layer."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from llm_hal import Backend, DType
-
-from llm_core.models.decoder import DecoderLM, DecoderOptions
+from llm_core.models.decoder import DecoderLM, DecoderOptions, activation_of, layer_windows
 
 
 class MistralForCausalLM(DecoderLM):
     architectures: ClassVar[tuple[str, ...]] = ("MistralForCausalLM",)
+    honoured = frozenset({"hidden_act", "sliding_window"})
 
-    def __init__(self, config: Any, backend: Backend, dtype: DType):
-        window = getattr(config, "sliding_window", None)
-        super().__init__(config, backend, dtype, DecoderOptions(sliding_window=window or None))
+    @classmethod
+    def declare(cls, config: Any) -> DecoderOptions:
+        return DecoderOptions(
+            activation=activation_of(config),
+            windows=layer_windows(config, per_layer_types=False),
+        )

@@ -1,22 +1,25 @@
-"""Qwen3 (dense): the Llama layout with RMSNorm on each query and key head before rotary."""
+"""Qwen3 (dense): the Llama layout with RMSNorm on each query and key head before rotary;
+``attention_bias`` biases q, k, v and o; per-layer sliding windows as Qwen2."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from llm_hal import Backend, DType
-
-from llm_core.models.decoder import DecoderLM, DecoderOptions
+from llm_core.models.decoder import DecoderLM, DecoderOptions, activation_of, layer_windows
+from llm_core.models.qwen2 import Qwen2ForCausalLM
 
 
 class Qwen3ForCausalLM(DecoderLM):
     architectures: ClassVar[tuple[str, ...]] = ("Qwen3ForCausalLM",)
+    honoured = Qwen2ForCausalLM.honoured | {"attention_bias"}
 
-    def __init__(self, config: Any, backend: Backend, dtype: DType):
-        if getattr(config, "use_sliding_window", False):
-            raise ValueError(
-                "Qwen3 checkpoints with use_sliding_window=true are not supported yet; "
-                "set use_sliding_window to false in config.json"
-            )
+    @classmethod
+    def declare(cls, config: Any) -> DecoderOptions:
         bias = bool(getattr(config, "attention_bias", False))
-        super().__init__(config, backend, dtype, DecoderOptions(qkv_bias=bias, qk_norm=True))
+        return DecoderOptions(
+            qkv_bias=bias,
+            o_bias=bias,
+            qk_norm=True,
+            activation=activation_of(config),
+            windows=layer_windows(config, per_layer_types=True),
+        )

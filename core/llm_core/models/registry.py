@@ -5,8 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from llm_core.models.base import CausalLM
+from llm_core.models.gemma2 import Gemma2ForCausalLM
+from llm_core.models.gemma3 import Gemma3ForCausalLM
+from llm_core.models.glm4 import Glm4ForCausalLM
 from llm_core.models.llama import LlamaForCausalLM
 from llm_core.models.mistral import MistralForCausalLM
+from llm_core.models.phi3 import Phi3ForCausalLM
 from llm_core.models.qwen2 import Qwen2ForCausalLM
 from llm_core.models.qwen3 import Qwen3ForCausalLM
 
@@ -15,6 +19,10 @@ MODEL_CLASSES: tuple[type[CausalLM], ...] = (
     MistralForCausalLM,
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Phi3ForCausalLM,
+    Glm4ForCausalLM,
 )
 
 ARCHITECTURES: dict[str, type[CausalLM]] = {

@@ -2,8 +2,9 @@
 
 The C kernels (``csrc/cpu_kernels.c``, see ``native.py``) compute the bf16/fp32 linear layers
 (torch's GEMV reaches about half the memory bandwidth, and with no AVX512-BF16 its bf16 path is
-far slower still), and run the norms, rotary embedding, KV-cache writes, attention, gated
-activation and the guided-decoding token mask in one pass each. They also make the decode step
+far slower still), and run the norms (the Gemma one too), rotary embedding, KV-cache writes,
+attention, gated activation, Gemma's embedding scale and logit soft cap and the guided-decoding
+token mask in one pass each. They also make the decode step
 capturable (:meth:`CpuBackend.capture_graph`): replayed as one native call, with no Python per
 operator. Where the kernels do not apply (other dtypes, quantized weights) or could not be
 built, the torch operators run: oneDNN/MKL GEMMs, torch's fused scaled-dot-product attention.
@@ -39,7 +40,7 @@ from llm_hal import (
 )
 from llm_hal.backend import CapturedGraph, Tensor
 from llm_hal.metadata import SamplingMetadata
-from llm_hal.reference import dequantize
+from llm_hal.reference import check_soft_cap, dequantize, dtype_rounded
 from llm_hal.spec import host_cpu_name
 
 from llm_core_cpu.arena import HugePageArena
@@ -329,32 +330,72 @@ class CpuBackend(TorchBackend):
         residual: torch.Tensor | None = None,
         out: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        code = _CODES.get(x.dtype)
-        if (
-            self._nk is not None
-            and code is not None
-            and x.dim() == 2
-            and x.stride(-1) == 1
-            and weight.dtype == x.dtype
-            and weight.is_contiguous()
-            and (residual is None or (residual.dtype == x.dtype and residual.stride(-1) == 1))
-        ):
-            t, h = x.shape
-            y = self._out(out, (t, h), x.dtype)
-            if y is not None:
-                s = None if residual is None else torch.empty((t, h), dtype=x.dtype)
-                args = (
-                    x.data_ptr(), x.stride(0),
-                    None if residual is None else residual.data_ptr(),
-                    0 if residual is None else residual.stride(0),
-                    weight.data_ptr(), y.data_ptr(), y.stride(0),
-                    None if s is None else s.data_ptr(), h,
-                    t, h, eps, code,
-                )  # fmt: skip
-                self._run("llm_rms_norm", args, (x, residual, weight, y, s))
-                return y, s
+        done = self._native_norm("llm_rms_norm", x, weight, eps, residual, out)
+        if done is not None:
+            return done
         self._eager("rms_norm")
         return self._torch_rms_norm(x, weight, eps, residual, out)
+
+    def gemma_rms_norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None = None,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        done = self._native_norm("llm_gemma_rms_norm", x, weight, eps, residual, out)
+        if done is not None:
+            return done
+        self._eager("gemma_rms_norm")
+        s = None if residual is None else TorchBackend.add(self, x, residual)
+        normed = x if s is None else s
+        norm = super().gemma_rms_norm
+        if x.dtype in self._invariant and x.dim() == 2:
+            # torch may split one row's sum of squares across threads when the rows are few:
+            # one row at a time, each row is summed the same way whatever the batch.
+            y = _into(out, _rows(normed, lambda r: norm(r, weight, eps)[0]))
+        else:
+            y = norm(normed, weight, eps, None, out)[0]
+        return y, s
+
+    def _native_norm(
+        self,
+        kernel: str,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None,
+        out: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """``rms_norm`` or ``gemma_rms_norm`` (``kernel``) by its C kernel, or None where the
+        kernel cannot take these tensors."""
+        code = _CODES.get(x.dtype)
+        if (
+            self._nk is None
+            or code is None
+            or x.dim() != 2
+            or x.stride(-1) != 1
+            or weight.dtype != x.dtype
+            or not weight.is_contiguous()
+            or (residual is not None and (residual.dtype != x.dtype or residual.stride(-1) != 1))
+        ):
+            return None
+        t, h = x.shape
+        y = self._out(out, (t, h), x.dtype)
+        if y is None:
+            return None
+        s = None if residual is None else torch.empty((t, h), dtype=x.dtype)
+        args = (
+            x.data_ptr(), x.stride(0),
+            None if residual is None else residual.data_ptr(),
+            0 if residual is None else residual.stride(0),
+            weight.data_ptr(), y.data_ptr(), y.stride(0),
+            None if s is None else s.data_ptr(), h,
+            t, h, eps, code,
+        )  # fmt: skip
+        self._run(kernel, args, (x, residual, weight, y, s))
+        return y, s
 
     def _torch_rms_norm(
         self,
@@ -472,10 +513,6 @@ class CpuBackend(TorchBackend):
                                 sliding_window, logits_soft_cap, y, code)  # fmt: skip
                 return y
         self._eager("paged_attention_prefill")
-        if logits_soft_cap:
-            return super().paged_attention_prefill(
-                query, key_cache, value_cache, meta, scale, sliding_window, logits_soft_cap, out
-            )
         d = key_cache.shape[3]
         t = query.shape[0]
         q_all = query.reshape(t, -1, d)  # (T, Hq, D)
@@ -499,9 +536,7 @@ class CpuBackend(TorchBackend):
             # is_causal=True torch's short-sequence path turns a NaN query row into zeros, and the
             # HAL contract (and the conformance suite) require NaN to propagate.
             mask = _causal_mask(q1 - q0, length, sliding_window)
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
-            )[0]  # (Hq, Lq, D)
+            o = _sdpa(q, k, v, mask, scale, logits_soft_cap)[0]  # (Hq, Lq, D)
             result[q0:q1] = o.transpose(0, 1)
         return result.reshape(t, -1)
 
@@ -525,12 +560,8 @@ class CpuBackend(TorchBackend):
                                 sliding_window, logits_soft_cap, y, code)  # fmt: skip
                 return y
         self._eager("paged_attention_decode")
-        if logits_soft_cap:
-            return super().paged_attention_decode(
-                query, key_cache, value_cache, meta, scale, sliding_window, logits_soft_cap, out
-            )
         return self._torch_attention_decode(query, key_cache, value_cache, meta, scale,
-                                            sliding_window, out)  # fmt: skip
+                                            sliding_window, logits_soft_cap, out)  # fmt: skip
 
     def _attention_code(
         self,
@@ -588,6 +619,7 @@ class CpuBackend(TorchBackend):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        logits_soft_cap: float | None,
         out: Tensor | None,
     ) -> Tensor:
         b, d = meta.num_seqs, key_cache.shape[3]
@@ -612,9 +644,7 @@ class CpuBackend(TorchBackend):
         k = key_cache[idx].reshape(b, -1, hkv, d).transpose(1, 2)  # (B, Hkv, L, D)
         v = value_cache[idx].reshape(b, -1, hkv, d).transpose(1, 2)
         q = query.reshape(b, -1, 1, d)  # (B, Hq, 1, D)
-        o = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
-        )  # (B, Hq, 1, D)
+        o = _sdpa(q, k.to(q.dtype), v.to(q.dtype), mask, scale, logits_soft_cap)  # (B, Hq, 1, D)
         o = o.reshape(b, -1)
         if out is not None:
             out.copy_(o)
@@ -673,6 +703,42 @@ class CpuBackend(TorchBackend):
         if x.dtype in self._invariant and x.dim() == 2:
             return _into(out, _rows(x, lambda r: super(CpuBackend, self).gelu(r, approximate)))
         return super().gelu(x, approximate, out)
+
+    def scale(self, x: torch.Tensor, factor: float, out: Tensor | None = None) -> Tensor:
+        # An exact product of two values of x's dtype, rounded once: the kernel and torch agree
+        # bit for bit, so the torch path below is batch-invariant too.
+        y = self._map("llm_scale", x, dtype_rounded(factor, x.dtype), out)
+        if y is not None:
+            return y
+        self._eager("scale")
+        return super().scale(x, factor, out)
+
+    def soft_cap(self, x: torch.Tensor, cap: float, out: Tensor | None = None) -> Tensor:
+        check_soft_cap(cap)
+        y = self._map("llm_soft_cap", x, cap, out)
+        if y is not None:
+            return y
+        self._eager("soft_cap")
+        if x.dtype in self._invariant and x.dim() == 2:
+            # torch's vectorized tanh and its scalar tail may differ in the last bit.
+            return _into(out, _rows(x, lambda r: super(CpuBackend, self).soft_cap(r, cap)))
+        return super().soft_cap(x, cap, out)
+
+    def _map(
+        self, kernel: str, x: torch.Tensor, a: float, out: Tensor | None
+    ) -> torch.Tensor | None:
+        """An elementwise map of rows (``llm_soft_cap``, ``llm_scale``, with its scalar ``a``)
+        by its C kernel, or None where the kernel cannot take these tensors."""
+        code = _CODES.get(x.dtype)
+        if self._nk is None or code is None or x.dim() != 2 or x.stride(-1) != 1:
+            return None
+        t, n = x.shape
+        y = self._out(out, (t, n), x.dtype)
+        if y is None:
+            return None
+        args = (x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), t, n, a, code)
+        self._run(kernel, args, (x, y))
+        return y
 
     def moe_experts(
         self,
@@ -787,6 +853,29 @@ def _prefill_rows(meta: AttentionMetadata) -> tuple[np.ndarray, np.ndarray]:
     return rows
 
 
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    soft_cap: float | None,
+) -> torch.Tensor:
+    """Attention of q (..., Hq, Lq, D) over k, v (..., Hkv, L, D) where ``mask`` (broadcast to
+    (..., Lq, L)) is True: torch's fused kernel, or without one for soft-capped scores
+    (``soft_cap * tanh(score / soft_cap)``, which it cannot apply), the same in fp32 (fp64 for
+    fp64) matmuls."""
+    if not soft_cap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[-3] // k.shape[-3]
+    k = k.to(acc).repeat_interleave(group, dim=-3)  # (..., Hq, L, D)
+    v = v.to(acc).repeat_interleave(group, dim=-3)
+    scores = (q.to(acc) @ k.transpose(-1, -2)) * scale  # (..., Hq, Lq, L)
+    scores = (soft_cap * torch.tanh(scores / soft_cap)).masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)
+
+
 def _causal_mask(q_len: int, kv_len: int, sliding_window: int | None) -> torch.Tensor:
     """(Lq, L) bool: new token i (position kv_len - q_len + i) sees keys at or before it."""
     q_pos = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
@@ -802,9 +891,9 @@ def _causal_mask(q_len: int, kv_len: int, sliding_window: int | None) -> torch.T
 # ----------------------------------------------------------------------------------------------
 
 #: Methods that record a kernel while capturing (or fail the capture themselves).
-_RECORDING = frozenset({"embedding", "linear", "rms_norm", "rotary_embedding",
+_RECORDING = frozenset({"embedding", "linear", "rms_norm", "gemma_rms_norm", "rotary_embedding",
                         "reshape_and_cache", "paged_attention_decode", "silu_and_mul",
-                        "gather_rows", "copy_"})  # fmt: skip
+                        "scale", "soft_cap", "gather_rows", "copy_"})  # fmt: skip
 #: Everything else that computes or moves data: it cannot be replayed, so it fails a capture.
 _GUARDED: tuple[str, ...] = (*OPS, "from_host", "to_host", "allocate_kv_cache", "prepare_linear")
 _capturing_classes: dict[type, type] = {}

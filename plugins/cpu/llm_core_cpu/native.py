@@ -47,6 +47,10 @@ SIGNATURES: dict[str, list[Any]] = {
     "llm_gather_rows": [c_void_p, c_int64, c_void_p, c_int64, c_int64, c_void_p, c_int32],
     "llm_convert": [c_void_p, c_int32, c_void_p, c_int32, c_int64],
     "llm_token_bitmask": [c_void_p, c_int64, c_void_p, c_int64, c_int64, c_int64],
+    "llm_gemma_rms_norm": [c_void_p, c_int64, c_void_p, c_int64, c_void_p, c_void_p, c_int64,
+                           c_void_p, c_int64, c_int64, c_int64, c_float, c_int32],
+    "llm_soft_cap": [c_void_p, c_int64, c_void_p, c_int64, c_int64, c_int64, c_float, c_int32],
+    "llm_scale": [c_void_p, c_int64, c_void_p, c_int64, c_int64, c_int64, c_float, c_int32],
 }  # fmt: skip
 
 #: Record kinds of ``llm_run`` (the enum in the C source), by kernel name.

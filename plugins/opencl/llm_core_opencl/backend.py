@@ -40,6 +40,7 @@ from llm_hal import (
 )
 from llm_hal.backend import CapturedGraph, Tensor
 from llm_hal.dtypes import from_torch, to_torch
+from llm_hal.reference import check_soft_cap, dtype_rounded
 
 from llm_core_opencl.device import Candidate, select_device, selector_from_env
 from llm_core_opencl.programs import ProgramCache
@@ -370,6 +371,33 @@ class OpenCLBackend(Backend):
         out: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         dtype = self._float(x, "rms_norm")
+        return self._row_norm("rms_norm", x, self._as(weight, dtype), eps, residual, out)
+
+    def gemma_rms_norm(
+        self,
+        x: Array,
+        weight: Array,
+        eps: float,
+        residual: Array | None = None,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        self._float(x, "gemma_rms_norm")
+        # (1 + w) is formed from the weight in its own dtype (fp64 is read as fp32).
+        w_dtype = self.dtype_of(weight)
+        weight = self._as(weight, w_dtype if w_dtype in _STORAGE else DType.FP32)
+        return self._row_norm("gemma_rms_norm", x, weight, eps, residual, out)
+
+    def _row_norm(
+        self,
+        name: str,
+        x: Array,
+        weight: Array,
+        eps: float,
+        residual: Array | None,
+        out: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``rms_norm`` or ``gemma_rms_norm`` (kernel ``name`` of norm.cl) of the rows of x."""
+        dtype = self._float(x, name)
         x = self._contig(x)
         hidden = int(x.shape[-1])
         rows = x.size // hidden if hidden else 0
@@ -377,10 +405,13 @@ class OpenCLBackend(Backend):
         # The sum s is written over residual (allowed by the contract) when it is plain and of
         # x's dtype; else over a plain copy of it in x's dtype.
         s = None if residual is None else self._as(residual, dtype)
-        kernel = self._kernel("norm.cl", "rms_norm", dtype, WG=self.row_wg)
+        # The weight's storage type: x's (one program for every norm) unless gemma_rms_norm
+        # is given a weight of another float type.
+        wstorage = _STORAGE[self.dtype_of(weight)]
+        kernel = self._kernel("norm.cl", name, dtype, WG=self.row_wg, WSTORAGE=wstorage)
         self._run(
             kernel, (self.row_wg * rows,), (self.row_wg,), x.data,
-            None if s is None else s.data, _i32(s is not None), self._as(weight, dtype).data,
+            None if s is None else s.data, _i32(s is not None), weight.data,
             target.data, _i32(hidden), _f32(eps),
         )  # fmt: skip
         return self._deliver(target, pending), s
@@ -394,7 +425,9 @@ class OpenCLBackend(Backend):
         rows = x.size // hidden if hidden else 0
         target, pending = self._target(out, x.shape, dtype)
         b = None if bias is None else self._as(bias, dtype)
-        kernel = self._kernel("norm.cl", "layer_norm", dtype, WG=self.row_wg)
+        kernel = self._kernel(
+            "norm.cl", "layer_norm", dtype, WG=self.row_wg, WSTORAGE=_STORAGE[dtype]
+        )
         self._run(
             kernel, (self.row_wg * rows,), (self.row_wg,), x.data, self._as(weight, dtype).data,
             None if b is None else b.data, _i32(b is not None), target.data, _i32(hidden),
@@ -544,13 +577,7 @@ class OpenCLBackend(Backend):
 
     def gelu(self, x: Array, approximate: str = "none", out: Tensor | None = None) -> Tensor:
         dtype = self._float(x, "gelu")
-        x = self._contig(x)
-        target, pending = self._target(out, x.shape, dtype)
-        kernel = self._kernel("elementwise.cl", "gelu", dtype)
-        self._run(
-            kernel, (x.size,), None, x.data, target.data, _i32(_tanh_approximation(approximate))
-        )
-        return self._deliver(target, pending)
+        return self._map("gelu", x, dtype, out, _i32(_tanh_approximation(approximate)))
 
     def add(self, a: Array, b: Array, out: Tensor | None = None) -> Tensor:
         dtype = self._float(a, "add")
@@ -560,6 +587,23 @@ class OpenCLBackend(Backend):
         target, pending = self._target(out, a.shape, dtype)
         kernel = self._kernel("elementwise.cl", "add", dtype)
         self._run(kernel, (a.size,), None, a.data, self._as(b, dtype).data, target.data)
+        return self._deliver(target, pending)
+
+    def scale(self, x: Array, factor: float, out: Tensor | None = None) -> Tensor:
+        dtype = self._float(x, "scale")
+        # The factor rounded to x's dtype (the contract); the kernel rounds the product once.
+        return self._map("scale", x, dtype, out, _f32(dtype_rounded(factor, to_torch(dtype))))
+
+    def soft_cap(self, x: Array, cap: float, out: Tensor | None = None) -> Tensor:
+        check_soft_cap(cap)
+        return self._map("soft_cap", x, self._float(x, "soft_cap"), out, _f32(cap))
+
+    def _map(self, name: str, x: Array, dtype: DType, out: Tensor | None, *extra: Any) -> Tensor:
+        """An elementwise kernel ``name(x, out, *extra)`` of elementwise.cl."""
+        x = self._contig(x)
+        target, pending = self._target(out, x.shape, dtype)
+        kernel = self._kernel("elementwise.cl", name, dtype)
+        self._run(kernel, (x.size,), None, x.data, target.data, *extra)
         return self._deliver(target, pending)
 
     def gather_rows(self, x: Array, indices: Array, out: Tensor | None = None) -> Tensor:

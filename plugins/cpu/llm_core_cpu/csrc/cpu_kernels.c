@@ -608,7 +608,7 @@ void llm_linear(const void* x, int64_t ldx, int64_t T, int64_t K, const void* w,
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* rms_norm (optionally fused with the residual add)                                          */
+/* rms_norm and gemma_rms_norm (optionally fused with the residual add)                       */
 /* ------------------------------------------------------------------------------------------ */
 
 typedef struct {
@@ -617,6 +617,7 @@ typedef struct {
     int64_t ldx, ldr, ldy, lds, H, rows_per_chunk, T;
     float eps;
     int dt;
+    int gemma; /* 1: y = s * inv * (1 + w), rounded once (Gemma); 0: round(s * inv) * w */
 } rms_job;
 
 static void rms_chunk(void* p, int64_t chunk) {
@@ -627,6 +628,8 @@ static void rms_chunk(void* p, int64_t chunk) {
     float* buf = scratch(3 * H);
     float *s = buf, *r = buf + H, *wf = buf + 2 * H;
     to_f32(j->w, j->dt, wf, H);
+    if (j->gemma)
+        for (int64_t i = 0; i < H; i++) wf[i] = 1.0f + wf[i];
     for (int64_t t = t0; t < t1; t++) {
         to_f32((const char*)j->x + t * j->ldx * es, j->dt, s, H);
         if (j->res) {
@@ -636,18 +639,35 @@ static void rms_chunk(void* p, int64_t chunk) {
         }
         float ss = dot_f32(s, s, H);
         float inv = 1.0f / sqrtf(ss / (float)H + j->eps);
-        for (int64_t i = 0; i < H; i++) s[i] = round_dt(s[i] * inv, j->dt) * wf[i];
+        if (j->gemma)
+            for (int64_t i = 0; i < H; i++) s[i] = s[i] * inv * wf[i];
+        else
+            for (int64_t i = 0; i < H; i++) s[i] = round_dt(s[i] * inv, j->dt) * wf[i];
         from_f32(s, (char*)j->y + t * j->ldy * es, j->dt, H);
     }
 }
 
+static void rms_norm(const void* x, int64_t ldx, const void* res, int64_t ldr, const void* w,
+                     void* y, int64_t ldy, void* s_out, int64_t lds, int64_t T, int64_t H,
+                     float eps, int32_t dt, int gemma) {
+    int threads = T * H >= 262144 ? g_threads : 1;
+    int64_t rows = T / (4 * threads) > 1 ? T / (4 * threads) : 1;
+    rms_job job = {x, res, w, y, s_out, ldx, ldr, ldy, lds, H, rows, T, eps, dt, gemma};
+    parallel_for(rms_chunk, &job, (T + rows - 1) / rows, threads);
+}
+
+/* y = round(s * rsqrt(mean(s^2) + eps)) * w, s = x or round(x + res) (then stored in s_out) */
 void llm_rms_norm(const void* x, int64_t ldx, const void* res, int64_t ldr, const void* w,
                   void* y, int64_t ldy, void* s_out, int64_t lds, int64_t T, int64_t H,
                   float eps, int32_t dt) {
-    int threads = T * H >= 262144 ? g_threads : 1;
-    int64_t rows = T / (4 * threads) > 1 ? T / (4 * threads) : 1;
-    rms_job job = {x, res, w, y, s_out, ldx, ldr, ldy, lds, H, rows, T, eps, dt};
-    parallel_for(rms_chunk, &job, (T + rows - 1) / rows, threads);
+    rms_norm(x, ldx, res, ldr, w, y, ldy, s_out, lds, T, H, eps, dt, 0);
+}
+
+/* The Gemma convention: y = s * rsqrt(mean(s^2) + eps) * (1 + w) in fp32, rounded once. */
+void llm_gemma_rms_norm(const void* x, int64_t ldx, const void* res, int64_t ldr, const void* w,
+                        void* y, int64_t ldy, void* s_out, int64_t lds, int64_t T, int64_t H,
+                        float eps, int32_t dt) {
+    rms_norm(x, ldx, res, ldr, w, y, ldy, s_out, lds, T, H, eps, dt, 1);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1038,6 +1058,56 @@ void llm_silu_mul(const void* x, int64_t ldx, void* y, int64_t ldy, int64_t T, i
     parallel_for(silu_chunk, &job, (T + rows - 1) / rows, threads);
 }
 
+/* Elementwise maps of rows: soft cap (a * tanh(x / a)) and scale (x * a), computed in fp32 and
+ * rounded once. A work item is a run of at most MAP_COLS columns of one row, so a long row of
+ * logits is shared by the threads too; each element is computed alone, whatever the split. */
+#define MAP_COLS 16384
+enum { MAP_SOFT_CAP = 0, MAP_SCALE = 1 };
+
+typedef struct {
+    const void* x;
+    void* y;
+    int64_t ldx, ldy, N, blocks;
+    float a;
+    int dt, op;
+} map_job;
+
+static void map_chunk(void* p, int64_t item) {
+    const map_job* j = (const map_job*)p;
+    int64_t t = item / j->blocks, c0 = (item % j->blocks) * MAP_COLS;
+    int64_t n = j->N - c0 < MAP_COLS ? j->N - c0 : MAP_COLS;
+    size_t es = esize(j->dt);
+    float* buf = scratch(n);
+    to_f32((const char*)j->x + (t * j->ldx + c0) * es, j->dt, buf, n);
+    float a = j->a;
+    if (j->op == MAP_SOFT_CAP)
+        for (int64_t i = 0; i < n; i++) buf[i] = a * tanhf(buf[i] / a);
+    else
+        for (int64_t i = 0; i < n; i++) buf[i] *= a;
+    from_f32(buf, (char*)j->y + (t * j->ldy + c0) * es, j->dt, n);
+}
+
+static void map_rows(const void* x, int64_t ldx, void* y, int64_t ldy, int64_t T, int64_t N,
+                     float a, int32_t dt, int op) {
+    if (T <= 0 || N <= 0) return;
+    int64_t blocks = (N + MAP_COLS - 1) / MAP_COLS;
+    int threads = T * N >= (op == MAP_SOFT_CAP ? 65536 : 262144) ? g_threads : 1;
+    map_job job = {x, y, ldx, ldy, N, blocks, a, dt, op};
+    parallel_for(map_chunk, &job, T * blocks, threads);
+}
+
+/* y (T, N) = cap * tanh(x / cap) */
+void llm_soft_cap(const void* x, int64_t ldx, void* y, int64_t ldy, int64_t T, int64_t N,
+                  float cap, int32_t dt) {
+    map_rows(x, ldx, y, ldy, T, N, cap, dt, MAP_SOFT_CAP);
+}
+
+/* y (T, N) = x * factor; the caller rounds factor to dtype dt first (HAL contract) */
+void llm_scale(const void* x, int64_t ldx, void* y, int64_t ldy, int64_t T, int64_t N,
+               float factor, int32_t dt) {
+    map_rows(x, ldx, y, ldy, T, N, factor, dt, MAP_SCALE);
+}
+
 /* out[t] = table[ids[t]]; ids are int64 (id64 = 1) or int32 */
 void llm_embedding(const void* ids, int32_t id64, const void* table, int64_t H, int64_t T,
                    void* out, int32_t dt) {
@@ -1152,6 +1222,9 @@ enum {
     K_GATHER_ROWS,
     K_CONVERT,
     K_TOKEN_BITMASK,
+    K_GEMMA_RMS_NORM,
+    K_SOFT_CAP,
+    K_SCALE,
 };
 
 int64_t llm_record_size(void) { return (int64_t)sizeof(llm_record); }
@@ -1196,6 +1269,16 @@ int64_t llm_run(const llm_record* recs, int64_t n) {
             break;
         case K_TOKEN_BITMASK:
             llm_token_bitmask((float*)p[0], i[0], (const int32_t*)p[1], i[1], i[2], i[3]);
+            break;
+        case K_GEMMA_RMS_NORM:
+            llm_gemma_rms_norm(p[0], i[0], p[1], i[1], p[2], p[3], i[2], p[4], i[3], i[4], i[5],
+                               (float)r->f[0], (int32_t)i[6]);
+            break;
+        case K_SOFT_CAP:
+            llm_soft_cap(p[0], i[0], p[1], i[1], i[2], i[3], (float)r->f[0], (int32_t)i[4]);
+            break;
+        case K_SCALE:
+            llm_scale(p[0], i[0], p[1], i[1], i[2], i[3], (float)r->f[0], (int32_t)i[4]);
             break;
         default:
             return -(j + 1); /* unknown kind: the caller reports which record */

@@ -33,6 +33,21 @@ kernel void add(global const T* a, global const T* b, global T* out) {
     STORE(out, i, LOAD(a, i) + LOAD(b, i));
 }
 
+/* out = x * factor; the host rounds factor to T first (the HAL contract). Global (n). */
+kernel void scale(global const T* x, global T* out, float factor) {
+    size_t i = get_global_id(0);
+    STORE(out, i, LOAD(x, i) * factor);
+}
+
+/* out = cap * tanh(x / cap), cap > 0; +-inf gives +-cap. Past |t| = 10, tanh(t) is +-1 in float
+ * (1 - tanh(t) < 2^-28): saturate exactly there, which some libraries' tanh (PoCL's: 1 - 2^-24
+ * even at inf) does not. NaN fails the comparison and stays NaN. Global (n). */
+kernel void soft_cap(global const T* x, global T* out, float cap) {
+    size_t i = get_global_id(0);
+    float t = LOAD(x, i) / cap;
+    STORE(out, i, cap * (fabs(t) >= 10.0f ? copysign(1.0f, t) : tanh(t)));
+}
+
 inline float gelu_f(float g, int approximate_tanh) {
     if (approximate_tanh) {
         const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
