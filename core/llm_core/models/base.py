@@ -25,6 +25,11 @@ class ForwardBatch:
     rope_positions: Tensor
 
 
+class UnsupportedDTypeError(ValueError):
+    """The model cannot be served correctly in the requested dtype (the message says why and
+    which dtypes to use instead)."""
+
+
 class CausalLM:
     """Base of every architecture. Subclasses declare the HF architecture names they serve."""
 

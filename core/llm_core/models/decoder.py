@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from llm_hal import Backend, DType, LinearWeight, Tensor
 
-from llm_core.models.base import CausalLM, ForwardBatch
+from llm_core.models.base import CausalLM, ForwardBatch, UnsupportedDTypeError
 from llm_core.models.config_check import check_config_fields
 from llm_core.models.rope import RopeTable, rope_parameters, rope_table
 
@@ -87,6 +87,8 @@ class DecoderLM(CausalLM):
     """
 
     honoured: ClassVar[frozenset[str]] = frozenset()
+    #: dtypes the family cannot be served in, with the reason (checked at construction).
+    refused_dtypes: ClassVar[dict[DType, str]] = {}
 
     @classmethod
     def declare(cls, config: Any) -> DecoderOptions:
@@ -95,6 +97,11 @@ class DecoderLM(CausalLM):
 
     def __init__(self, config: Any, backend: Backend, dtype: DType):
         super().__init__(config, backend, dtype)
+        if dtype in type(self).refused_dtypes:
+            raise UnsupportedDTypeError(
+                f"{type(self).__name__} cannot be served in {dtype.value}: "
+                f"{type(self).refused_dtypes[dtype]}"
+            )
         check_config_fields(config, type(self).__name__, type(self).honoured)
         self.options = options = type(self).declare(config)
         c = config

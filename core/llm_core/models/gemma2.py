@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from llm_hal import DType
+
 from llm_core.models.decoder import DecoderLM, DecoderOptions, activation_of, layer_windows
 
 #: The four norms of a Gemma layer, in the order DecoderOptions.norms wants them.
@@ -17,8 +19,17 @@ GEMMA_NORMS = (
 )
 
 
+#: Gemma's residual stream grows past float16's 65504: transformers' own fp16 forward of
+#: Gemma 3 270M gives NaN logits (vLLM refuses fp16 for these families too).
+GEMMA_FP16 = (
+    "its activations overflow float16 (transformers' float16 forward gives NaN logits too); "
+    "serve it in bfloat16 (its training dtype) or float32"
+)
+
+
 class Gemma2ForCausalLM(DecoderLM):
     architectures: ClassVar[tuple[str, ...]] = ("Gemma2ForCausalLM",)
+    refused_dtypes: ClassVar[dict[DType, str]] = {DType.FP16: GEMMA_FP16}
     honoured = frozenset(
         {
             "hidden_activation",

@@ -7,12 +7,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+from llm_hal import DType
+
 from llm_core.models.decoder import DecoderLM, DecoderOptions, layer_types
 from llm_core.models.gemma2 import Gemma2ForCausalLM
 
 
 class Gemma3ForCausalLM(DecoderLM):
     architectures: ClassVar[tuple[str, ...]] = ("Gemma3ForCausalLM",)
+    refused_dtypes: ClassVar[dict[DType, str]] = Gemma2ForCausalLM.refused_dtypes
     # transformers' Gemma 3 ignores attn_logit_softcapping: refused when set, not honoured.
     honoured = (Gemma2ForCausalLM.honoured - {"attn_logit_softcapping"}) | {"rope_local_base_freq"}
 
