@@ -464,9 +464,8 @@ def test_conformance_has_a_real_model_row_per_builtin_model(
 
     assert list(REAL_MODELS) == ["smollm2", "gemma3-270m"]
     with Conformance(backends=["cpu"], dtypes=["float32"]) as run:
-        # A default run certifies the demo model; gemma3-270m runs when named (runner.py).
-        assert run._model_requests()[-1:] == ["smollm2"]
-        assert "gemma3-270m" not in run._model_requests()
+        # A default run certifies every built-in model.
+        assert run._model_requests()[-2:] == ["smollm2", "gemma3-270m"]
     with Conformance(backends=["cpu"], dtypes=["float32"], real_model=False) as run:
         assert not set(run._model_requests()) & set(REAL_MODELS)
 

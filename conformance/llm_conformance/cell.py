@@ -1,7 +1,8 @@
 """One verdict of the conformance matrix: a model x backend x dtype cell, and its states.
 
-A cell is CERTIFIED, FAILED, UNSUPPORTED (the backend lacks an operator the model needs) or
-NOT RUN (the backend cannot run here); :mod:`llm_conformance.runner` decides which.
+A cell is CERTIFIED, FAILED, UNSUPPORTED (the backend lacks an operator the model needs, or the
+model refuses the dtype) or NOT RUN (the backend cannot run here); :mod:`llm_conformance.runner`
+decides which.
 """
 
 from __future__ import annotations

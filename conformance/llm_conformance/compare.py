@@ -16,9 +16,13 @@ from llm_hal import DType
 from llm_conformance.tolerances import (
     BIAS_CAP,
     BIAS_MIN_ELEMENTS,
+    BIAS_Z,
     UNIT_ROUNDOFF,
     Tolerance,
 )
+
+#: Explicit mantissa bits of the low-precision formats (an element's ulp is 2^(e - 1 - bits)).
+_MANTISSA_BITS = {DType.BF16: 7, DType.FP16: 10}
 
 
 @dataclass(slots=True)
@@ -116,11 +120,20 @@ def _within(
             problems.append(f"mean relative error {mean_rel:.3g} >= {tol.mean_rel:g}")
     elif dtype in (DType.BF16, DType.FP16) and diff.numel() >= BIAS_MIN_ELEMENTS:
         u = UNIT_ROUNDOFF[dtype]
-        bias = float(((x - g) * g.sign()).sum() / g.abs().sum().clamp_min(1e-300)) / u
+        lean = float(((x - g) * g.sign()).sum())
+        bias = lean / float(g.abs().sum().clamp_min(1e-300)) / u
+        # What correct rounding can lean by chance: each error uniform within half an ulp.
+        ulp = torch.ldexp(torch.ones_like(g), torch.frexp(g)[1] - 1 - _MANTISSA_BITS[dtype])
+        spread = float((ulp.pow(2).sum() / 12).sqrt())
+        z = lean / spread if spread > 0 else 0.0
         metrics["bias_u"] = bias
-        if abs(bias) > BIAS_CAP:
+        metrics["bias_z"] = z
+        if abs(bias) > BIAS_CAP and abs(z) > BIAS_Z:
             direction = "toward zero (truncation?)" if bias < 0 else "away from zero"
-            problems.append(f"rounding bias {bias:+.3f} u > {BIAS_CAP} u: errors lean {direction}")
+            problems.append(
+                f"rounding bias {bias:+.3f} u > {BIAS_CAP} u ({z:+.1f} sigma of correct "
+                f"rounding): errors lean {direction}"
+            )
     return Check(name, not problems, "; ".join(problems), metrics)
 
 

@@ -248,7 +248,7 @@ def markdown(cert: dict[str, Any]) -> str:
     lines += [
         "",
         "✅ CERTIFIED · ❌ FAILED · 🟧 UNSUPPORTED (the backend lacks an operator the "
-        "model needs) · ⬜ NOT RUN (see the reason below)",
+        "model needs, or the model refuses the dtype) · ⬜ NOT RUN (see the reason below)",
         "",
     ]
     lines += ["## Backends", ""]
@@ -521,6 +521,8 @@ def console(cert: dict[str, Any]) -> str:
         )
     )
     for f in _failures(cert):
-        lines += ["", f"FAILED {f['what']}", f"  {f['detail'][:500]}", f"  replay: {f['replay']}"]
+        head = "UNSUPPORTED" if f["what"].endswith(": UNSUPPORTED") else "FAILED"
+        lines += ["", f"{head} {f['what'].removesuffix(': ' + head)}", f"  {f['detail'][:500]}"]
+        lines += [f"  replay: {f['replay']}"]
     lines += ["", _summary_line(cert)]
     return "\n".join(lines)

@@ -63,11 +63,9 @@ from llm_conformance.tracing import RecordingBackend
 log = logging.getLogger("llm_conformance")
 
 DEFAULT_DTYPES: tuple[DType, ...] = (DType.FP32, DType.BF16, DType.FP16)
-#: Real models a default run certifies. Gemma 3 270M (253 MB fetched, a 262k vocabulary: about
-#: 2.5 minutes a CPU cell) runs when named, ``--model gemma3-270m``: its bf16 cell misses the
-#: top-1 gate (0.984 < 0.99 on 63 positions) and PoCL crashed in its opencl run (fp16 is now
-#: refused for Gemma), see docs/models.md, so it is not yet in every run.
-DEFAULT_REAL_MODELS = ("smollm2",)
+#: Real models a default run certifies: every built-in model (Gemma 3 270M: 253 MB fetched once,
+#: about two minutes for its cells on cpu and opencl).
+DEFAULT_REAL_MODELS = ("smollm2", "gemma3-270m")
 #: What ``--model`` accepts for the demo model; every real model: ``REAL_MODELS``.
 REAL_MODEL_ALIASES = REAL_MODELS["smollm2"].aliases
 
@@ -418,7 +416,7 @@ class Conformance:
         effective = effective_thresholds(gates, noise)
         cell.effective_thresholds = effective.as_dict()
         candidate = backend_logits(llm.llm_engine.model, recorder, dtype, model.sequences)
-        cell.metrics = compare_logits(candidate, reference, model.sequences, gates)
+        cell.metrics = compare_logits(candidate, reference, model.sequences, effective)
         cell.reasons += [f"teacher-forced: {p}" for p in gate_logits(cell.metrics, effective)]
         params = SamplingParams(
             temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True, logprobs=GREEDY_TOP_K
