@@ -197,7 +197,7 @@ def _generate(runner: Any, prompts: list[list[int]], batches: list[int]) -> list
         out = runner.execute(scheduled, sampling)
         for item in items:
             item.seq.num_computed_tokens += item.num_new_tokens
-            item.seq.append_token(out.sampled[item.seq.seq_id].token_id)
+            item.seq.append_token(out.sampled[item.seq.seq_id][0].token_id)
 
     step(seqs)
     for n in batches:

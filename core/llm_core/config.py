@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from llm_hal import DType
+
+from llm_core.engine.speculative import SpeculativeConfig
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30}  # fmt: skip
@@ -35,7 +38,10 @@ class EngineArgs:
     route operators the backend lacks to this one (off by default; every fallen-back op is
     logged and counted). ``block_size``: tokens per KV-cache block; None takes the backend's
     preferred size (16 on CPU). ``backend_options``: backend-specific settings (see each
-    backend's docs), e.g. ``{"device": "pocl"}`` for OpenCL.
+    backend's docs), e.g. ``{"device": "pocl"}`` for OpenCL. ``speculative_config``:
+    speculative decoding, vLLM's dict (or its JSON text), e.g. ``{"method": "ngram",
+    "num_speculative_tokens": 4, "prompt_lookup_max": 4}`` or ``{"method": "draft_model",
+    "model": PATH, "num_speculative_tokens": 4}``; see docs/speculative-decoding.md.
     """
 
     model: str | None = None
@@ -55,6 +61,7 @@ class EngineArgs:
     backend_options: dict[str, str] = field(default_factory=dict)
     device_index: int = 0
     load_progress: bool = True
+    speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size is not None and (
@@ -71,6 +78,8 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.dtype != "auto":
             DType.parse(self.dtype)
+        if self.speculative_config is not None:
+            self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
         if self.trust_remote_code:

@@ -30,7 +30,13 @@ from llm_core.engine.detokenizer import IncrementalDetokenizer
 from llm_core.engine.grammar_compiler import GrammarCompiler, GrammarError
 from llm_core.engine.model_runner import ModelRunner, SampledToken, SeqSampling, StepResult
 from llm_core.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from llm_core.engine.sequence import Sequence
+from llm_core.engine.sequence import Sequence, SequenceStatus
+from llm_core.engine.speculative import (
+    DraftModelProposer,
+    NgramProposer,
+    SpecStats,
+    SpeculativeConfig,
+)
 from llm_core.loaders.opener import open_checkpoint
 from llm_core.models.registry import model_class_for
 from llm_core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -138,17 +144,12 @@ class LLMEngine:
         start = time.perf_counter()
         self.weight_bytes = self.model.load_weights(weights)
         load_seconds = time.perf_counter() - start
+        spec = args.speculative_config
+        assert spec is None or isinstance(spec, SpeculativeConfig), "EngineArgs parses it"
+        self.speculative_config = spec
+        draft = self._load_draft(spec.model) if spec and spec.method == "draft_model" else None
         num_blocks = self._num_kv_blocks()
-        kv_caches = [
-            self.backend.allocate_kv_cache(
-                num_blocks,
-                self.block_size,
-                self.model.num_kv_heads,
-                self.model.head_size,
-                self.dtype,
-            )
-            for _ in range(self.model.num_layers)
-        ]
+        kv_caches = self._kv_caches(self.model, num_blocks)
         self.kv_cache_bytes = num_blocks * self._bytes_per_block()
         self.memory_report = {
             "weights_bytes": self.weight_bytes,
@@ -183,6 +184,19 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, self.backend, kv_caches, self.block_size, grammar=self.grammar
         )
+        #: Speculative decoding: the proposer (None: off) and its acceptance counters.
+        self.proposer: NgramProposer | DraftModelProposer | None = None
+        self.spec_stats = SpecStats(spec.num_speculative_tokens if spec else 0)
+        if spec is not None and draft is None:
+            self.proposer = NgramProposer(spec)
+        elif draft is not None:
+            draft_kv = self._kv_caches(draft, num_blocks)
+            self.proposer = DraftModelProposer(
+                ModelRunner(draft, self.backend, draft_kv, self.block_size)
+            )
+            draft_bytes = num_blocks * self._bytes_per_block(draft)
+            self.memory_report["draft_kv_cache_bytes"] = draft_bytes
+            log.info("draft model KV cache %.1f MiB", draft_bytes / 2**20)
         self._rng = random.Random(args.seed)
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[int, tuple[_Request, _Completion]] = {}
@@ -196,8 +210,37 @@ class LLMEngine:
     # sizing
     # ------------------------------------------------------------------------------------------
 
-    def _bytes_per_block(self) -> int:
-        m = self.model
+    def _kv_caches(self, model: Any, num_blocks: int) -> list[tuple[Any, Any]]:
+        return [
+            self.backend.allocate_kv_cache(
+                num_blocks, self.block_size, model.num_kv_heads, model.head_size, self.dtype
+            )
+            for _ in range(model.num_layers)
+        ]
+
+    def _load_draft(self, path: str | None) -> Any:
+        """The draft model of speculative decoding, in the target's dtype on its backend; its
+        tokenizer must be the target's (proposals are token ids)."""
+        checkpoint = open_checkpoint(path)
+        draft = model_class_for(checkpoint.config)(checkpoint.config, self.backend, self.dtype)
+        if draft.vocab_size != self.model.vocab_size:
+            raise ValueError(
+                f"the draft model {path} has a vocabulary of {draft.vocab_size} tokens, the "
+                f"target {self.model.vocab_size}; a draft model must share the target's "
+                "tokenizer"
+            )
+        theirs, ours = checkpoint.load_tokenizer(), self.tokenizer
+        probe = "Speculative decoding, 123 + 456 = 579!\n  def f(x): return x"
+        if list(theirs.encode(probe)) != list(ours.encode(probe)):
+            raise ValueError(
+                f"the draft model {path} tokenizes text differently from the target; a draft "
+                "model must share the target's tokenizer"
+            )
+        self.weight_bytes += draft.load_weights(checkpoint.tensors())
+        return draft
+
+    def _bytes_per_block(self, model: Any = None) -> int:
+        m = model or self.model
         per_token = 2 * m.num_layers * m.num_kv_heads * m.head_size * self.dtype.itemsize
         return int(per_token * self.block_size)
 
@@ -343,6 +386,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns the outputs of requests that advanced."""
+        self._propose()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return self._ignored(scheduled.ignored)
@@ -350,13 +394,41 @@ class LLMEngine:
             s.seq.seq_id: self._by_seq[s.seq.seq_id][1].sampling for s in scheduled.scheduled
         }
         try:
+            if isinstance(self.proposer, DraftModelProposer):
+                verifying = [item for item in scheduled.scheduled if item.num_spec]
+                if verifying:
+                    self.proposer.propose(verifying)
             result = self.runner.execute(scheduled, sampling)
         except Exception as exc:
             return self._fail_step(scheduled, exc) + self._ignored(scheduled.ignored)
         self._add_prompt_logprobs(result)
         sampled = result.sampled
-        self.scheduler.postprocess(scheduled, {sid: t.token_id for sid, t in sampled.items()})
+        for seq_id, proposed in result.proposed.items():
+            self.spec_stats.record(proposed, len(sampled[seq_id]) - 1)
+        self.scheduler.postprocess(
+            scheduled, {sid: [t.token_id for t in tokens] for sid, tokens in sampled.items()}
+        )
         return self._process(sampled) + self._ignored(scheduled.ignored)
+
+    def _propose(self) -> None:
+        """Speculative decoding: proposals for every running sequence that decodes next step
+        (not for guided ones, whose grammar must see each token, nor while prompt
+        log-probabilities are pending). The draft model's are filled in once the step is
+        scheduled (its KV slots are the verification's); until then they are placeholders."""
+        if self.proposer is None:
+            return
+        k = self.spec_stats.k
+        for seq in self.scheduler.running:
+            seq.spec_token_ids = []
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+                continue
+            info = self._by_seq[seq.seq_id][1].sampling
+            if info.matcher is not None or seq.skip_prefix_cache:
+                continue
+            if isinstance(self.proposer, NgramProposer):
+                seq.spec_token_ids = self.proposer.propose(seq, k)
+            else:
+                seq.spec_token_ids = [0] * k
 
     def _fail_step(self, scheduled: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         """The model run of ``scheduled`` raised: finish every request with a sequence in it,
@@ -424,15 +496,20 @@ class LLMEngine:
                 outputs.append(request.output())
         return outputs
 
-    def _process(self, sampled: dict[int, SampledToken]) -> list[RequestOutput]:
+    def _process(self, sampled: dict[int, list[SampledToken]]) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, _Request] = {}
-        for seq_id, token in sampled.items():
+        for seq_id, tokens in sampled.items():
             request, comp = self._by_seq[seq_id]
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             request.metrics.last_token_time = now
-            self._append(comp, token)
+            for j, token in enumerate(tokens):
+                later = len(tokens) - 1 - j  # tokens the step emitted after this one
+                self._append(comp, token, later)
+                if comp.finish_reason is not None:
+                    comp.seq.drop_last_tokens(later)  # never output: they follow the stop
+                    break
             if comp.finish_reason is not None:
                 self.scheduler.finish(comp.seq)
                 del self._by_seq[seq_id]
@@ -445,13 +522,15 @@ class LLMEngine:
             outputs.append(request.output())
         return outputs
 
-    def _append(self, comp: _Completion, token: SampledToken) -> None:
+    def _append(self, comp: _Completion, token: SampledToken, later: int = 0) -> None:
+        """Output ``token``, the sequence's last token but ``later`` (already appended by the
+        scheduler), and decide whether the completion stops at it."""
         seq, params = comp.seq, comp.sampling.params
         tid = token.token_id
         if comp.logprobs is not None and token.logprob is not None:
             comp.logprobs.append(self._logprob_entry(token))
             comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + token.logprob
-        num_out = seq.num_output_tokens
+        num_out = seq.num_output_tokens - later
         comp.sampling.banned = self._banned(params, num_out)
         new_text = comp.detok.add([tid]) if params.detokenize else ""
         matcher = comp.sampling.matcher
@@ -468,19 +547,19 @@ class LLMEngine:
         elif tid in (params.stop_token_ids or []):
             comp.finish_reason, comp.stop_reason = "stop", tid
         stoppable = comp.finish_reason is None and params.stop_strings and new_text
-        if stoppable and self._check_stop_strings(comp, new_text):
+        if stoppable and self._check_stop_strings(comp, new_text, num_out):
             return
         comp.text += new_text
         if comp.finish_reason is None and (
-            num_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+            num_out >= seq.max_tokens or seq.num_tokens - later >= self.max_model_len
         ):
             comp.finish_reason = "length"
         if comp.finish_reason is not None and params.detokenize and comp.finish_reason == "length":
             comp.text += comp.detok.flush()
 
-    def _check_stop_strings(self, comp: _Completion, new_text: str) -> bool:
+    def _check_stop_strings(self, comp: _Completion, new_text: str, num_out: int) -> bool:
         params = comp.sampling.params
-        if comp.seq.num_output_tokens < params.min_tokens:
+        if num_out < params.min_tokens:
             return False
         # Only the new text, and the end of the old that a stop string could begin in, can
         # hold a stop string that was not there before.

@@ -26,6 +26,7 @@ from llm_hal.backend import CapturedGraph
 from llm_core.engine.grammar_compiler import GrammarCompiler, bitmask_words, fill_bitmask
 from llm_core.engine.scheduler import SchedulerOutput
 from llm_core.engine.sequence import Sequence
+from llm_core.engine.speculative import accept_draws
 from llm_core.models.base import CausalLM, ForwardBatch
 from llm_core.sampling_params import SamplingParams
 
@@ -76,12 +77,24 @@ class SeqSampling:
 
 @dataclass(slots=True)
 class StepResult:
-    """What one step gives back: the sampled token of every sequence whose chunk produced
-    logits, and for sequences that asked for them the log-probabilities of the prompt tokens
-    the step's chunk predicted (``token_id`` is the prompt token), in prompt order."""
+    """What one step gives back: the sampled token(s) of every sequence whose chunk produced
+    logits (one, or after a speculative verification its accepted proposals and one more), and
+    for sequences that asked for them the log-probabilities of the prompt tokens the step's
+    chunk predicted (``token_id`` is the prompt token), in prompt order. ``proposed`` and
+    ``accepted`` count the proposals verified and accepted this step, per sequence."""
 
-    sampled: dict[int, SampledToken] = field(default_factory=dict)
+    sampled: dict[int, list[SampledToken]] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[SampledToken]] = field(default_factory=dict)
+    proposed: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Row:
+    """One sampled logits row: ``seq``'s next token after its tokens and ``proposals``, the
+    speculative proposals before this row (empty outside a verification)."""
+
+    seq: Sequence
+    proposals: list[int]
 
 
 #: Prompt rows whose log-probabilities are computed at once: bounds the (rows, vocab)
@@ -149,32 +162,36 @@ class ModelRunner:
         compute the prompt log-probabilities that were asked for (both keyed by seq_id)."""
         prompt_rows: list[_PromptRows] = []
         if self.capture and _is_decode(output) and len(output.scheduled) <= MAX_CAPTURE_BATCH:
-            logits, sampled_seqs = self._run_decode_graph(output)
+            logits, rows = self._run_decode_graph(output)
         else:
-            batch, sampled_seqs, prompt_rows = self._prepare(output, sampling)
+            batch, rows, prompt_rows = self._prepare(output, sampling)
             logits = self.model.forward(batch, self.kv_caches)  # (B' + P, V) fp32
         result = StepResult()
         be = self.backend
         if prompt_rows:
-            n = len(sampled_seqs)
+            n = len(rows)
             result.prompt_logprobs = self._prompt_logprobs(logits, n, prompt_rows)
             if n:
                 first = be.from_host(np.arange(n, dtype=np.int64), DType.INT64)
                 logits = be.gather_rows(logits, first)
-        if sampled_seqs:
-            result.sampled = self._sample(logits, sampled_seqs, sampling)
+        if rows:
+            draws = self._sample(logits, rows, sampling)
+            result.sampled = _verify(rows, draws)
+            result.proposed = {
+                item.seq.seq_id: item.num_spec for item in output.scheduled if item.num_spec
+            }
         return result
 
     # ------------------------------------------------------------------------------------------
     # captured decode
     # ------------------------------------------------------------------------------------------
 
-    def _run_decode_graph(self, output: SchedulerOutput) -> tuple[Tensor, list[Sequence]]:
-        seqs = [item.seq for item in output.scheduled]
-        size = next(s for s in CAPTURE_SIZES if s >= len(seqs))
+    def _run_decode_graph(self, output: SchedulerOutput) -> tuple[Tensor, list[_Row]]:
+        rows = [_Row(item.seq, []) for item in output.scheduled]
+        size = next(s for s in CAPTURE_SIZES if s >= len(rows))
         g = self._graphs.get(size) or self._new_decode_graph(size)
         try:
-            return self._decode_in(g, output), seqs
+            return self._decode_in(g, output), rows
         except BaseException:
             # The step failed part way: the graph may be half recorded, its logits stale and
             # its buffers half updated. Drop it; the next decode of this size starts afresh.
@@ -290,35 +307,40 @@ class ModelRunner:
 
     def _prepare(
         self, output: SchedulerOutput, sampling: dict[int, SeqSampling]
-    ) -> tuple[ForwardBatch, list[Sequence], list[_PromptRows]]:
-        """The step's inputs. Its logits rows: one per sampled sequence, in batch order,
-        then the rows of the prompt positions whose log-probabilities were asked for."""
+    ) -> tuple[ForwardBatch, list[_Row], list[_PromptRows]]:
+        """The step's inputs. Its logits rows: one per sampled sequence (one per verified
+        proposal more in a speculative verification), in batch order, then the rows of the
+        prompt positions whose log-probabilities were asked for."""
         ids: list[int] = []
         positions: list[np.ndarray] = []
-        known_lens: list[int] = []  # each sequence's length (all its known tokens), per item
+        known_lens: list[np.ndarray] = []  # the sequence length each row belongs to
         slots: list[np.ndarray] = []
         starts = [0]
         seq_lens: list[int] = []
         logits_rows: list[int] = []
-        sampled: list[Sequence] = []
+        sampled: list[_Row] = []
         prompt: list[_PromptRows] = []
         prompt_positions: list[int] = []
         max_blocks = max(len(s.seq.block_table) for s in output.scheduled)
         tables = np.zeros((len(output.scheduled), max_blocks), dtype=np.int32)
         for row, item in enumerate(output.scheduled):
             seq, start, end = item.seq, item.start, item.end
-            ids.extend(seq.token_ids[start:end])
+            ids.extend(item.input_ids())
             pos = np.arange(start, end, dtype=np.int64)
             table = np.asarray(seq.block_table, dtype=np.int64)
             positions.append(pos)
-            known_lens.append(seq.num_tokens)
+            # A verification's rows are decodes of growing sequences (for length-switched
+            # rope tables); any other chunk's rows belong to a sequence of num_tokens.
+            known_lens.append(pos + 1 if item.num_spec else np.full_like(pos, seq.num_tokens))
             slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
             tables[row, : len(table)] = table
             starts.append(starts[-1] + item.num_new_tokens)
             seq_lens.append(end)
             if item.produces_logits:  # the chunk reaches the last token: sample the next
-                logits_rows.append(starts[-1] - 1)
-                sampled.append(seq)
+                proposals = seq.spec_token_ids[: item.num_spec]
+                for i in range(item.num_spec + 1):
+                    logits_rows.append(starts[-1] - 1 - item.num_spec + i)
+                    sampled.append(_Row(seq, proposals[:i]))
             info = sampling[seq.seq_id]
             if info.prompt_logprobs is not None:
                 # Position p's logits predict token p + 1: prompt tokens for p < prompt - 1.
@@ -340,8 +362,7 @@ class ModelRunner:
         )
         host_positions = np.concatenate(positions)
         device_positions = be.from_host(host_positions, DType.INT64)
-        counts = [len(p) for p in positions]
-        rows = self._rope_rows(host_positions, np.repeat(np.asarray(known_lens, np.int64), counts))
+        rows = self._rope_rows(host_positions, np.concatenate(known_lens))
         batch = ForwardBatch(
             input_ids=be.from_host(np.asarray(ids, dtype=np.int64), DType.INT64),
             positions=device_positions,
@@ -379,25 +400,33 @@ class ModelRunner:
         return out
 
     def _sample(
-        self, logits: Tensor, seqs: list[Sequence], sampling: dict[int, SeqSampling]
-    ) -> dict[int, SampledToken]:
+        self, logits: Tensor, rows: list[_Row], sampling: dict[int, SeqSampling]
+    ) -> list[SampledToken]:
+        """A draw from every row's distribution: the sequence's sampling parameters, its
+        penalties over the tokens before the row, its min_tokens bans and grammar, and the
+        seed of the row's output index (so a row of a verification draws what a plain decode
+        of the same token would)."""
         be = self.backend
-        infos = [sampling[s.seq_id] for s in seqs]
+        infos = [sampling[r.seq.seq_id] for r in rows]
         params = [i.params for i in infos]
+        # Output index of each row's token: the sequence's next, plus the proposals before.
+        index = [r.seq.num_output_tokens + len(r.proposals) for r in rows]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logits = logits
         penalize = any(
             p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params
         )
-        ban = any(i.banned for i in infos)
+        bans = [i.banned if n < i.params.min_tokens else [] for i, n in zip(infos, index)]
+        ban = any(bans)
         guided = [(i.matcher, row) for row, i in enumerate(infos) if i.matcher is not None]
+        assert all(not rows[row].proposals for _, row in guided), "no proposals when guided"
         if want_logprobs and (penalize or ban or guided):
             # vLLM reports log-probabilities of the raw model output: keep a copy.
             raw_logits = be.copy_(be.empty(be.shape(logits), DType.FP32), logits)
         if penalize:
-            be.apply_penalties(logits, _penalty_meta(seqs, params))
+            be.apply_penalties(logits, _penalty_meta(rows, params))
         if ban:
-            banned = _pad_rows([i.banned for i in infos])
+            banned = _pad_rows(bans)
             be.apply_token_bans(logits, be.from_host(banned, DType.INT64))
         if guided:
             start = time.perf_counter()
@@ -410,17 +439,17 @@ class ModelRunner:
             top_k=np.array([p.top_k for p in params]),
             top_p=np.array([p.top_p for p in params]),
             min_p=np.array([p.min_p for p in params]),
-            seeds=np.array([step_seed(i.seed, s.num_output_tokens) for i, s in zip(infos, seqs)]),
+            seeds=np.array([step_seed(i.seed, n) for i, n in zip(infos, index)]),
         )
         tokens_dev = be.sample(logits, meta)
         tokens = be.to_host(tokens_dev).tolist()
-        results = {s.seq_id: SampledToken(int(t)) for s, t in zip(seqs, tokens)}
+        results = [SampledToken(int(t)) for t in tokens]
         if want_logprobs:
             tops = [p.logprobs or 0 for p in params]
             scored = self._logprobs_of(raw_logits, tokens_dev, tokens, tops)
-            for seq, p, token in zip(seqs, params, scored, strict=True):
+            for row, (p, token) in enumerate(zip(params, scored, strict=True)):
                 if p.logprobs is not None:
-                    results[seq.seq_id] = token
+                    results[row] = token
         return results
 
     def _bitmask(self, guided: list[tuple[Any, int]], rows: int) -> np.ndarray:
@@ -467,10 +496,28 @@ def _pad_rows(lists: list[list[int]]) -> np.ndarray:
     return out
 
 
-def _penalty_meta(seqs: list[Sequence], params: list[SamplingParams]) -> PenaltyMetadata:
+def _verify(rows: list[_Row], draws: list[SampledToken]) -> dict[int, list[SampledToken]]:
+    """Each sequence's emitted tokens: its draw, or after a verification the draws up to the
+    first that differs from its proposal (see llm_core.engine.speculative)."""
+    out: dict[int, list[SampledToken]] = {}
+    i = 0
+    while i < len(rows):
+        seq = rows[i].seq
+        n = 1
+        while i + n < len(rows) and rows[i + n].seq is seq:
+            n += 1
+        proposals = rows[i + n - 1].proposals
+        group = draws[i : i + n]
+        emitted = accept_draws(proposals, [t.token_id for t in group])
+        out[seq.seq_id] = group[: len(emitted)]
+        i += n
+    return out
+
+
+def _penalty_meta(rows: list[_Row], params: list[SamplingParams]) -> PenaltyMetadata:
     return PenaltyMetadata(
-        prompt_ids=_pad_rows([s.prompt_token_ids for s in seqs]),
-        output_ids=_pad_rows([s.output_token_ids for s in seqs]),
+        prompt_ids=_pad_rows([r.seq.prompt_token_ids for r in rows]),
+        output_ids=_pad_rows([r.seq.output_token_ids + r.proposals for r in rows]),
         presence=np.array([p.presence_penalty for p in params]),
         frequency=np.array([p.frequency_penalty for p in params]),
         repetition=np.array([p.repetition_penalty for p in params]),

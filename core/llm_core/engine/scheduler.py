@@ -9,6 +9,7 @@ sequence is preempted and later recomputed.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from llm_core.engine.block_manager import BlockManager
@@ -52,20 +53,32 @@ class ScheduledSeq:
     ``start`` and ``produces_logits`` are fixed when the step is scheduled, so they stay right
     after :meth:`Scheduler.postprocess` advances the sequence. ``produces_logits`` is True when
     the chunk reaches the end of ``seq.token_ids``: the model's last position in it is sampled.
+
+    ``num_spec`` (speculative decoding): the last ``num_spec`` of the ``num_new_tokens`` are
+    proposals, ``seq.spec_token_ids[:num_spec]``, verified this step; each of the last
+    ``num_spec + 1`` positions is sampled.
     """
 
     seq: Sequence
     num_new_tokens: int
+    num_spec: int = 0
     start: int = field(init=False)
     produces_logits: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.start = self.seq.num_computed_tokens
-        self.produces_logits = self.start + self.num_new_tokens == self.seq.num_tokens
+        self.produces_logits = (
+            self.start + self.num_new_tokens - self.num_spec == self.seq.num_tokens
+        )
 
     @property
     def end(self) -> int:
         return self.start + self.num_new_tokens
+
+    def input_ids(self) -> list[int]:
+        """The token ids this step computes: the chunk's tokens, then the proposals."""
+        ids = self.seq.token_ids[self.start : self.end - self.num_spec]
+        return ids + self.seq.spec_token_ids[: self.num_spec] if self.num_spec else ids
 
 
 @dataclass(slots=True)
@@ -147,7 +160,7 @@ class Scheduler:
         if past is None or seq.num_tokens <= past or _is_long(seq):
             return False
         self.block_manager.free(seq)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed = 0
         _mark_long(seq)
         return True
 
@@ -207,6 +220,11 @@ class Scheduler:
                 num_new = min(seq.num_tokens - num_hit_tokens, budget)
             else:
                 num_new = min(seq.num_uncomputed_tokens, budget)
+            num_spec = self._num_spec(seq, budget)
+            if num_spec and bm.can_allocate(seq, 1 + num_spec):
+                num_new = 1 + num_spec  # verify the proposals (a multi-token decode)
+            else:
+                num_spec = 0  # no room for proposals: a plain decode (or a preemption)
             while not bm.can_allocate(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -215,7 +233,7 @@ class Scheduler:
                     break
             else:
                 bm.allocate(seq, num_new)
-                scheduled.append(ScheduledSeq(seq, num_new))
+                scheduled.append(ScheduledSeq(seq, num_new, num_spec))
                 budget -= num_new
                 i += 1
 
@@ -256,24 +274,50 @@ class Scheduler:
             ignored=ignored,
         )
 
-    def postprocess(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
-        """Record a finished step: advance each scheduled sequence, append the token sampled for
-        each chunk that produced logits (``sampled`` maps seq_id to token id), and offer the
-        newly full blocks to the prefix cache. Sequences aborted meanwhile are skipped."""
+    def postprocess(self, output: SchedulerOutput, sampled: Mapping[int, int | list[int]]) -> None:
+        """Record a finished step: advance each scheduled sequence, append the token(s) sampled
+        for each chunk that produced logits (``sampled`` maps seq_id to a token id, or to the
+        tokens a verification emitted: its accepted proposals and one more), and offer the
+        newly full blocks to the prefix cache. Sequences aborted meanwhile are skipped.
+
+        After a verification, the KV of the accepted proposals counts as computed; the slots
+        of rejected ones lie past ``num_computed_tokens`` and are overwritten later."""
         for item in output.scheduled:
             seq = item.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            seq.num_computed_tokens = item.end
+            seq.spec_token_ids = []
+            seq.num_computed_tokens = item.end - item.num_spec
             if item.produces_logits:
                 if seq.seq_id not in sampled:
                     raise KeyError(
                         f"no sampled token for {seq!r}, whose chunk produced logits this step"
                     )
-                seq.append_token(sampled[seq.seq_id])
+                got = sampled[seq.seq_id]
+                tokens = [got] if isinstance(got, int) else got
+                if not 1 <= len(tokens) <= item.num_spec + 1:
+                    raise ValueError(
+                        f"{len(tokens)} tokens for {seq!r}, which verified {item.num_spec} "
+                        "proposals"
+                    )
+                seq.num_computed_tokens += len(tokens) - 1  # the accepted proposals
+                for token in tokens:
+                    seq.append_token(token)
             self.block_manager.commit(seq)
 
     # ---- internals ----------------------------------------------------------------------
+
+    def _num_spec(self, seq: Sequence, budget: int) -> int:
+        """How many of a decoding sequence's proposals this step can verify: within the token
+        budget, and none that would pass max_model_len or the sequence's max_tokens (a
+        verification emits up to one token more than it verifies)."""
+        if not seq.spec_token_ids or seq.num_uncomputed_tokens != 1:
+            return 0
+        room = min(
+            self.config.max_model_len - seq.num_tokens,
+            seq.max_tokens - seq.num_output_tokens,
+        )
+        return max(0, min(len(seq.spec_token_ids), budget - 1, room - 1))
 
     def _unservable(self, seq: Sequence) -> bool:
         """Whether computing all of ``seq`` needs more positions or blocks than exist at all."""
@@ -287,7 +331,7 @@ class Scheduler:
         """Free ``seq``'s blocks and queue it first, to be recomputed from scratch (its
         generated tokens are kept and re-prefilled with the prompt)."""
         self.block_manager.free(seq)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

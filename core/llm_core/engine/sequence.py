@@ -67,9 +67,23 @@ class Sequence:
         self.num_committed_blocks = 0
         #: Take no prefix-cache hits: every prompt position is computed (prompt logprobs).
         self.skip_prefix_cache = False
+        #: Speculative decoding: the tokens proposed to follow ``token_ids`` (not part of
+        #: them until the target's verification accepts them), and how many leading tokens
+        #: have KV in the draft model's cache (reset with ``num_computed_tokens``).
+        self.spec_token_ids: list[int] = []
+        self.num_draft_computed = 0
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def drop_last_tokens(self, n: int) -> None:
+        """Forget the last ``n`` tokens of a sequence that finished within a step that emitted
+        several (speculative decoding): the tokens after its stop were never output."""
+        if n:
+            if not 0 < n <= self.num_output_tokens:
+                raise ValueError(f"cannot drop {n} tokens of {self!r}")
+            del self.token_ids[-n:]
+            self.num_computed_tokens = min(self.num_computed_tokens, self.num_tokens - 1)
 
     @property
     def num_tokens(self) -> int:
