@@ -317,7 +317,13 @@ class Scheduler:
             self.config.max_model_len - seq.num_tokens,
             seq.max_tokens - seq.num_output_tokens,
         )
-        return max(0, min(len(seq.spec_token_ids), budget - 1, room - 1))
+        num_spec = min(len(seq.spec_token_ids), budget - 1, room - 1)
+        past = self.config.recompute_past
+        if past is not None and seq.num_tokens <= past:
+            # Rows of a verification are decodes of lengths num_tokens .. num_tokens + k':
+            # none may pass the rope switch, which recomputes the sequence first.
+            num_spec = min(num_spec, past - seq.num_tokens)
+        return max(0, num_spec)
 
     def _unservable(self, seq: Sequence) -> bool:
         """Whether computing all of ``seq`` needs more positions or blocks than exist at all."""

@@ -343,7 +343,11 @@ static float* scratch(int64_t n) {
  * it interleaves. The scalar build (no AVX2) computes the same sums bit for bit. */
 #define LIN_ROWS 8    /* weight rows per block (converted to fp32 in L1 where a path does) */
 #define LIN_TOKENS 48 /* tokens per pass over a weight block (their fp32 copy stays in L2) */
-#define LIN_DIRECT 3  /* bf16, up to this many tokens: weights converted in registers */
+#define LIN_DIRECT 3  /* tokens per register tile of the direct bf16 path */
+/* bf16, up to this many tokens: weights converted in registers, groups of up to LIN_DIRECT
+ * tokens meeting each group of four rows while it is in L1 (a speculative verification of
+ * k + 1 tokens; converting the rows to an fp32 buffer first costs more up to here) */
+#define LIN_DIRECT_TOKENS 16
 
 static inline float tree8(const float* l) {
     return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
@@ -495,6 +499,7 @@ DEF_TILE(4, 3)
                                     acc[4 * g + 3][t]);                                          \
     }
 DEF_BTILE(8, 1)
+DEF_BTILE(4, 1)
 DEF_BTILE(4, 2)
 DEF_BTILE(4, 3)
 
@@ -526,25 +531,31 @@ static void linear_chunk(void* p, int64_t chunk) {
     float* wb = scratch(LIN_ROWS * K); /* a block of rows in lane order */
 #if LLM_AVX2
     __m128 c[2][LIN_DIRECT];
-    if (T == 1 || (j->dt == DT_BF16 && T <= LIN_DIRECT)) {
-        /* weights straight from memory: eight rows side by side at batch 1, else four */
+    if (T == 1 || (j->dt == DT_BF16 && T <= LIN_DIRECT_TOKENS)) {
+        /* weights straight from memory: eight rows side by side at batch 1, else four rows
+         * with up to three tokens at a time (each output's sum is the same in every tile) */
         int64_t R = T == 1 ? 8 : 4, n = n0;
         for (; n + R <= n1; n += R) {
             const void* w = (const char*)j->w + n * K * wes;
-            if (j->dt == DT_BF16) {
-                if (T == 1) btile_8x1(w, j->xf, K, K, c);
-                else if (T == 2) btile_4x2(w, j->xf, K, K, c);
-                else btile_4x3(w, j->xf, K, K, c);
-            } else {
-                tile_8x1(w, K, j->xf, K, K, c);
-            }
-            for (int64_t g = 0; g < R / 4; g++)
-                for (int64_t t = 0; t < T; t++) {
-                    if (K & 7)
-                        c[g][t] = tail4(c[g][t], (const char*)w + 4 * g * K * wes, j->dt, K,
-                                        j->xf + t * K, K & ~7, K);
-                    store4(j->y, j->ldy, j->dt, t, n + 4 * g, c[g][t], j->bias);
+            for (int64_t t0 = 0; t0 < T; t0 += LIN_DIRECT) {
+                int64_t tt = T - t0 < LIN_DIRECT ? T - t0 : LIN_DIRECT;
+                const float* xt = j->xf + t0 * K;
+                if (j->dt == DT_BF16) {
+                    if (T == 1) btile_8x1(w, xt, K, K, c);
+                    else if (tt == 1) btile_4x1(w, xt, K, K, c);
+                    else if (tt == 2) btile_4x2(w, xt, K, K, c);
+                    else btile_4x3(w, xt, K, K, c);
+                } else {
+                    tile_8x1(w, K, xt, K, K, c);
                 }
+                for (int64_t g = 0; g < R / 4; g++)
+                    for (int64_t u = 0; u < tt; u++) {
+                        if (K & 7)
+                            c[g][u] = tail4(c[g][u], (const char*)w + 4 * g * K * wes, j->dt, K,
+                                            xt + u * K, K & ~7, K);
+                        store4(j->y, j->ldy, j->dt, t0 + u, n + 4 * g, c[g][u], j->bias);
+                    }
+            }
         }
         for (; n < n1; n++) {
             to_lanes((const char*)j->w + n * K * wes, j->dt, wb, K);
