@@ -3,8 +3,9 @@
 Operator level: every HAL operator and device-contract method against the float64 reference,
 over generated shapes and edge cases. Model level: every supported architecture (tiny
 random-weight checkpoints) and the demo model against Hugging Face transformers. Engine
-audits: batching, prefix caching, chunked prefill and preemption change no token. The result
-is a sealed (optionally signed) JSON certificate, Markdown/HTML reports and JUnit XML.
+audits: batching, prefix caching, chunked prefill, preemption, graph capture and speculative
+decoding change no token. The result is a sealed (optionally signed) JSON certificate,
+Markdown/HTML reports and JUnit XML.
 
 Run it with ``llm-core conformance``, from Python with :class:`Conformance`, or inside pytest
 with ``pytest --pyargs llm_conformance --backend NAME``. See docs/conformance.md.

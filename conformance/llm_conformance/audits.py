@@ -10,16 +10,23 @@ the same tokens (greedy, and seeded sampling where the batch could matter).
 - chunked prefill: prompts split into 8-token chunks, and whole;
 - preemption: a KV cache too small for the batch, so sequences are preempted and recomputed;
 - graph capture: decode steps replayed from a captured graph (``Backend.capture_graph``, the
-  engine's default where the backend captures) against the same steps run operator by operator.
+  engine's default where the backend captures) against the same steps run operator by operator;
+- speculative decoding: greedy requests served with n-gram proposals and with a draft model that
+  is the target itself (every proposal must be accepted), against the plain engine; then, with
+  the prefix cache on, requests that extend those outputs and so reuse the KV blocks the
+  speculative steps wrote. Every block must be free or evictable when they finish.
 
 The reference configuration is the plain engine with the prefix cache off. Each audit also
-checks that it exercised what it audits (cache hits happened, a sequence was preempted).
+checks that it exercised what it audits (cache hits happened, a sequence was preempted,
+proposals were made and accepted).
 Tokens must match; the one divergence accepted is a near-tie: at the first differing position
 both runs saw the same context, and if their top log-probabilities there agree within the
 dtype's tie margin, a different batch shape has flipped two nearly equal tokens (low-precision
 kernels are rarely batch-invariant). It is reported, never hidden. Where the backend promises
 batch invariance in the dtype, no near-tie is accepted by any audit (chunking, the prefix cache
-and recompute change only which rows share a step, which the promise covers).
+and recompute change only which rows share a step, which the promise covers; so does a
+verification, whose rows are decodes). A proposal of the draft model that the target rejected
+is judged by the same rule, with the proposal in place of the other run's token.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_core import LLM, SamplingParams
+from llm_core.engine.speculative import DraftModelProposer
 from llm_hal import Backend, DType
 
 from llm_conformance.models import ModelUnderTest, kv_block_bytes
@@ -42,6 +50,7 @@ AUDITS: tuple[str, ...] = (
     "chunked_prefill",
     "preemption",
     "graph_capture",
+    "speculative_decoding",
 )
 BLOCK_SIZE = 16
 #: Batch sizes the batch-invariance audit serves its requests in (besides alone).
@@ -50,6 +59,14 @@ INVARIANCE_BATCHES = (8, 32)
 INVARIANCE_ALONE = 4
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
 LONG_GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=5)
+#: The speculative-decoding audit: n-gram proposals (vLLM's prompt lookup) and a draft model.
+SPEC_NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
+              "prompt_lookup_max": 4}  # fmt: skip
+SPEC_DRAFT_TOKENS = 3
+SPEC_GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=5)
+#: The second round: each prompt extended by this many of its first round's output tokens.
+SPEC_EXTEND = 16
+SPEC_EXTENDED = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5)
 
 
 @dataclass(slots=True)
@@ -154,6 +171,7 @@ class Auditor:
             "chunked_prefill": self.chunked_prefill,
             "preemption": self.preemption,
             "graph_capture": self.graph_capture,
+            "speculative_decoding": self.speculative_decoding,
         }
         results = []
         for name in names:
@@ -267,6 +285,171 @@ class Auditor:
         got = _runs(self.base.generate(prompts, LONG_GREEDY, use_tqdm=False))
         diff, notes = _diff(got, want, self.tolerance)
         return _result("graph_capture", diff, notes, {"reference": "eager decode"})
+
+    def speculative_decoding(self) -> AuditResult:
+        """Greedy tokens with speculative decoding are the plain engine's.
+
+        Two proposers: n-gram prompt lookup (k=4, n-grams of 1 to 4 tokens) and a draft model
+        that is the target's own checkpoint (k=3): the draft's greedy proposal is the target's
+        greedy token in the same context, so every proposal must be accepted. The prompts: the
+        first four audit prompts and one audit prompt said three times, whose continuation
+        prompt lookup finds at once. Each speculative engine has the prefix cache on and serves
+        a second round: every prompt extended by its first 16 output tokens, which hits the
+        cached blocks the verification steps wrote (a rejected proposal's KV left in a cached
+        block would change these tokens). After each round no KV block may still be held.
+        Fails as "did not exercise speculation" unless n-gram proposals were made and accepted
+        and the draft made proposals.
+        """
+        prompts = [*self.model.audit_prompts[:4], self.model.audit_prompts[7] * 3]
+        want = _runs(self.base.generate(prompts, SPEC_GREEDY, use_tqdm=False))
+        draft = {
+            "method": "draft_model",
+            "model": str(self.model.path),
+            "num_speculative_tokens": SPEC_DRAFT_TOKENS,
+        }
+        metrics: dict[str, Any] = {}
+        notes: list[str] = []
+        summary: list[str] = []
+        extended_refs: dict[tuple[tuple[int, ...], ...], list[Run]] = {}
+        for leg, config in (("ngram", SPEC_NGRAM), ("draft", draft)):
+            diff = self._speculative_leg(
+                leg, config, prompts, want, extended_refs, metrics, notes, summary
+            )
+            if diff:
+                return _result("speculative_decoding", diff, notes, metrics)
+        result = _result("speculative_decoding", "", notes, metrics)
+        result.detail = f"{result.detail} ({'; '.join(summary)}; every KV block released)"
+        return result
+
+    def _speculative_leg(
+        self,
+        leg: str,
+        config: dict[str, Any],
+        prompts: list[list[int]],
+        want: list[Run],
+        extended_refs: dict[tuple[tuple[int, ...], ...], list[Run]],
+        metrics: dict[str, Any],
+        notes: list[str],
+        summary: list[str],
+    ) -> str:
+        """One proposer of the speculative-decoding audit: its failure, or "" (``metrics``,
+        ``notes`` and ``summary`` gain its own)."""
+        llm = self.engine(speculative_config=config, enable_prefix_caching=True)
+        engine = llm.llm_engine
+        log: _ProposalLog | None = None
+        if leg == "draft":
+            if not isinstance(engine.proposer, DraftModelProposer):
+                return "draft: the engine loaded no draft model"
+            log = _ProposalLog(engine.proposer.runner)
+            engine.proposer = log
+        first = llm.generate(prompts, SPEC_GREEDY, use_tqdm=False)
+        diff, near_ties = _diff(_runs(first), want, self.tolerance)
+        if diff or (diff := _held_blocks(engine)):
+            return f"{leg}: {diff}"
+        # Extended by their own output: the prompts hit the blocks the verifications wrote.
+        extended = [p + o.outputs[0].token_ids[:SPEC_EXTEND] for p, o in zip(prompts, first)]
+        key = tuple(tuple(p) for p in extended)
+        if key not in extended_refs:
+            extended_refs[key] = _runs(self.base.generate(extended, SPEC_EXTENDED, use_tqdm=False))
+        second = llm.generate(extended, SPEC_EXTENDED, use_tqdm=False)
+        hits = [o.num_cached_tokens for o in second]
+        stats = engine.spec_stats
+        proposed, accepted = stats.num_draft_tokens, stats.num_accepted_tokens
+        metrics.update(
+            {f"{leg}_proposed": proposed, f"{leg}_accepted": accepted, f"{leg}_cached": hits}
+        )
+        diff, more = _diff(_runs(second), extended_refs[key], self.tolerance)
+        notes += [f"{leg}: {note}" for note in near_ties + more]
+        if diff:
+            return f"{leg}, prompts extended by their output: {diff}"
+        if diff := _held_blocks(engine):
+            return f"{leg}: {diff}"
+        if any(h <= len(p) for h, p in zip(hits, prompts)):
+            return (
+                f"{leg}: the extended prompts did not reuse the blocks written while speculating "
+                f"(cached tokens {hits}, prompts of {[len(p) for p in prompts]} tokens)"
+            )
+        if proposed == 0 or accepted == 0:
+            return (
+                f"{leg}: did not exercise speculation ({proposed} proposals, {accepted} "
+                "accepted): the audit proves nothing"
+            )
+        if log is not None and accepted < proposed:
+            # A draft equal to its target proposes the target's own greedy tokens.
+            names = {o.request_id: f"prompt {i}" for i, o in enumerate(first)}
+            names |= {o.request_id: f"extended prompt {i}" for i, o in enumerate(second)}
+            outputs = {o.request_id: (names[o.request_id], o.outputs[0]) for o in first + second}
+            diff, excused = log.judge(outputs, self.tolerance)
+            if not diff and not excused:
+                diff = "the engine counted rejections that no output shows"
+            if diff:
+                return (
+                    f"draft: a draft model equal to its target had {accepted} of {proposed} "
+                    f"proposals accepted, not all: {diff}"
+                )
+            notes += [f"draft: {note}" for note in excused]
+        summary.append(f"{leg}: {accepted}/{proposed} proposals accepted")
+        return ""
+
+
+class _ProposalLog(DraftModelProposer):
+    """The engine's draft proposer, keeping every proposal it makes: where the target rejected
+    one, the audit compares the two tokens' log-probabilities there."""
+
+    def __init__(self, runner: Any):
+        super().__init__(runner)
+        #: (request id, output index of the first proposal, the proposals)
+        self.made: list[tuple[str, int, list[int]]] = []
+
+    def propose(self, items: list[Any]) -> None:
+        super().propose(items)
+        for item in items:
+            seq = item.seq
+            self.made.append(
+                (seq.request_id, seq.num_output_tokens, list(seq.spec_token_ids[: item.num_spec]))
+            )
+
+    def judge(self, outputs: dict[str, tuple[str, Any]], tolerance: float) -> tuple[str, list[str]]:
+        """Every proposal the target did not emit (``outputs``: request id -> its name and its
+        completion): the first one that is not a near-tie (the proposal within ``tolerance`` of
+        the emitted token's log-probability, as any audit accepts), or "" and the near-ties."""
+        near_ties: list[str] = []
+        for request_id, start, proposed in self.made:
+            name, out = outputs[request_id]
+            for j, x in enumerate(proposed):
+                at = start + j
+                if at >= len(out.token_ids):
+                    return f"{name}: proposal {j} lies past its output", near_ties
+                y = out.token_ids[at]
+                if y == x:
+                    continue
+                top = {t: lp.logprob for t, lp in (out.logprobs or [])[at].items()}
+                if x not in top or y not in top:
+                    return (
+                        f"{name}: proposal {x} rejected at token {at} for {y}, the proposal "
+                        "not among the target's top 5 there"
+                    ), near_ties
+                gap = top[y] - top[x]
+                if gap > tolerance:
+                    return (
+                        f"{name}: proposal {x} rejected at token {at} for {y} "
+                        f"(log-probabilities {gap:.3g} apart, tolerance {tolerance:g})"
+                    ), near_ties
+                near_ties.append(f"{name}: near-tie rejection at token {at} (|dlogprob| {gap:.2g})")
+                break
+        return "", near_ties
+
+
+def _held_blocks(engine: Any) -> str:
+    """What is left behind once every request has been served: requests not finished, or KV
+    blocks neither free nor evictable (still referenced); "" when nothing."""
+    if engine.has_unfinished_requests():
+        return f"{engine.get_num_unfinished_requests()} requests left unfinished"
+    bm = engine.block_manager
+    held = bm.num_blocks - bm.num_available_blocks
+    if held:
+        return f"{held} of {bm.num_blocks} KV blocks still held after every request finished"
+    return ""
 
 
 def _result(name: str, diff: str, notes: list[str], metrics: dict[str, Any]) -> AuditResult:

@@ -3,6 +3,10 @@
 The engine thread records them (it is the only thread that may read the engine); the HTTP
 server renders them for ``GET /metrics``. Names follow Prometheus conventions with the
 ``llm_core_`` prefix; docs/server.md maps each to the vLLM metric it corresponds to.
+
+The speculative-decoding counters (``llm_core_spec_decode_*``) are exposed only by an engine
+with a ``speculative_config``, as vLLM exposes its ``vllm:spec_decode_*`` only then: a series
+that is absent means speculation is off, never "no proposal yet".
 """
 
 from __future__ import annotations
@@ -38,6 +42,16 @@ _E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 3
 
 
 @dataclass(frozen=True, slots=True)
+class _SpecState:
+    """The engine's speculative-decoding counters (``engine.spec_stats``) at the snapshot."""
+
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    accepted_per_pos: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class _EngineState:
     """What the engine looked like after its last iteration (read at scrape time)."""
 
@@ -51,6 +65,7 @@ class _EngineState:
     backend: str = ""
     fallback_backend: str = ""
     fallback_calls: dict[str, int] = field(default_factory=dict)
+    spec: _SpecState | None = None  # None: speculative decoding is off
 
 
 @dataclass(slots=True)
@@ -154,7 +169,7 @@ class EngineMetrics:
         self._finished.labels(self.model_name, "abort").inc()
 
     def update_engine_state(self, engine: LLMEngine) -> None:
-        """Snapshot the scheduler, KV cache and fallback counters."""
+        """Snapshot the scheduler, KV cache, fallback and speculative-decoding counters."""
         bm = engine.block_manager
         backend = engine.backend
         fallback_name, calls = "", {}
@@ -175,6 +190,7 @@ class EngineMetrics:
             backend=primary,
             fallback_backend=fallback_name,
             fallback_calls=calls,
+            spec=_spec_state(engine),
         )
 
     # ---- any thread ------------------------------------------------------------------------
@@ -244,6 +260,53 @@ class EngineMetrics:
         for op, count in sorted(s.fallback_calls.items()):
             per_op.add_metric([self.model_name, s.backend, s.fallback_backend, op], float(count))
         yield per_op
+        if s.spec is not None:
+            yield from _spec_metrics(self.model_name, s.spec)
+
+
+def _spec_state(engine: LLMEngine) -> _SpecState | None:
+    if engine.speculative_config is None:
+        return None
+    stats = engine.spec_stats
+    return _SpecState(
+        stats.num_drafts,
+        stats.num_draft_tokens,
+        stats.num_accepted_tokens,
+        tuple(stats.accepted_per_pos),
+    )
+
+
+def _spec_metrics(model_name: str, spec: _SpecState) -> Iterator[Metric]:
+    """vLLM's ``vllm:spec_decode_*`` counters under the ``llm_core_`` prefix."""
+    counters = (
+        (
+            "llm_core_spec_decode_num_drafts",
+            "Speculative verifications: decode steps of a sequence that had proposals.",
+            spec.num_drafts,
+        ),
+        (
+            "llm_core_spec_decode_num_draft_tokens",
+            "Proposed tokens verified by the target model.",
+            spec.num_draft_tokens,
+        ),
+        (
+            "llm_core_spec_decode_num_accepted_tokens",
+            "Proposed tokens the target model accepted.",
+            spec.num_accepted_tokens,
+        ),
+    )
+    for metric_name, doc, value in counters:
+        counter = CounterMetricFamily(metric_name, doc, labels=["model_name"])
+        counter.add_metric([model_name], float(value))
+        yield counter
+    per_pos = CounterMetricFamily(
+        "llm_core_spec_decode_num_accepted_tokens_per_pos",
+        "Proposed tokens accepted, per proposal position (0: the first proposal).",
+        labels=["model_name", "position"],
+    )
+    for position, value in enumerate(spec.accepted_per_pos):
+        per_pos.add_metric([model_name, str(position)], float(value))
+    yield per_pos
 
 
 class _StateCollector(Collector):

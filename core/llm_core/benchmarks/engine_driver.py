@@ -5,6 +5,10 @@ Requests arrive all at once, at a Poisson ``request_rate``, and/or under a ``con
 (at most that many in flight, a new one admitted as one finishes). The driver calls
 ``engine.step()`` in a loop and timestamps each request's new tokens as the step returns them,
 which is what a streaming client of the same engine would see, minus the network.
+
+With speculative decoding on, a run also reports the acceptance of its own steps (the change
+of ``engine.spec_stats`` over the run): ``spec_acceptance_rate``, ``spec_mean_acceptance_length``
+and ``spec_acceptance_per_pos`` (the fraction of verifications that accepted position ``i``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from tqdm.auto import tqdm
 from llm_core.benchmarks.memory import MemoryMonitor
 from llm_core.benchmarks.results import RunResult
 from llm_core.benchmarks.timeline import RequestTimeline
+from llm_core.engine.speculative import SpecStats
 from llm_core.sampling_params import GuidedDecodingParams, SamplingParams
 
 
@@ -44,12 +49,14 @@ class EngineDriver:
         self.guided = guided
         self._ids = 0
 
-    def params(self, output_len: int, temperature: float = 0.0) -> SamplingParams:
-        """Exactly ``output_len`` tokens (EOS ignored, unless a grammar ends first), greedy
-        unless a temperature is given."""
+    def params(
+        self, output_len: int, temperature: float = 0.0, ignore_eos: bool = True
+    ) -> SamplingParams:
+        """Exactly ``output_len`` tokens (EOS ignored, unless a grammar ends first; at most
+        ``output_len`` when EOS counts), greedy unless a temperature is given."""
         return SamplingParams(
             max_tokens=output_len,
-            ignore_eos=True,
+            ignore_eos=ignore_eos,
             temperature=temperature,
             detokenize=self.detokenize,
             guided_decoding=self.guided,
@@ -64,9 +71,10 @@ class EngineDriver:
         seed: int = 0,
         progress: bool = False,
         desc: str = "requests",
+        ignore_eos: bool = True,
     ) -> RunResult:
         engine = self.engine
-        params = self.params(output_len)
+        params = self.params(output_len, ignore_eos=ignore_eos)
         offsets = arrival_offsets(len(prompts), request_rate, seed)
         pending = deque(range(len(prompts)))
         timelines: dict[str, RequestTimeline] = {}
@@ -76,6 +84,7 @@ class EngineDriver:
         bar = tqdm(total=len(prompts), desc=desc, unit="req", disable=not progress, leave=False)
         runner, grammar = engine.runner, engine.grammar
         before = (runner.guided_seconds, runner.guided_steps)
+        spec_before = _copy(engine.spec_stats)
         with MemoryMonitor(engine.backend) as mem:
             start = time.perf_counter()
             # When each of the ``cap`` slots became free: a request held back by the cap is
@@ -120,4 +129,37 @@ class EngineDriver:
                 # Mean over every compile so far (warm-ups compile; measured runs hit the cache).
                 "grammar_compile_ms": 1e3 * grammar.compile_seconds / max(1, grammar.compiles),
             }
+        if engine.speculative_config is not None:
+            result.extra.update(spec_figures(_since(spec_before, engine.spec_stats)))
         return result
+
+
+def spec_figures(stats: SpecStats) -> dict[str, Any]:
+    """The acceptance figures of a run's speculative-decoding counters (vLLM's meanings)."""
+    drafts = stats.num_drafts
+    return {
+        "spec_num_drafts": drafts,
+        "spec_num_draft_tokens": stats.num_draft_tokens,
+        "spec_num_accepted_tokens": stats.num_accepted_tokens,
+        "spec_acceptance_rate": stats.acceptance_rate,
+        "spec_mean_acceptance_length": stats.mean_acceptance_length,
+        "spec_acceptance_per_pos": {
+            str(pos): n / drafts if drafts else 0.0 for pos, n in enumerate(stats.accepted_per_pos)
+        },
+    }
+
+
+def _copy(stats: SpecStats) -> SpecStats:
+    return _since(SpecStats(stats.k), stats)
+
+
+def _since(before: SpecStats, now: SpecStats) -> SpecStats:
+    """The counts of ``now`` minus those of ``before``."""
+    delta = SpecStats(now.k)
+    delta.num_drafts = now.num_drafts - before.num_drafts
+    delta.num_draft_tokens = now.num_draft_tokens - before.num_draft_tokens
+    delta.num_accepted_tokens = now.num_accepted_tokens - before.num_accepted_tokens
+    delta.accepted_per_pos = [
+        n - b for n, b in zip(now.accepted_per_pos, before.accepted_per_pos, strict=True)
+    ]
+    return delta

@@ -1,10 +1,10 @@
 """HttpDriver: runs a benchmark's requests against a running OpenAI-compatible server.
 
 Each request is ``POST {base_url}/v1/completions`` with ``stream: true`` (token-id prompt,
-``max_tokens`` = the output length, ``ignore_eos``, greedy), read as server-sent events: every
-``data:`` chunk with text is a token arrival; the final usage chunk
-(``stream_options.include_usage``) gives the exact output token count when the server sends
-it. Requests arrive at a Poisson rate and/or under a concurrency cap, as in
+``max_tokens`` = the output length, ``ignore_eos`` unless the workload stops at EOS, greedy),
+read as server-sent events: every ``data:`` chunk with text is a token arrival; the final usage
+chunk (``stream_options.include_usage``) gives the exact output token count when the server
+sends it. Requests arrive at a Poisson rate and/or under a concurrency cap, as in
 :class:`~llm_core.benchmarks.engine_driver.EngineDriver`.
 """
 
@@ -61,11 +61,15 @@ class HttpDriver:
         seed: int = 0,
         progress: bool = False,
         desc: str = "requests",
+        ignore_eos: bool = True,
     ) -> RunResult:
         model = self.served_model()
         return asyncio.run(
-            self._run(prompts, output_len, model, concurrency, request_rate, seed, progress, desc)
-        )
+            self._run(
+                prompts, output_len, model, concurrency, request_rate, seed, progress, desc,
+                ignore_eos,
+            )
+        )  # fmt: skip
 
     async def _run(
         self,
@@ -77,6 +81,7 @@ class HttpDriver:
         seed: int,
         progress: bool,
         desc: str,
+        ignore_eos: bool,
     ) -> RunResult:
         import httpx
 
@@ -97,7 +102,7 @@ class HttpDriver:
                         "prompt": prompts[i],
                         "max_tokens": output_len,
                         "temperature": 0.0,
-                        "ignore_eos": True,
+                        "ignore_eos": ignore_eos,
                         "stream": True,
                         "stream_options": {"include_usage": True},
                     }

@@ -2,7 +2,8 @@
 
 One report holds the machine's ceilings, the configuration, and per load level (batch size or
 concurrency) the combined figures of llm-core and of each baseline, plus the ratios
-llm-core / baseline measured in the same run.
+llm-core / baseline measured in the same run. With speculative decoding it also prints the
+acceptance figures beside the decode rate.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class BenchReport:
                 {
                     self.level_name: r.level,
                     "baseline": r.system,
+                    "decode_tok_s": _ratio(a.get("decode_tok_s", 0.0), b.get("decode_tok_s", 0.0)),
                     "output_throughput": _ratio(a["output_throughput"], b["output_throughput"]),
                     "ttft_median_speedup": _ratio(b["ttft_ms"]["median"], a["ttft_ms"]["median"]),
                     "tpot_median_speedup": _ratio(b["tpot_ms"]["median"], a["tpot_ms"]["median"]),
@@ -128,6 +130,7 @@ class BenchReport:
             parts = [
                 f"{name} x{row[key]:.2f}"
                 for name, key in (
+                    ("decode tok/s", "decode_tok_s"),
                     ("output throughput", "output_throughput"),
                     ("TTFT", "ttft_median_speedup"),
                     ("TPOT", "tpot_median_speedup"),
@@ -146,6 +149,20 @@ class BenchReport:
                     f"llm-core decode at {self.level_name} {r.level}: "
                     f"{r.figures['decode_tok_s']:.1f} tok/s = "
                     f"{r.figures['decode_roofline_fraction']:.0%} of the {roof:.1f} tok/s roofline"
+                )
+        spec = self.environment.get("speculative_config")
+        for r in self.results:
+            f = r.figures
+            if "spec_acceptance_rate" in f:
+                per_pos = " ".join(f"{x:.2f}" for x in f["spec_acceptance_per_pos"].values())
+                console.print(
+                    f"{r.system} speculative decoding ({_describe_spec(spec)}) at "
+                    f"{self.level_name} {'all' if r.level is None else r.level}: decode "
+                    f"{f.get('decode_tok_s', float('nan')):.1f} tok/s, output "
+                    f"{f['output_throughput']:.1f} tok/s; acceptance rate "
+                    f"{f['spec_acceptance_rate']:.1%}, mean acceptance length "
+                    f"{f['spec_mean_acceptance_length']:.2f}, per position {per_pos}",
+                    soft_wrap=True,  # one line per level, for logs and grep
                 )
         for r in self.results:
             if r.system == "llm-core" and "guided_mask_share" in r.figures:
@@ -197,3 +214,12 @@ class BenchReport:
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
+
+
+def _describe_spec(spec: dict[str, Any] | None) -> str:
+    if not spec:
+        return "on"
+    text = f"{spec['method']}, k={spec['num_speculative_tokens']}"
+    if spec["method"] == "ngram":
+        return f"{text}, lookup {spec['prompt_lookup_min']}-{spec['prompt_lookup_max']}"
+    return f"{text}, draft {spec.get('model')}"

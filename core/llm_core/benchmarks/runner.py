@@ -4,6 +4,9 @@ For every load level (batch size for ``latency``, concurrency for ``throughput``
 ``serve``) it runs warm-up iterations, then ``num_iters`` measured ones, each on fresh prompts
 (so no iteration hits the prefix cache of another), and takes the median of every figure.
 Baselines run the very same prompts in the same process, right after llm-core at each level.
+The ``no-spec`` baseline, a second engine of the same model without speculative decoding,
+alternates with llm-core iteration by iteration instead, so that a drift of the machine's
+speed between the two does not show up as a ratio.
 """
 
 from __future__ import annotations
@@ -15,20 +18,25 @@ import pathlib
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from llm_hal.spec import host_cpu_name
 
 from llm_core.benchmarks.ceilings import MachineCeilings
+from llm_core.benchmarks.engine_driver import EngineDriver
 from llm_core.benchmarks.errors import BaselineUnavailableError
+from llm_core.benchmarks.grounded import GroundedPrompts
 from llm_core.benchmarks.prompts import BenchPrompts
 from llm_core.benchmarks.report import BenchReport, LevelResult
 from llm_core.benchmarks.results import RunResult, combine
 
 log = logging.getLogger("llm_core.bench")
 
-BASELINES = ("hf", "llama-cpp")
+BASELINES = ("hf", "llama-cpp", "no-spec")
+WORKLOADS = ("random", "grounded")
+#: The system name of the ``no-spec`` baseline in reports.
+NO_SPEC = "llm-core no-spec"
 
 
 @dataclass(slots=True)
@@ -44,6 +52,7 @@ class BenchConfig:
     num_iters: int = 3
     num_iters_warmup: int = 1
     dataset: str | None = None
+    workload: str = "random"  # random | grounded (chat requests to repeat or fix a paragraph)
     seed: int = 0
     baselines: list[str] = field(default_factory=list)
     llama_cpp_model: str | None = None
@@ -62,9 +71,16 @@ class BenchConfig:
             raise ValueError("batch sizes and concurrency levels must be >= 1")
         if self.request_rate is not None and self.request_rate <= 0:
             raise ValueError("--request-rate must be > 0")
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {self.workload!r}; choose from {WORKLOADS}")
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise ValueError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
+
+    @property
+    def ignore_eos(self) -> bool:
+        """Random prompts generate exactly ``output_len`` tokens; grounded ones stop at EOS."""
+        return self.workload != "grounded"
 
     def requests_at(self, level: int | None) -> int:
         if self.command == "latency":
@@ -87,7 +103,8 @@ class BenchRunner:
         self.config = config
         self.driver = driver
         self.engine = engine
-        self.prompts = BenchPrompts(tokenizer, config.input_len, config.seed, config.dataset)
+        prompts = GroundedPrompts if config.workload == "grounded" else BenchPrompts
+        self.prompts = prompts(tokenizer, config.input_len, config.seed, config.dataset)
         self.ceilings: MachineCeilings | None = None
 
     def run(self) -> BenchReport:
@@ -98,30 +115,40 @@ class BenchRunner:
             config={**asdict(self.config), "prompts": self.prompts.describe()},
             environment=self.environment(),
         )
+        drivers = {"llm-core": self.driver, **self._load_engine_baselines(report)}
         if cfg.roofline:
             self.ceilings = MachineCeilings.measure()
             report.ceilings = self.ceilings.as_dict()
         baselines = self._load_baselines(report)
+        if baselines and not cfg.ignore_eos:
+            report.notes.append(
+                "the grounded workload stops at EOS, but transformers and llama.cpp always "
+                "generate --output-len tokens: compare their TPOT, not their throughput"
+            )
         for index, level in enumerate(cfg.levels):
             n = cfg.requests_at(level)
             concurrency = None if cfg.command == "latency" else level
             # Prompt rounds: distinct per level and iteration, warm-ups included.
             rounds = [1000 * index + i for i in range(cfg.num_iters)]
             warm = [1000 * index + 500 + i for i in range(cfg.num_iters_warmup)]
-            runs = []
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in drivers}
             for i, r in enumerate(warm + rounds):
                 prompts = self.prompts.make(n, round=r)
                 measured = i >= len(warm)
-                label = f"llm-core {report.level_name}={level or 'all'} " + (
-                    f"iter {i - len(warm) + 1}/{cfg.num_iters}" if measured else "warm-up"
+                for name, driver in drivers.items():
+                    label = f"{name} {report.level_name}={level or 'all'} " + (
+                        f"iter {i - len(warm) + 1}/{cfg.num_iters}" if measured else "warm-up"
+                    )
+                    result = driver.run(
+                        prompts, cfg.output_len, concurrency, cfg.request_rate, cfg.seed + r,
+                        cfg.progress, label, ignore_eos=cfg.ignore_eos,
+                    )  # fmt: skip
+                    if measured:
+                        runs[name].append(self._figures(result, level or n))
+            for name, measured_runs in runs.items():
+                report.results.append(
+                    LevelResult(name, level, combine(measured_runs), measured_runs)
                 )
-                result = self.driver.run(
-                    prompts, cfg.output_len, concurrency, cfg.request_rate, cfg.seed + r,
-                    cfg.progress, label,
-                )  # fmt: skip
-                if measured:
-                    runs.append(self._figures(result, level or n))
-            report.results.append(LevelResult("llm-core", level, combine(runs), runs))
             for name, baseline in baselines.items():
                 report.results.append(self._run_baseline(name, baseline, level, n, rounds, warm))
         for baseline in baselines.values():
@@ -150,7 +177,7 @@ class BenchRunner:
             label = f"{name} iter {i + 1}/{len(rounds)}"
             result = baseline.run(self.prompts.make(n, round=r), cfg.output_len, wave,
                                   cfg.progress, label)  # fmt: skip
-            runs.append(result.figures())
+            runs.append(self._figures(result, wave))
         return LevelResult(name, level, combine(runs), runs)
 
     def _figures(self, result: RunResult, batch: int) -> dict[str, Any]:
@@ -180,9 +207,28 @@ class BenchRunner:
             weights + batch * context * kv_per_token, 2.0 * params * batch, batch
         )
 
+    def _load_engine_baselines(self, report: BenchReport) -> dict[str, EngineDriver]:
+        """``no-spec``: the same engine settings without speculative decoding, in a second
+        engine (the model's weights and KV cache twice in memory)."""
+        if "no-spec" not in self.config.baselines:
+            return {}
+        engine = self.engine
+        if engine is None or engine.speculative_config is None:
+            raise ValueError(
+                "--baseline no-spec compares llm-core with --speculative-config against the "
+                "same engine without it: give --speculative-config (bench latency or throughput)"
+            )
+        from llm_core.engine.llm_engine import LLMEngine
+
+        plain = LLMEngine(replace(engine.args, speculative_config=None))
+        report.environment[f"baseline_{NO_SPEC}"] = "the same engine, speculative decoding off"
+        return {NO_SPEC: EngineDriver(plain, guided=getattr(self.driver, "guided", None))}
+
     def _load_baselines(self, report: BenchReport) -> dict[str, Any]:
         loaded: dict[str, Any] = {}
         for name in self.config.baselines:
+            if name == "no-spec":
+                continue
             try:
                 loaded[{"hf": "transformers", "llama-cpp": "llama.cpp"}[name]] = self._load(name)
             except BaselineUnavailableError as exc:
@@ -242,6 +288,9 @@ class BenchRunner:
                 device_properties=dict(info.properties),
                 dtype=engine.dtype.value,
                 model=str(engine.checkpoint.path),
+                speculative_config=(
+                    asdict(engine.speculative_config) if engine.speculative_config else None
+                ),
                 weights_bytes=int(engine.weight_bytes),
             )
         return env

@@ -7,6 +7,10 @@ prompts; ``soak`` watches a server's memory and latency under a long steady load
 Poisson ``--request-rate``, through continuous batching. ``serve``: the same load sent to
 ``--base-url`` (``llm-core serve``) as streaming ``/v1/completions`` requests.
 
+``--workload grounded`` sends chat requests that ask the model to repeat (or fix typos in) a
+paragraph of the prompt, the workload of n-gram speculation; with ``--speculative-config`` and
+``--baseline no-spec`` one command measures speculation against plain decoding.
+
 Every level runs ``--num-iters-warmup`` warm-up and ``--num-iters`` measured iterations on
 fresh prompts; figures are medians over the measured ones. See docs/performance.md.
 """
@@ -57,7 +61,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FILE",
         help="prompts from FILE (one per line, or JSONL with a 'prompt' field), cut to "
-        "--input-len tokens; default: random tokens",
+        "--input-len tokens; default: random tokens. With --workload grounded: the paragraphs",
+    )
+    g.add_argument(
+        "--workload",
+        choices=("random", "grounded"),
+        default="random",
+        help="random: token-id prompts (or --dataset), exactly --output-len tokens each "
+        "(default); grounded: chat requests in the model's template asking to repeat a "
+        "paragraph of about --input-len tokens or fix its typos, stopping at EOS (the "
+        "input-grounded workload of speculative decoding)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the random prompts and arrivals")
     g.add_argument("--num-iters", type=int, default=3, help="measured iterations (default 3)")
@@ -66,11 +79,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--baseline",
         action="append",
-        choices=("hf", "llama-cpp"),
+        choices=("hf", "llama-cpp", "no-spec"),
         default=[],
-        help="also run transformers' generate (hf) or llama.cpp through llama-cpp-python "
-        "(llama-cpp, on the GGUF of the same model in the same dtype) on the same prompts "
-        "and print the ratio; repeatable",
+        help="also run transformers' generate (hf), llama.cpp through llama-cpp-python "
+        "(llama-cpp, on the GGUF of the same model in the same dtype), or llm-core itself "
+        "without --speculative-config (no-spec, iterations alternating with llm-core's) on "
+        "the same prompts and print the ratio; repeatable",
     )
     out.add_argument(
         "--llama-cpp-model",
@@ -233,12 +247,18 @@ def run_bench(args: argparse.Namespace) -> int:
         num_iters=args.num_iters,
         num_iters_warmup=args.num_iters_warmup,
         dataset=args.dataset,
+        workload=args.workload,
         seed=args.seed,
         baselines=list(dict.fromkeys(args.baseline)),
         llama_cpp_model=args.llama_cpp_model,
         roofline=not args.no_roofline,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
+    if "no-spec" in config.baselines and not getattr(args, "speculative_config", None):
+        raise ValueError(
+            "--baseline no-spec compares llm-core with --speculative-config against the same "
+            "engine without it: give --speculative-config (bench latency or throughput)"
+        )
     engine: Any = None
     if command == "serve":
         from llm_core.loaders.opener import open_checkpoint

@@ -45,6 +45,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="run operators the backend lacks on this backend (logged and counted)",
     )
+    g.add_argument(
+        "--speculative-config",
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, vLLM\'s dict as JSON, e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 4}\' or \'{"method": "draft_model", "model": PATH, '
+        '"num_speculative_tokens": 4}\' (default: off; see docs/speculative-decoding.md)',
+    )
 
 
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
@@ -60,6 +68,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         fallback_backend=args.fallback_backend,
         block_size=args.block_size,
         backend_options=_key_values(args.backend_option),
+        speculative_config=args.speculative_config,
     )
 
 

@@ -238,6 +238,9 @@ def run_server(
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
     engine = LLMEngine(engine_args)
     metrics = EngineMetrics(config.model_name)
+    # A first snapshot before the engine thread starts (and owns the engine): /metrics shows
+    # the KV-cache size and, with speculation on, its counters before the first request.
+    metrics.update_engine_state(engine)
     llm = AsyncLLM(engine, max_pending=engine_args.max_num_seqs + max_queue, metrics=metrics)
     app = create_app(llm, config)
     server = uvicorn.Server(
