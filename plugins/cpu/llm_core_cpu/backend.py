@@ -795,6 +795,23 @@ class CpuBackend(TorchBackend):
         one_hot = F.one_hot(logits.argmax(dim=-1), vocab).to(probs.dtype)
         return torch.where(greedy, one_hot, probs)
 
+    def sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> Tensor:
+        rows, vocab = logits.shape
+        if (
+            meta.all_greedy
+            and self._nk is not None
+            and logits.dtype == torch.float32
+            and logits.stride(-1) == 1
+            and rows > 0
+            and vocab > 0
+        ):
+            ids = torch.empty(rows, dtype=torch.int64)
+            args = (logits.data_ptr(), logits.stride(0), rows, vocab, ids.data_ptr())
+            self._run("llm_argmax_rows", args, (logits, ids))
+            return ids
+        self._eager("sample")
+        return super().sample(logits, meta)
+
     def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor) -> Tensor:
         if logits.dim() != 2 or bitmask.dim() != 2:
             raise ValueError("apply_token_bitmask takes logits (B, V) and a bitmask (B, W)")

@@ -51,6 +51,7 @@ SIGNATURES: dict[str, list[Any]] = {
                            c_void_p, c_int64, c_int64, c_int64, c_float, c_int32],
     "llm_soft_cap": [c_void_p, c_int64, c_void_p, c_int64, c_int64, c_int64, c_float, c_int32],
     "llm_scale": [c_void_p, c_int64, c_void_p, c_int64, c_int64, c_int64, c_float, c_int32],
+    "llm_argmax_rows": [c_void_p, c_int64, c_int64, c_int64, c_void_p],
 }  # fmt: skip
 
 #: Record kinds of ``llm_run`` (the enum in the C source), by kernel name.

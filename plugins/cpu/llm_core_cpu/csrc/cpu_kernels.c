@@ -1210,6 +1210,50 @@ void llm_token_bitmask(float* logits, int64_t ldx, const int32_t* mask, int64_t 
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* greedy sampling: the argmax of each row                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+/* torch.argmax's answer: the first NaN if there is one, else the first maximum. */
+static int64_t argmax_row(const float* x, int64_t V) {
+    int64_t best = 0;
+    float m = x[0];
+    if (isnan(m)) return 0;
+    for (int64_t t = 1; t < V; t++) {
+        float v = x[t];
+        if (v > m) {
+            m = v;
+            best = t;
+        } else if (isnan(v)) {
+            return t;
+        }
+    }
+    return best;
+}
+
+typedef struct {
+    const float* x;
+    int64_t ldx, V, rows_per_chunk, B;
+    int64_t* out;
+} argmax_job;
+
+static void argmax_chunk(void* p, int64_t chunk) {
+    const argmax_job* j = (const argmax_job*)p;
+    int64_t b0 = chunk * j->rows_per_chunk;
+    int64_t b1 = b0 + j->rows_per_chunk < j->B ? b0 + j->rows_per_chunk : j->B;
+    for (int64_t b = b0; b < b1; b++) j->out[b] = argmax_row(j->x + b * j->ldx, j->V);
+}
+
+/* fp32 logits (B, V), rows ldx apart: out[b] = argmax of row b (V >= 1). One thread per row:
+ * torch's own argmax splits a few rows over OpenMP threads that, beside this library's pool
+ * on a busy machine, took milliseconds for what is microseconds of work. */
+void llm_argmax_rows(const float* logits, int64_t ldx, int64_t B, int64_t V, int64_t* out) {
+    int threads = B * V >= 1048576 ? g_threads : 1;
+    int64_t rows = B / threads > 1 ? B / threads : 1;
+    argmax_job job = {logits, ldx, V, rows, B, out};
+    parallel_for(argmax_chunk, &job, (B + rows - 1) / rows, threads);
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* replay of a captured step                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -1236,6 +1280,7 @@ enum {
     K_GEMMA_RMS_NORM,
     K_SOFT_CAP,
     K_SCALE,
+    K_ARGMAX_ROWS,
 };
 
 int64_t llm_record_size(void) { return (int64_t)sizeof(llm_record); }
@@ -1290,6 +1335,9 @@ int64_t llm_run(const llm_record* recs, int64_t n) {
             break;
         case K_SCALE:
             llm_scale(p[0], i[0], p[1], i[1], i[2], i[3], (float)r->f[0], (int32_t)i[4]);
+            break;
+        case K_ARGMAX_ROWS:
+            llm_argmax_rows((const float*)p[0], i[0], i[1], i[2], (int64_t*)p[1]);
             break;
         default:
             return -(j + 1); /* unknown kind: the caller reports which record */
