@@ -192,7 +192,13 @@ class LLMEngine:
         elif draft is not None:
             draft_kv = self._kv_caches(draft, num_blocks)
             self.proposer = DraftModelProposer(
-                ModelRunner(draft, self.backend, draft_kv, self.block_size)
+                ModelRunner(
+                    draft,
+                    self.backend,
+                    draft_kv,
+                    self.block_size,
+                    max_positions=self.model.max_position,  # it reads the target's tables
+                )
             )
             draft_bytes = num_blocks * self._bytes_per_block(draft)
             self.memory_report["draft_kv_cache_bytes"] = draft_bytes
@@ -428,7 +434,9 @@ class LLMEngine:
             if isinstance(self.proposer, NgramProposer):
                 seq.spec_token_ids = self.proposer.propose(seq, k)
             else:
-                seq.spec_token_ids = [0] * k
+                # The draft computes positions up to num_tokens + k - 2: within its context.
+                room = self.proposer.runner.model.max_position - seq.num_tokens + 1
+                seq.spec_token_ids = [0] * max(0, min(k, room))
 
     def _fail_step(self, scheduled: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         """The model run of ``scheduled`` raised: finish every request with a sequence in it,

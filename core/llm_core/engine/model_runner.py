@@ -142,8 +142,12 @@ class ModelRunner:
         block_size: int,
         capture: bool | None = None,
         grammar: GrammarCompiler | None = None,
+        max_positions: int | None = None,
     ):
+        """``max_positions``: the longest sequence the block tables it is given can describe
+        (the model's own context by default; a draft model reads the target's tables)."""
         self.model = model
+        self.max_positions = max(model.max_position, max_positions or 0)
         self.backend = backend
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -251,7 +255,7 @@ class ModelRunner:
 
     def _new_decode_graph(self, size: int) -> _DecodeGraph:
         be = self.backend
-        width = -(-self.model.max_position // self.block_size)
+        width = -(-self.max_positions // self.block_size)
         attn = AttentionMetadata(
             query_start_loc=np.arange(size + 1, dtype=np.int32),
             seq_lens=np.ones(size, dtype=np.int32),
