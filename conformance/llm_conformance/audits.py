@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_core import LLM, SamplingParams
-from llm_core.engine.speculative import DraftModelProposer
+from llm_core.engine.draft_model import DraftModelProposer
 from llm_hal import Backend, DType
 
 from llm_conformance.models import ModelUnderTest, kv_block_bytes

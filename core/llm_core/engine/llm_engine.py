@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 from llm_core.config import EngineArgs
 from llm_core.engine.block_manager import BlockManager
 from llm_core.engine.detokenizer import IncrementalDetokenizer
+from llm_core.engine.draft_model import DraftModelProposer
 from llm_core.engine.grammar_compiler import GrammarCompiler, GrammarError
 from llm_core.engine.model_runner import ModelRunner, SampledToken, SeqSampling, StepResult
 from llm_core.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from llm_core.engine.sequence import Sequence, SequenceStatus
 from llm_core.engine.speculative import (
-    DraftModelProposer,
     NgramProposer,
     SpecStats,
     SpeculativeConfig,
