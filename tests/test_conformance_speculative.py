@@ -17,7 +17,7 @@ from llm_conformance import Conformance, markdown
 from llm_conformance.audits import AUDITS, Auditor
 from llm_conformance.checkpoints import TINY_VOCAB
 from llm_conformance.models import ModelUnderTest, tiny_model_under_test
-from llm_core.engine import model_runner, speculative
+from llm_core.engine import draft_model, model_runner, speculative
 from llm_core_cpu import CpuBackend
 from llm_hal import DType
 
@@ -82,15 +82,15 @@ def test_a_verification_that_rejects_every_proposal_did_not_exercise_speculation
 def test_a_draft_that_disagrees_with_its_target_fails_the_acceptance_check(
     tiny: ModelUnderTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    propose = speculative.DraftModelProposer.propose
+    propose = draft_model.DraftModelProposer.propose
 
-    def off_by_one(self: speculative.DraftModelProposer, items: list[Any]) -> None:
+    def off_by_one(self: draft_model.DraftModelProposer, items: list[Any]) -> None:
         propose(self, items)
         for item in items:  # the last proposal of each step: the next token id instead
             last = item.num_spec - 1
             item.seq.spec_token_ids[last] = (item.seq.spec_token_ids[last] + 1) % TINY_VOCAB
 
-    monkeypatch.setattr(speculative.DraftModelProposer, "propose", off_by_one)
+    monkeypatch.setattr(draft_model.DraftModelProposer, "propose", off_by_one)
     result = audit(tiny)
     assert not result.passed
     assert "a draft model equal to its target had" in result.detail and "not all" in result.detail
