@@ -471,9 +471,14 @@ class TorchBackend(Backend):
     # ------------------------------------------------------------------------------------------
 
     def moe_route(
-        self, router_logits: torch.Tensor, top_k: int, renormalize: bool
+        self, router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str = "softmax"
     ) -> tuple[Tensor, Tensor]:
-        probs = torch.softmax(_acc(router_logits), dim=-1)
+        if scoring == "softmax":
+            probs = torch.softmax(_acc(router_logits), dim=-1)
+        elif scoring == "sigmoid":
+            probs = torch.sigmoid(_acc(router_logits))
+        else:
+            raise ValueError(f"moe_route: scoring {scoring!r} is not one of softmax, sigmoid")
         weights, ids = probs.topk(top_k, dim=-1)
         if renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
