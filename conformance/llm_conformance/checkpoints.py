@@ -1,10 +1,9 @@
 """Tiny random-weight checkpoints, saved exactly like real ones, for the suite and the tests.
 
 Everything here is built offline in about a second: a byte-level BPE tokenizer trained on a
-few sentences, transformers models with 64 hidden units and 2 layers (mixtures of experts
-with 8 small experts) saved as safetensors, and GGUF files written with the ``gguf`` package
-the way llama.cpp's converter writes them (names, reversed shapes, llama's q/k row
-permutation, optional quantization).
+few sentences, transformers models with 64 hidden units and 2 layers saved as safetensors, and
+GGUF files written with the ``gguf`` package the way llama.cpp's converter writes them (names,
+reversed shapes, llama's q/k row permutation, optional quantization).
 
 The conformance suite builds one checkpoint per architecture the engine supports, with a
 ``logit_scale`` that makes the next-token distributions as peaked as a trained model's (a
@@ -32,15 +31,12 @@ from transformers import (
     Glm4Config,
     LlamaConfig,
     MistralConfig,
-    MixtralConfig,
     Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
-    Qwen2MoeConfig,
     Qwen3Config,
-    Qwen3MoeConfig,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -108,53 +104,7 @@ TINY_ARCHITECTURES: dict[str, tuple[Any, dict[str, Any]]] = {
         },
     ),
     "glm4": (Glm4Config, {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}),
-    # Mixtures of experts: 8 small experts, top-2. Qwen2-MoE routes without
-    # renormalizing and adds its gated shared expert; Qwen3-MoE renormalizes (norm_topk_prob,
-    # as its published checkpoints do) and has a dense layer (mlp_only_layers).
-    "mixtral": (
-        MixtralConfig,
-        {
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "intermediate_size": 48,
-            "num_local_experts": 8,
-            "num_experts_per_tok": 2,
-        },
-    ),
-    "qwen2_moe": (
-        Qwen2MoeConfig,
-        {
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "num_experts": 8,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 32,
-            "shared_expert_intermediate_size": 96,
-        },
-    ),
-    "qwen3_moe": (
-        Qwen3MoeConfig,
-        {
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 32,
-            "num_experts": 8,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 32,
-            "norm_topk_prob": True,
-            "mlp_only_layers": [1],
-        },
-    ),
 }
-
-
-#: How much sharper a tiny mixture of experts routes, and how much louder its experts are,
-#: than at transformers' initialisation (see ``tiny_model``). Not louder: a token whose
-#: k-th and (k+1)-th experts nearly tie may be routed otherwise in bf16 or fp16 (transformers'
-#: own bf16 does the same), and at 3 such a flip already changed a greedy token of the tiny
-#: Mixtral against the fp32 reference and failed its low-precision cells.
-MOE_ROUTER_SCALE = 10.0
-MOE_EXPERT_SCALE = 2.0
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -237,11 +187,7 @@ def tiny_model(
     """A random-weight ``*ForCausalLM``; norms are randomized too, so no weight is trivial.
 
     ``logit_scale`` multiplies the output projection: about 25 gives logits with a standard
-    deviation near 4 and a mean top probability near 0.5, like a trained model's. In a mixture
-    of experts the routers and the shared expert's gate are scaled by ``MOE_ROUTER_SCALE`` and
-    the experts by ``MOE_EXPERT_SCALE``: at transformers' initialisation the routing is nearly
-    uniform and the experts a whisper next to the residual stream, so a wrong routing weight
-    or a dropped gate would change no token.
+    deviation near 4 and a mean top probability near 0.5, like a trained model's.
     """
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
@@ -252,10 +198,6 @@ def tiny_model(
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 param.normal_()
-            elif name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
-                param.mul_(MOE_ROUTER_SCALE)
-            elif ".experts." in name or ".shared_expert." in name:
-                param.mul_(MOE_EXPERT_SCALE)
         if logit_scale != 1.0:
             model.get_output_embeddings().weight.mul_(logit_scale)
     return model.eval()

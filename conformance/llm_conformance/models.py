@@ -190,19 +190,12 @@ def kv_block_bytes(config: Any, itemsize: float, block_size: int) -> int:
     return int(2 * config.num_hidden_layers * kv_heads * head * itemsize * block_size)
 
 
-#: transformers' mixtures of experts in their plain per-expert loop: the default, grouped_mm,
-#: has no float64 on CPU, where the suite measures the reference's own rounding noise.
-_REFERENCE_EXPERTS = {"experts_implementation": "eager"}
-
-
 def _load_reference(model: ModelUnderTest) -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
 
     if model.kind == "tiny":
-        return AutoModelForCausalLM.from_pretrained(
-            str(model.path), dtype=torch.float32, **_REFERENCE_EXPERTS
-        ).eval()
+        return AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32).eval()
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
@@ -210,9 +203,7 @@ def _load_reference(model: ModelUnderTest) -> Any:
 
     checkpoint = model.checkpoint
     with no_init_weights():  # every weight is loaded below: random init would take 20 s
-        hf = AutoModelForCausalLM.from_config(
-            checkpoint.config, dtype=torch.float32, **_REFERENCE_EXPERTS
-        )
+        hf = AutoModelForCausalLM.from_config(checkpoint.config, dtype=torch.float32)
     missing, unexpected = hf.load_state_dict(dict(checkpoint.tensors()), strict=False)
     tied = bool(getattr(checkpoint.config, "tie_word_embeddings", False))
     if unexpected or [m for m in missing if not (tied and m == "lm_head.weight")]:

@@ -337,8 +337,7 @@ class Backend:
 
         The shape parameters callers pass today: ``head_size`` and ``block_size`` for the
         attention ops and ``reshape_and_cache``, ``scheme`` (a :class:`QuantScheme` value
-        such as ``"w8a16"``) for ``linear``, ``scoring`` (``"sigmoid"``) for ``moe_route``;
-        ignore any other. The engine asks
+        such as ``"w8a16"``) for ``linear``; ignore any other. The engine asks
         ``supports("linear", dtype)`` to decide whether the backend computes in ``dtype`` at
         all; the conformance suite asks for every case, then checks the answer (a declared
         case must run, an undeclared one must raise :class:`UnsupportedOpError`).
@@ -675,19 +674,13 @@ class Backend:
     # ------------------------------------------------------------------------------------------
 
     def moe_route(
-        self, router_logits: Tensor, top_k: int, renormalize: bool, scoring: str = "softmax"
+        self, router_logits: Tensor, top_k: int, renormalize: bool
     ) -> tuple[Tensor, Tensor]:
-        """Score the experts of each token in fp32 (router_logits: (T, E) float), then keep
-        the ``top_k`` experts per token. Returns ``(weights (T, top_k) fp32, ids (T, top_k)
-        int64)``, weights descending; with ``renormalize`` the weights of each token sum to 1.
+        """Softmax over experts in fp32 (router_logits: (T, E)), then the ``top_k`` experts per
+        token. Returns ``(weights (T, top_k) fp32, ids (T, top_k) int64)``, weights descending;
+        with ``renormalize`` the weights of each token sum to 1.
 
-        ``scoring``: ``"softmax"`` over the experts (Mixtral, Qwen-MoE), or ``"sigmoid"`` of
-        each logit on its own (HAL 1.4: DeepSeek-V3's router, and Qwen2-MoE's sigmoid-gated
-        shared expert, served as a one-expert route: E = top_k = 1 gives ``sigmoid(logit)``
-        and expert 0). ``supports`` receives it as the shape parameter ``scoring`` (sigmoid
-        only; a backend built for HAL 1.3 is never passed the argument for softmax).
-
-        INHERITED. Raises ``ValueError`` for another ``scoring``.
+        INHERITED.
         """
         raise self._unsupported("moe_route")
 

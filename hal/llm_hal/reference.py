@@ -471,14 +471,9 @@ class TorchBackend(Backend):
     # ------------------------------------------------------------------------------------------
 
     def moe_route(
-        self, router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str = "softmax"
+        self, router_logits: torch.Tensor, top_k: int, renormalize: bool
     ) -> tuple[Tensor, Tensor]:
-        if scoring == "softmax":
-            probs = torch.softmax(_acc(router_logits), dim=-1)
-        elif scoring == "sigmoid":
-            probs = torch.sigmoid(_acc(router_logits))
-        else:
-            raise ValueError(f"moe_route: scoring {scoring!r} is not one of softmax, sigmoid")
+        probs = torch.softmax(_acc(router_logits), dim=-1)
         weights, ids = probs.topk(top_k, dim=-1)
         if renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -2,9 +2,8 @@
 
 # Bump the major number for any change a backend must react to (a new required argument, a
 # changed layout); the minor number for additions a backend may ignore (a new optional op).
-HAL_API_VERSION = "1.4"  # 1.1: optional Backend.capture_graph; 1.2: apply_token_bitmask;
-# 1.3: gemma_rms_norm, soft_cap and scale (Gemma 2/3); 1.4: moe_route's scoring="sigmoid"
-# (Qwen2-MoE's gated shared expert, DeepSeek-V3's router)
+HAL_API_VERSION = "1.3"  # 1.1: optional Backend.capture_graph; 1.2: apply_token_bitmask;
+# 1.3: gemma_rms_norm, soft_cap and scale (Gemma 2/3)
 
 
 def api_compatible(plugin_version: str, host_version: str = HAL_API_VERSION) -> bool:

@@ -62,11 +62,6 @@ INERT_FIELDS = frozenset(
         "tokenizer_class",
         "pretraining_tp",  # transformers 5 computes one matmul whatever its value
         "cache_implementation",
-        # Mixture-of-experts training: the router's auxiliary loss and its input jitter
-        # (applied only in training mode).
-        "output_router_logits",
-        "router_aux_loss_coef",
-        "router_jitter_noise",
     }
 )
 

@@ -1,12 +1,10 @@
-"""The pre-norm decoder-only transformer shared by every family.
+"""The pre-norm decoder-only transformer shared by every dense family.
 
-Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3/4, GLM-4, Mixtral and Qwen2/3-MoE differ only in data:
-which tensors a layer has (biases, fused projections, per-head q/k norms, norms after attention
-and MLP, a mixture of experts instead of the dense MLP), the norm convention, the activation,
-the rope tables and window of each layer, soft-caps and scales. Each family file turns its
-config into a :class:`DecoderOptions`; this file is the one forward (the experts' own in
-``moe.py``). Every computation is a HAL operator; this file only decides which operator runs
-when.
+Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3/4 and GLM-4 differ only in data: which tensors a layer
+has (biases, fused projections, per-head q/k norms, norms after attention and MLP), the norm
+convention, the activation, the rope tables and window of each layer, soft-caps and scales.
+Each family file turns its config into a :class:`DecoderOptions`; this file is the one forward.
+Every computation is a HAL operator; this file only decides which operator runs when.
 """
 
 from __future__ import annotations
@@ -17,11 +15,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from llm_hal import Backend, DType, LinearWeight, Tensor, UnsupportedOpError
+from llm_hal import Backend, DType, LinearWeight, Tensor
 
 from llm_core.models.base import CausalLM, ForwardBatch, UnsupportedDTypeError
 from llm_core.models.config_check import check_config_fields
-from llm_core.models.moe import MOE_ACTIVATIONS, MoeBlock, MoeOptions
 from llm_core.models.rope import RopeTable, rope_parameters, rope_table
 
 #: transformers' ``hidden_act`` names -> the gated activation op that computes them.
@@ -63,9 +60,6 @@ class DecoderOptions:
     #: of a per-layer-type ``rope_parameters``, Gemma 3; None: the one rope of the model).
     windows: tuple[int | None, ...] = ()
     rope_types: tuple[str | None, ...] = ()
-    #: The sparse mixture-of-experts MLP (Mixtral, Qwen2/3-MoE) of the layers it names; None:
-    #: every layer has the dense gated MLP.
-    moe: MoeOptions | None = None
 
 
 @dataclass(slots=True)
@@ -74,11 +68,10 @@ class _Layer:
     wqkv: LinearWeight  # (q + 2 kv, H)
     wo: LinearWeight  # (H, q)
     mlp_norm: Tensor  # (H,)
-    w13: LinearWeight | None  # (2I, H) = [gate; up]; None in a layer of experts
-    w2: LinearWeight | None  # (H, I)
+    w13: LinearWeight  # (2I, H) = [gate; up]
+    w2: LinearWeight  # (H, I)
     rope: int  # index into DecoderLM.rope_tables
     window: int | None
-    experts: MoeBlock | None = None  # instead of w13 and w2
     post_attn_norm: Tensor | None = None  # (H,)
     post_mlp_norm: Tensor | None = None  # (H,)
     q_norm: Tensor | None = None  # (D,)
@@ -132,33 +125,10 @@ class DecoderLM(CausalLM):
         self.rope_tables, self._rope_of_layer, self._long_rope = self._build_rope(config)
         if self._long_rope is not None:
             self.rope_switch_length = self._long_rope.long_after
-        if options.moe is not None:
-            self._check_experts(options.moe)
         self.layers: list[_Layer] = []
         self.embed: Tensor = None
         self.final_norm: Tensor = None
         self.lm_head: LinearWeight | None = None
-
-    def _check_experts(self, moe: MoeOptions) -> None:
-        """Refuse at load what the experts cannot run: an activation ``moe_experts`` lacks, or
-        a backend without the MoE operators (UnsupportedOpError naming the operator, rather
-        than every request failing at its first step)."""
-        owner = type(self).__name__
-        if self.options.activation not in MOE_ACTIVATIONS:
-            act = getattr(self.config, "hidden_act", None)
-            raise ValueError(
-                f"{owner}: config.hidden_act={act!r} is not supported in mixture-of-experts "
-                f"layers; supported: {', '.join(MOE_ACTIVATIONS)}"
-            )
-        needs: list[tuple[str, dict[str, Any]]] = [("moe_route", {}), ("moe_experts", {})]
-        if moe.shared_intermediate_size:
-            needs.append(("moe_route", {"scoring": "sigmoid"}))
-        for op, shape in needs:
-            if not self.backend.supports(op, self.dtype, **shape):
-                how = " with sigmoid scores (its shared expert's gate)" if shape else ""
-                raise UnsupportedOpError(
-                    self.backend.name, op, f"{owner}'s mixture-of-experts layers need it{how}"
-                )
 
     def _build_rope(self, config: Any) -> tuple[list[Tensor], list[int], RopeTable | None]:
         """One device table per distinct rope of the layers (Gemma 3: local and global)."""
@@ -200,11 +170,10 @@ class DecoderLM(CausalLM):
     @classmethod
     def tensor_shapes(
         cls, config: Any
-    ) -> tuple[dict[str, tuple[int, ...]], list[dict[str, tuple[int, ...]]]]:
-        """Shapes of the global tensors, and of every tensor of each layer (names without the
-        ``model.layers.N.`` prefix, as published checkpoints have them), that this config
-        gives. Used to assemble layers as their tensors stream in and to check the experts'
-        shapes."""
+    ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+        """Shapes of the global tensors, and of every tensor of one layer (names without the
+        ``model.layers.N.`` prefix), that this config gives. Used to check a file before any
+        weight is read and to assemble layers as their tensors stream in."""
         o = cls.declare(config)
         hidden = int(config.hidden_size)
         heads = int(config.num_attention_heads)
@@ -223,74 +192,60 @@ class DecoderLM(CausalLM):
         else:
             for x, rows in (("q", q), ("k", kv), ("v", kv)):
                 projections[f"{x}_proj"] = ((rows, hidden), o.qkv_bias)
-        dense: dict[str, tuple[tuple[int, ...], bool]] = {}
         if o.fused_gate_up:
-            dense["gate_up_proj"] = ((2 * inter, hidden), o.mlp_bias)
+            projections["gate_up_proj"] = ((2 * inter, hidden), o.mlp_bias)
         else:
-            dense["gate_proj"] = ((inter, hidden), o.mlp_bias)
-            dense["up_proj"] = ((inter, hidden), o.mlp_bias)
-        dense["down_proj"] = ((hidden, inter), o.mlp_bias)
-        dense_shapes: dict[str, tuple[int, ...]] = {}
-        for group, prefix, out in ((projections, attn, shapes), (dense, mlp, dense_shapes)):
-            for name, (shape, bias) in group.items():
-                out[f"{prefix}{name}.weight"] = shape
-                if bias:
-                    out[f"{prefix}{name}.bias"] = shape[:1]
+            projections["gate_proj"] = ((inter, hidden), o.mlp_bias)
+            projections["up_proj"] = ((inter, hidden), o.mlp_bias)
+        projections["down_proj"] = ((hidden, inter), o.mlp_bias)
+        for name, (shape, bias) in projections.items():
+            prefix = mlp if name.endswith(("gate_proj", "up_proj", "down_proj")) else attn
+            shapes[f"{prefix}{name}.weight"] = shape
+            if bias:
+                shapes[f"{prefix}{name}.bias"] = shape[:1]
         if o.qk_norm:
             shapes[attn + "q_norm.weight"] = (head_dim,)
             shapes[attn + "k_norm.weight"] = (head_dim,)
-        dense_layer = {**shapes, **dense_shapes}
-        sparse_layer = {**shapes, **o.moe.tensor_shapes(hidden)} if o.moe else dense_layer
-        layers = [
-            sparse_layer if o.moe and o.moe.is_sparse(i) else dense_layer
-            for i in range(int(config.num_hidden_layers))
-        ]
         vocab = int(config.vocab_size)
         globals_ = {
             "model.embed_tokens.weight": (vocab, hidden),
             "lm_head.weight": (vocab, hidden),
             "model.norm.weight": (hidden,),
         }
-        return globals_, layers
+        return globals_, shapes
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         _, layer_shapes = type(self).tensor_shapes(self.config)
-        moe = self.options.moe
+        expected = set(layer_shapes)
         host: dict[str, torch.Tensor] = {}
         pending: dict[int, dict[str, torch.Tensor]] = {}
         built: set[int] = set()
         placed = 0
         for name, tensor in weights:
-            if not name.startswith("model.layers."):
-                host[name] = tensor
-                continue
-            index = int(name.split(".")[2])
-            fused_part = name.split(".", 3)[3]
-            named = moe.unfuse(fused_part, tensor) if moe else [(fused_part, tensor)]
-            for part, t in named:
-                if index in built or index >= self.num_layers or part not in layer_shapes[index]:
+            if name.startswith("model.layers."):
+                index = int(name.split(".")[2])
+                part = name.split(".", 3)[3]
+                if index in built or part not in expected:
                     raise ValueError(_unexpected(name, part, self.config))
-                if moe and moe.is_sparse(index):
-                    _check_shape(name, t, layer_shapes[index][part])
                 parts = pending.setdefault(index, {})
-                parts[part] = t
-            if len(pending.get(index, ())) == len(layer_shapes[index]):
-                placed += self._build_layer(index, pending.pop(index))
-                built.add(index)
+                parts[part] = tensor
+                if len(parts) == len(expected):
+                    placed += self._build_layer(index, pending.pop(index))
+                    built.add(index)
+            else:
+                host[name] = tensor
         if pending:
             index, parts = next(iter(pending.items()))
-            lacking = sorted(set(layer_shapes[index]) - set(parts))
+            lacking = sorted(expected - set(parts))
             hint = ""
             if all(name.endswith(".bias") for name in lacking):
                 hint = (
                     " (its config declares biases the file does not have: check "
                     "attention_bias / mlp_bias in config.json)"
                 )
-            shown = ", ".join(lacking[:8]) + (
-                f" and {len(lacking) - 8} more" if len(lacking) > 8 else ""
-            )
             raise ValueError(
-                f"layer {index} is incomplete in the checkpoint: it lacks {shown}{hint}"
+                f"layer {index} is incomplete in the checkpoint: it lacks "
+                f"{', '.join(lacking)}{hint}"
             )
         missing = [i for i in range(self.num_layers) if i not in built]
         if missing:
@@ -309,7 +264,7 @@ class DecoderLM(CausalLM):
 
     def _build_layer(self, index: int, p: dict[str, torch.Tensor]) -> int:
         o = self.options
-        attn = "self_attn."
+        attn, mlp = "self_attn.", "mlp."
 
         def bias(name: str, present: bool) -> torch.Tensor | None:
             return p.pop(name + ".bias") if present else None
@@ -321,25 +276,28 @@ class DecoderLM(CausalLM):
             bqkv = (
                 torch.cat([p.pop(attn + f"{x}_proj.bias") for x in "qkv"]) if o.qkv_bias else None
             )
+        if o.fused_gate_up:
+            w13, b13 = p.pop(mlp + "gate_up_proj.weight"), bias(mlp + "gate_up_proj", o.mlp_bias)
+        else:
+            w13 = torch.cat([p.pop(mlp + "gate_proj.weight"), p.pop(mlp + "up_proj.weight")])
+            b13 = (
+                torch.cat([p.pop(mlp + "gate_proj.bias"), p.pop(mlp + "up_proj.bias")])
+                if o.mlp_bias
+                else None
+            )
         pre_attn, post_attn, pre_mlp, post_mlp = o.norms
         layer = _Layer(
             attn_norm=self.upload(p.pop(f"{pre_attn}.weight")),
             wqkv=self.upload_linear(wqkv, bqkv),
             wo=self.upload_linear(p.pop(attn + "o_proj.weight"), bias(attn + "o_proj", o.o_bias)),
             mlp_norm=self.upload(p.pop(f"{pre_mlp}.weight")),
-            w13=None,
-            w2=None,
+            w13=self.upload_linear(w13, b13),
+            w2=self.upload_linear(
+                p.pop(mlp + "down_proj.weight"), bias(mlp + "down_proj", o.mlp_bias)
+            ),
             rope=self._rope_of_layer[index],
             window=self._windows[index],
         )
-        numel = wqkv.numel() + layer.wo.out_features * layer.wo.in_features
-        if o.moe is not None and o.moe.is_sparse(index):
-            layer.experts, placed = MoeBlock.build(
-                o.moe, p, o.activation, self.upload, self.upload_linear
-            )
-            numel += placed
-        else:
-            numel += self._build_dense_mlp(layer, p)
         if post_attn is not None:
             layer.post_attn_norm = self.upload(p.pop(f"{post_attn}.weight"))
         if post_mlp is not None:
@@ -351,25 +309,9 @@ class DecoderLM(CausalLM):
         while len(self.layers) <= index:
             self.layers.append(None)  # type: ignore[arg-type]
         self.layers[index] = layer
+        numel = wqkv.numel() + w13.numel() + layer.wo.out_features * layer.wo.in_features
+        numel += layer.w2.out_features * layer.w2.in_features
         return int(numel * self.dtype.itemsize)
-
-    def _build_dense_mlp(self, layer: _Layer, p: dict[str, torch.Tensor]) -> int:
-        """The gated MLP's weights into ``layer`` (popped from ``p``); returns their count."""
-        o, mlp = self.options, "mlp."
-        if o.fused_gate_up:
-            w13 = p.pop(mlp + "gate_up_proj.weight")
-            b13 = p.pop(mlp + "gate_up_proj.bias") if o.mlp_bias else None
-        else:
-            w13 = torch.cat([p.pop(mlp + "gate_proj.weight"), p.pop(mlp + "up_proj.weight")])
-            b13 = (
-                torch.cat([p.pop(mlp + "gate_proj.bias"), p.pop(mlp + "up_proj.bias")])
-                if o.mlp_bias
-                else None
-            )
-        w2 = p.pop(mlp + "down_proj.weight")
-        layer.w13 = self.upload_linear(w13, b13)
-        layer.w2 = self.upload_linear(w2, p.pop(mlp + "down_proj.bias") if o.mlp_bias else None)
-        return w13.numel() + w2.numel()
 
     # --------------------------------------------------------------------------------------
     # forward
@@ -391,12 +333,8 @@ class DecoderLM(CausalLM):
             if layer.post_attn_norm is not None:
                 h, _ = norm(h, layer.post_attn_norm, eps)
             x, residual = norm(h, layer.mlp_norm, eps, residual)
-            if layer.experts is not None:
-                h = layer.experts.forward(ops, x)  # (T, H)
-            else:
-                assert layer.w13 is not None and layer.w2 is not None
-                gate_up = ops.linear(x, layer.w13)  # (T, 2I)
-                h = ops.linear(self._act(gate_up), layer.w2)  # (T, H)
+            gate_up = ops.linear(x, layer.w13)  # (T, 2I)
+            h = ops.linear(self._act(gate_up), layer.w2)  # (T, H)
             if layer.post_mlp_norm is not None:
                 h, _ = norm(h, layer.post_mlp_norm, eps)
         h, _ = norm(h, self.final_norm, eps, residual)
@@ -514,23 +452,10 @@ def _unexpected(name: str, part: str, config: Any) -> str:
             " (the checkpoint has a bias its config does not declare: check attention_bias / "
             "mlp_bias in config.json)"
         )
-    elif "experts" in part or ".gate." in part:
-        hint = (
-            " (check the number of experts, num_hidden_layers, mlp_only_layers and "
-            "decoder_sparse_step in config.json)"
-        )
     return (
         f"unexpected tensor {name} for {', '.join(getattr(config, 'architectures', None) or [])}"
         f"{hint}: the checkpoint does not match its config"
     )
-
-
-def _check_shape(name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
-    if tuple(tensor.shape) != want:
-        raise ValueError(
-            f"tensor {name} has the shape {tuple(tensor.shape)}, but its config gives {want}: "
-            "check hidden_size, the intermediate sizes and the number of experts in config.json"
-        )
 
 
 def _nbytes(t: torch.Tensor, dtype: DType) -> int:

@@ -10,12 +10,9 @@ from llm_core.models.gemma3 import Gemma3ForCausalLM
 from llm_core.models.glm4 import Glm4ForCausalLM
 from llm_core.models.llama import LlamaForCausalLM
 from llm_core.models.mistral import MistralForCausalLM
-from llm_core.models.mixtral import MixtralForCausalLM
 from llm_core.models.phi3 import Phi3ForCausalLM
 from llm_core.models.qwen2 import Qwen2ForCausalLM
-from llm_core.models.qwen2_moe import Qwen2MoeForCausalLM
 from llm_core.models.qwen3 import Qwen3ForCausalLM
-from llm_core.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_CLASSES: tuple[type[CausalLM], ...] = (
     LlamaForCausalLM,
@@ -26,9 +23,6 @@ MODEL_CLASSES: tuple[type[CausalLM], ...] = (
     Gemma3ForCausalLM,
     Phi3ForCausalLM,
     Glm4ForCausalLM,
-    MixtralForCausalLM,
-    Qwen2MoeForCausalLM,
-    Qwen3MoeForCausalLM,
 )
 
 ARCHITECTURES: dict[str, type[CausalLM]] = {

@@ -740,19 +740,6 @@ class CpuBackend(TorchBackend):
         self._run(kernel, args, (x, y))
         return y
 
-    def moe_route(
-        self, router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str = "softmax"
-    ) -> tuple[Tensor, Tensor]:
-        route = super().moe_route
-        t = router_logits.shape[0]
-        if scoring == "sigmoid" and router_logits.dtype in self._invariant and t > 1:
-            # torch's vectorized sigmoid and its scalar tail differ in the last bit (softmax
-            # does not: it runs along each row): one row at a time, each row takes the same
-            # path whatever the batch.
-            rows = [route(router_logits[i : i + 1], top_k, renormalize, scoring) for i in range(t)]
-            return torch.cat([w for w, _ in rows]), torch.cat([ids for _, ids in rows])
-        return route(router_logits, top_k, renormalize, scoring)
-
     def moe_experts(
         self,
         x: torch.Tensor,

@@ -10,8 +10,7 @@ from llm_core_cpu.version import __version__
 
 #: The HAL API this plugin was written and tested against: a literal, so that the registry
 #: can refuse it when the host's HAL is incompatible (it must never be the host's version).
-BUILT_FOR_HAL_API = "1.4"  # 1.2: apply_token_bitmask; 1.3: gemma_rms_norm, scale, soft_cap;
-# 1.4: moe_route scoring="sigmoid" (the reference's, inherited)
+BUILT_FOR_HAL_API = "1.3"  # 1.2: apply_token_bitmask; 1.3: gemma_rms_norm, scale, soft_cap
 
 #: ``BackendConfig.options`` the factory understands (``--backend-option KEY=VALUE``).
 OPTIONS = {
