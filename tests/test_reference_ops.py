@@ -569,27 +569,6 @@ def test_moe_route_matches_softmax_top_k(ref: TorchBackend, renormalize: bool) -
         np.testing.assert_allclose(weights[t].numpy(), want, atol=1e-12)
 
 
-@pytest.mark.parametrize("renormalize", [True, False])
-def test_moe_route_sigmoid_scores_each_expert_alone(ref: TorchBackend, renormalize: bool) -> None:
-    """HAL 1.4: sigmoid scoring (DeepSeek-V3's router); one expert, top-1, is the sigmoid gate
-    of Qwen2-MoE's shared expert."""
-    rng = _rng(15)
-    logits = rng.standard_normal((5, 8))
-    weights, ids = ref.moe_route(_t(logits), 3, renormalize, scoring="sigmoid")
-    for t in range(5):
-        p = 1 / (1 + np.exp(-logits[t]))
-        top = np.argsort(-p)[:3]
-        want = p[top] / (p[top].sum() if renormalize else 1.0)
-        assert ids[t].tolist() == top.tolist()
-        np.testing.assert_allclose(weights[t].numpy(), want, atol=1e-12)
-    gate = rng.standard_normal((4, 1))
-    weights, ids = ref.moe_route(_t(gate), 1, False, scoring="sigmoid")
-    np.testing.assert_allclose(weights.numpy(), 1 / (1 + np.exp(-gate)), atol=1e-12)
-    assert ids.tolist() == [[0]] * 4
-    with pytest.raises(ValueError, match="scoring"):
-        ref.moe_route(_t(gate), 1, False, scoring="sparsemax")
-
-
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_moe_experts_match_loop(ref: TorchBackend, activation: str) -> None:
     rng = _rng(14)

@@ -1530,22 +1530,15 @@ register(
 # -------------------------------------------------------------------------------------------
 
 
-def _route(*, scores: str = "as-asked", renormalize: str = "as-asked", ids: str = "by-weight",
+def _route(*, scores: str = "softmax", renormalize: str = "as-asked", ids: str = "by-weight",
            in_dtype: bool = False) -> Method:  # fmt: skip
-    def moe_route(
-        self: TorchBackend,
-        router_logits: Any,
-        top_k: int,
-        renormalize_: bool,
-        scoring: str = "softmax",
-    ) -> Any:
+    def moe_route(self: TorchBackend, router_logits: Any, top_k: int, renormalize_: bool) -> Any:
         x = router_logits if in_dtype else _acc(router_logits)
         if scores == "topk-then-softmax":
             top, chosen = x.topk(top_k, dim=-1)
             weights = torch.softmax(top, dim=-1)
         else:
-            kind = scoring if scores == "as-asked" else scores
-            probs = torch.sigmoid(x) if kind == "sigmoid" else torch.softmax(x, dim=-1)
+            probs = torch.sigmoid(x) if scores == "sigmoid" else torch.softmax(x, dim=-1)
             weights, chosen = probs.topk(top_k, dim=-1)
         norm = renormalize_ if renormalize == "as-asked" else renormalize == "always"
         if norm:
@@ -1567,7 +1560,6 @@ register(
             _route(scores="topk-then-softmax"),
         ),
         ("sigmoid", "sigmoid instead of softmax", _route(scores="sigmoid")),
-        ("scoring-ignored", "softmax where sigmoid is asked", _route(scores="softmax")),
         ("never-renormalize", "renormalize ignored", _route(renormalize="never")),
         ("always-renormalize", "always renormalized", _route(renormalize="always")),
         ("ids-ascending", "experts sorted by id, not weight", _route(ids="by-id")),

@@ -16,26 +16,17 @@ MOE_ROUTE: list[Params] = [
     {"tokens": 33, "experts": 64, "top_k": 6, "renormalize": True},
     {"tokens": 5, "experts": 128, "top_k": 8, "renormalize": False},
     {"tokens": 16, "experts": 4, "top_k": 1, "renormalize": True},
-    # HAL 1.4: sigmoid scores. One expert, top-1: the gate of Qwen2-MoE's shared expert.
-    {"tokens": 9, "experts": 1, "top_k": 1, "renormalize": False, "scoring": "sigmoid"},
-    {"tokens": 17, "experts": 64, "top_k": 8, "renormalize": True, "scoring": "sigmoid"},
 ]
 
 
-def _route_shape(p: Params) -> dict[str, str]:
-    return {"scoring": p["scoring"]} if "scoring" in p else {}
-
-
-@op_check("moe_route", "softmax", MOE_ROUTE, shape_of=_route_shape)
+@op_check("moe_route", "softmax", MOE_ROUTE)
 def _moe_route(h: Harness, p: Params) -> None:
     t, e = p["tokens"], p["experts"]
     # Distinct values on a 1/64 grid (exact in every dtype): the top-k set is unambiguous.
     grid = torch.stack([h.randperm(512)[:e] for _ in range(t)]) - 256
     logits = (grid / 64).to(h.torch_dtype)
-    # Softmax routing is called as HAL 1.3 called it, without the argument.
-    scoring = _route_shape(p)
-    want_w, want_ids = h.oracle.moe_route(logits.to(F64), p["top_k"], p["renormalize"], **scoring)
-    got_w, got_ids = h.backend.moe_route(h.up(logits), p["top_k"], p["renormalize"], **scoring)
+    want_w, want_ids = h.oracle.moe_route(logits.to(F64), p["top_k"], p["renormalize"])
+    got_w, got_ids = h.backend.moe_route(h.up(logits), p["top_k"], p["renormalize"])
     h.same("expert ids", got_ids, want_ids)
     h.close("weights", got_w, want_w, dtype=DType.FP32)
 
