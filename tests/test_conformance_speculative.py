@@ -82,7 +82,7 @@ def test_a_verification_that_rejects_every_proposal_did_not_exercise_speculation
 def test_a_draft_that_disagrees_with_its_target_fails_the_acceptance_check(
     tiny: ModelUnderTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    propose = draft_model.DraftModelProposer.propose
+    propose = draft_model.DraftModelProposer.fill
 
     def off_by_one(self: draft_model.DraftModelProposer, items: list[Any]) -> None:
         propose(self, items)
@@ -90,7 +90,7 @@ def test_a_draft_that_disagrees_with_its_target_fails_the_acceptance_check(
             last = item.num_spec - 1
             item.seq.spec_token_ids[last] = (item.seq.spec_token_ids[last] + 1) % TINY_VOCAB
 
-    monkeypatch.setattr(draft_model.DraftModelProposer, "propose", off_by_one)
+    monkeypatch.setattr(draft_model.DraftModelProposer, "fill", off_by_one)
     result = audit(tiny)
     assert not result.passed
     assert "a draft model equal to its target had" in result.detail and "not all" in result.detail

@@ -401,8 +401,8 @@ class _ProposalLog(DraftModelProposer):
         #: (request id, output index of the first proposal, the proposals)
         self.made: list[tuple[str, int, list[int]]] = []
 
-    def propose(self, items: list[Any]) -> None:
-        super().propose(items)
+    def fill(self, items: list[Any]) -> None:
+        super().fill(items)
         for item in items:
             seq = item.seq
             self.made.append(

@@ -21,9 +21,6 @@ from llm_conformance.tolerances import (
     Tolerance,
 )
 
-#: Explicit mantissa bits of the low-precision formats (an element's ulp is 2^(e - 1 - bits)).
-_MANTISSA_BITS = {DType.BF16: 7, DType.FP16: 10}
-
 
 @dataclass(slots=True)
 class Check:
@@ -123,7 +120,7 @@ def _within(
         lean = float(((x - g) * g.sign()).sum())
         bias = lean / float(g.abs().sum().clamp_min(1e-300)) / u
         # What correct rounding can lean by chance: each error uniform within half an ulp.
-        ulp = torch.ldexp(torch.ones_like(g), torch.frexp(g)[1] - 1 - _MANTISSA_BITS[dtype])
+        ulp = u * torch.exp2(torch.frexp(g)[1].to(g.dtype))  # 2u * 2^(e - 1), g = m * 2^e
         spread = float((ulp.pow(2).sum() / 12).sqrt())
         z = lean / spread if spread > 0 else 0.0
         metrics["bias_u"] = bias

@@ -238,10 +238,7 @@ class EngineMetrics:
                 s.prefix_hits,
             ),
         )
-        for metric_name, doc, value in counters:
-            counter = CounterMetricFamily(metric_name, doc, labels=["model_name"])
-            counter.add_metric(name, float(value))
-            yield counter
+        yield from _counters(self.model_name, counters)
         total = CounterMetricFamily(
             "llm_core_backend_fallback_calls",
             "Operator calls the backend could not run, run on the fallback backend instead "
@@ -276,6 +273,16 @@ def _spec_state(engine: LLMEngine) -> _SpecState | None:
     )
 
 
+def _counters(
+    model_name: str, rows: tuple[tuple[str, str, float], ...]
+) -> Iterator[CounterMetricFamily]:
+    """One counter family per ``(name, help, value)``, labelled with the model's name."""
+    for metric_name, doc, value in rows:
+        counter = CounterMetricFamily(metric_name, doc, labels=["model_name"])
+        counter.add_metric([model_name], float(value))
+        yield counter
+
+
 def _spec_metrics(model_name: str, spec: _SpecState) -> Iterator[Metric]:
     """vLLM's ``vllm:spec_decode_*`` counters under the ``llm_core_`` prefix."""
     counters = (
@@ -295,10 +302,7 @@ def _spec_metrics(model_name: str, spec: _SpecState) -> Iterator[Metric]:
             spec.num_accepted_tokens,
         ),
     )
-    for metric_name, doc, value in counters:
-        counter = CounterMetricFamily(metric_name, doc, labels=["model_name"])
-        counter.add_metric([model_name], float(value))
-        yield counter
+    yield from _counters(model_name, counters)
     per_pos = CounterMetricFamily(
         "llm_core_spec_decode_num_accepted_tokens_per_pos",
         "Proposed tokens accepted, per proposal position (0: the first proposal).",

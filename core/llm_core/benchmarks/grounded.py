@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from llm_core.benchmarks.prompts import read_texts
+
 INSTRUCTIONS = (
     "Repeat the following paragraph exactly, word for word. Write only the paragraph.",
     "The following paragraph has a few typos. Write it out again in full with the typos "
@@ -94,7 +96,7 @@ class GroundedPrompts:
         self.input_len = input_len
         self.seed = seed
         self.path = None if path is None else pathlib.Path(path)
-        self._paragraphs = _read_paragraphs(self.path) if self.path is not None else None
+        self._paragraphs = read_texts(self.path, "paragraph") if self.path is not None else None
         self._sentences = _sentences(TEXT)
 
     def make(self, num_prompts: int, round: int = 0) -> list[list[int]]:
@@ -158,17 +160,3 @@ def _with_typos(text: str, rng: np.random.Generator, every: int = 12) -> str:
 
 def _sentences(text: str) -> list[str]:
     return re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
-
-
-def _read_paragraphs(path: pathlib.Path) -> list[str]:
-    import json
-
-    if not path.is_file():
-        raise FileNotFoundError(f"paragraph file {path} does not exist")
-    paragraphs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            paragraphs.append(str(json.loads(line)["prompt"]) if path.suffix == ".jsonl" else line)
-    if not paragraphs:
-        raise ValueError(f"paragraph file {path} has no paragraphs")
-    return paragraphs

@@ -67,18 +67,20 @@ class BenchPrompts:
 
     def _read_file(self) -> list[list[int]]:
         assert self.path is not None
-        if not self.path.is_file():
-            raise FileNotFoundError(f"prompt file {self.path} does not exist")
-        texts: list[str] = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            if self.path.suffix == ".jsonl":
-                record = json.loads(line)
-                texts.append(str(record["prompt"]))
-            else:
-                texts.append(line)
-        if not texts:
-            raise ValueError(f"prompt file {self.path} has no prompts")
+        texts = read_texts(self.path, "prompt")
         prompts = [list(self.tokenizer.encode(t))[: self.input_len] for t in texts]
         return [p for p in prompts if p] or [[0]]
+
+
+def read_texts(path: pathlib.Path, kind: str) -> list[str]:
+    """The non-blank lines of a text file, or the ``prompt`` field of each line of a .jsonl
+    file (``kind`` names them in errors: "prompt", "paragraph")."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} file {path} does not exist")
+    texts: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            texts.append(str(json.loads(line)["prompt"]) if path.suffix == ".jsonl" else line)
+    if not texts:
+        raise ValueError(f"{kind} file {path} has no {kind}s")
+    return texts

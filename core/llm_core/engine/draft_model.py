@@ -24,7 +24,14 @@ class DraftModelProposer:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
 
-    def propose(self, items: list[ScheduledSeq]) -> None:
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        """Placeholders for ``k`` proposals (fewer near the end of the draft's context: it
+        computes positions up to ``num_tokens + k - 2``), filled in by :meth:`fill` once the
+        step holds their KV slots."""
+        room = self.runner.model.max_position - seq.num_tokens + 1
+        return [0] * max(0, min(k, room))
+
+    def fill(self, items: list[ScheduledSeq]) -> None:
         """Fill ``seq.spec_token_ids[:item.num_spec]`` of every item with proposals."""
         greedy = SamplingParams(temperature=0.0, max_tokens=1)
         shadows: list[tuple[ScheduledSeq, Sequence]] = []

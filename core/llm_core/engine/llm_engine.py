@@ -31,7 +31,7 @@ from llm_core.engine.draft_model import DraftModelProposer
 from llm_core.engine.grammar_compiler import GrammarCompiler, GrammarError
 from llm_core.engine.model_runner import ModelRunner, SampledToken, SeqSampling, StepResult
 from llm_core.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from llm_core.engine.sequence import Sequence, SequenceStatus
+from llm_core.engine.sequence import Sequence
 from llm_core.engine.speculative import (
     NgramProposer,
     SpecStats,
@@ -400,10 +400,10 @@ class LLMEngine:
             s.seq.seq_id: self._by_seq[s.seq.seq_id][1].sampling for s in scheduled.scheduled
         }
         try:
-            if isinstance(self.proposer, DraftModelProposer):
-                verifying = [item for item in scheduled.scheduled if item.num_spec]
-                if verifying:
-                    self.proposer.propose(verifying)
+            verifying = [item for item in scheduled.scheduled if item.num_spec]
+            if verifying:
+                assert self.proposer is not None, "only proposals are verified"
+                self.proposer.fill(verifying)
             result = self.runner.execute(scheduled, sampling)
         except Exception as exc:
             return self._fail_step(scheduled, exc) + self._ignored(scheduled.ignored)
@@ -426,17 +426,12 @@ class LLMEngine:
         k = self.spec_stats.k
         for seq in self.scheduler.running:
             seq.spec_token_ids = []
-            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+            if seq.num_uncomputed_tokens != 1:
                 continue
             info = self._by_seq[seq.seq_id][1].sampling
             if info.matcher is not None or seq.skip_prefix_cache:
                 continue
-            if isinstance(self.proposer, NgramProposer):
-                seq.spec_token_ids = self.proposer.propose(seq, k)
-            else:
-                # The draft computes positions up to num_tokens + k - 2: within its context.
-                room = self.proposer.runner.model.max_position - seq.num_tokens + 1
-                seq.spec_token_ids = [0] * max(0, min(k, room))
+            seq.spec_token_ids = self.proposer.propose(seq, k)
 
     def _fail_step(self, scheduled: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         """The model run of ``scheduled`` raised: finish every request with a sequence in it,

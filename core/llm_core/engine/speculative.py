@@ -159,6 +159,9 @@ class NgramProposer:
         c = self.config
         return ngram_propose(seq.token_ids, k, c.prompt_lookup_min, c.prompt_lookup_max)
 
+    def fill(self, items: list[Any]) -> None:
+        """Nothing to fill in: the proposals are the tokens themselves."""
+
 
 def accept_draws(proposals: list[int], draws: list[int]) -> list[int]:
     """The tokens a verification emits: the draws up to and including the first that differs
